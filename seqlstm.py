@@ -11,11 +11,13 @@ import argparse
 import csv
 import hashlib
 import json
+import numbers
 import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,14 +87,15 @@ def _torchvision_splits(cls, root, download, **kw):
 
 def _decode_folder(paths_labels, image_size=None):
     """Decode image files into one uint8 tensor (N, 3, H, W); every image must end up the same size."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.v2.functional import resize
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor, resize
     from tqdm.auto import tqdm
     images = []
     for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False):
         try:
-            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
+            with Image.open(path) as im:
+                img = pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise ValueError(f"cannot decode image file {path}: {e}") from e
         if image_size is not None and img.shape[1:] != (image_size, image_size):
             img = resize(img, [image_size, image_size], antialias=True)
@@ -103,8 +106,15 @@ def _decode_folder(paths_labels, image_size=None):
     return torch.stack(images), torch.tensor([label for _, label in paths_labels], dtype=torch.int64)
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("SEQLSTM_CACHE", Path.home() / ".cache" / "seqlstm"))
+
+
 def _image_folder(root: Path, image_size=None):
-    """An ImageFolder copy: root/train/<class>/* and root/test/<class>/* (or val/ for test)."""
+    """An ImageFolder copy: root/train/<class>/* and root/test/<class>/* (or val/ for test).
+
+    Decoded once into uint8 tensors and cached in cache_dir() ($SEQLSTM_CACHE, else
+    ~/.cache/seqlstm), keyed by the folder, image_size and a fingerprint of its files."""
     from torchvision.datasets.folder import find_classes, make_dataset, IMG_EXTENSIONS
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     splits = {}
@@ -116,7 +126,18 @@ def _image_folder(root: Path, image_size=None):
     if train_classes != test_classes:
         raise ValueError(f"{root}: train/ and {test_dir.name}/ hold different class folders: "
                          f"{sorted(set(train_classes) ^ set(test_classes))}")
-    return (*_decode_folder(train_files, image_size), *_decode_folder(test_files, image_size), train_classes)
+    stats = [os.stat(path) for path, _ in train_files + test_files]  # any added, removed or changed file: new key
+    key = f"{root.resolve()}|{image_size}|{len(stats)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}"
+    cache = cache_dir() / f"{root.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    splits = (*_decode_folder(train_files, image_size), *_decode_folder(test_files, image_size), train_classes)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(splits, cache)
+    except OSError as e:
+        warnings.warn(f"could not write the decoded-image cache {cache}: {e}")
+    return splits
 
 
 def _is_image_folder(root: Path):
@@ -168,33 +189,15 @@ def list_datasets():
     return sorted(DATASETS)
 
 
-def _cache_file(key: str, data_dir: Path):
-    cache_dir = Path(os.environ.get("SEQLSTM_CACHE", data_dir / ".cache"))
-    return cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-
-
 def _load_splits(name, data_dir, download, image_size):
-    """(train_x, train_y, test_x, test_y, classes), source: decoded once, then read from the cache."""
+    """(train_x, train_y, test_x, test_y, classes), source."""
     folder = Path(name)
-    if name not in DATASETS and not _is_image_folder(folder):
-        raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder with "
-                         f"train/ and test/ (or val/) subfolders in ImageFolder layout ({folder.resolve()} is not)")
-    key = f"{name if name in DATASETS else folder.resolve()}|{data_dir.resolve()}|{image_size}"
-    cache = _cache_file(key, data_dir)
-    if name != "digits" and cache.exists():
-        blob = torch.load(cache)
-        return blob["splits"], blob["source"]
     if name in DATASETS:
-        splits, source = DATASETS[name](data_dir, download, image_size)
-    else:
-        splits, source = _image_folder(folder, image_size), f"ImageFolder {folder.resolve()}"
-    if name != "digits":
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"splits": splits, "source": source}, cache)
-        except OSError as e:
-            warnings.warn(f"could not write the decoded-data cache {cache}: {e}")
-    return splits, source
+        return DATASETS[name](data_dir, download, image_size)
+    if _is_image_folder(folder):
+        return _image_folder(folder, image_size), f"ImageFolder {folder.resolve()}"
+    raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder with "
+                     f"train/ and test/ (or val/) subfolders in ImageFolder layout ({folder.resolve()} is not)")
 
 
 def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None,
@@ -243,24 +246,29 @@ def make_sequence(name: str, **args):
     if name not in SEQUENCES:
         raise ValueError(f"unknown sequence transform '{name}': valid names are {list_sequences()}")
     seq_len = args.get("seq_len", 1)
-    if not isinstance(seq_len, int) or seq_len < 1:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
-    fn = SEQUENCES[name]
-    return lambda x: fn(x, **args)
+    return partial(SEQUENCES[name], **args)  # a partial, not a lambda: DataLoader workers can pickle it
 
 
 def sequence_transform(name: str, **args):
     """The same transform for one image (C, H, W) -> (T, F), as a torchvision transform
     (built on `transforms.Lambda`, as torchvision's FiveCrop documentation does)."""
     from torchvision import transforms
-    batched = make_sequence(name, **args)
-    return transforms.Lambda(lambda img: batched(img.unsqueeze(0))[0])
+    return transforms.Lambda(partial(_one_image, make_sequence(name, **args)))
 
 
-def per_sample_pipeline(mean, std, seq, augment="none"):
-    """The classic torchvision per-sample pipeline on uint8 tensors (for DataLoader users)."""
+def _one_image(batched, img):
+    return batched(img.unsqueeze(0))[0]
+
+
+def per_sample_pipeline(mean, std, seq, augment="none", size=32):
+    """The classic torchvision per-sample pipeline on uint8 (C, size, size) tensors, the same
+    steps as the batched fast path, for DataLoader users."""
     from torchvision.transforms import v2
-    steps = [v2.RandomCrop(32, padding=4, padding_mode="reflect")] if "crop" in augment else []
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
+    steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
     steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
 
@@ -280,7 +288,7 @@ class TensorImages(torch.utils.data.Dataset):
 # The fast path: whole batches of uint8 tensors, normalised and augmented at once.
 
 def normalize(x_uint8, mean, std):
-    x = x_uint8.float().div_(255)
+    x = x_uint8.to(torch.float32) / 255
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
@@ -361,17 +369,20 @@ class BiLSTMFC(nn.Module):
     over the identity sequence, where every step is the same vector, it is computed once per
     image instead of once per step (`hoist`). Only layer 1 can be hoisted: its outputs differ
     from step to step, so layers 2+ are a plain nn.LSTM. The recurrence of layer 1 is an
-    nn.LSTM per direction whose input weight is a fixed identity matrix (so it runs on the
-    fused kernel); on the hoisted path a small loop (`lstm_loop`) is faster and is used
-    instead (measured by `python seqlstm.py bench`). Results equal nn.LSTM on the repeated
-    sequence (tests/test_models.py)."""
+    nn.LSTM per direction whose input weight is a fixed identity matrix, so precomputed gate
+    pre-activations run on the fused kernel (`recurrence="fused"`); on the hoisted path a
+    small loop advancing both directions in one batched matmul per step (`"loop"`) measured
+    faster on CPU (`python seqlstm.py bench`) and is the default. Either way the results
+    equal nn.LSTM on the repeated sequence (tests/test_models.py)."""
 
     def __init__(self, *, in_features, num_classes, hidden=32, layers=1, fc=100, dropout=0.0,
-                 bidirectional=True, hoist=True):
+                 bidirectional=True, hoist=True, recurrence="loop"):
         super().__init__()
         if layers < 1 or hidden < 1 or fc < 1:
             raise ValueError(f"layers, hidden and fc must be >= 1, got {layers}, {hidden}, {fc}")
-        self.hidden, self.dirs, self.hoist = hidden, 2 if bidirectional else 1, hoist
+        if recurrence not in ("loop", "fused"):
+            raise ValueError(f"unknown recurrence '{recurrence}': valid values are ['fused', 'loop']")
+        self.hidden, self.dirs, self.hoist, self.recurrence = hidden, 2 if bidirectional else 1, hoist, recurrence
         D, H = self.dirs, hidden
         self.in_proj = nn.Linear(in_features, D * 4 * H)  # layer-1 W_ih and b_ih of every direction
         self.recur = nn.ModuleList(nn.LSTM(4 * H, H, batch_first=True) for _ in range(D))
@@ -379,35 +390,48 @@ class BiLSTMFC(nn.Module):
             lstm.weight_ih_l0 = nn.Parameter(torch.eye(4 * H), requires_grad=False)
             lstm.bias_ih_l0 = nn.Parameter(torch.zeros(4 * H), requires_grad=False)
         self.upper = nn.LSTM(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
-                             dropout=dropout) if layers > 1 else None
+                             dropout=dropout if layers > 2 else 0.0) if layers > 1 else None  # self.drop before it
         self.drop = nn.Dropout(dropout)
         self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc, num_classes))
 
     def forward(self, x):  # x: (B, T, F)
         B, T, _ = x.shape
-        D, H = self.dirs, self.hidden
         if self.hoist and T > 1 and x.stride(1) == 0:  # every step is the same vector (identity sequence)
-            gates = self.in_proj(x[:, 0]).view(B, D, 4 * H).transpose(0, 1)  # (D, B, 4H), once per image
-            w_hh = torch.stack([lstm.weight_hh_l0 for lstm in self.recur])  # (D, 4H, H)
-            b_hh = torch.stack([lstm.bias_hh_l0 for lstm in self.recur]).unsqueeze(1)  # (D, 1, 4H)
-            h_last, outs = lstm_loop(gates + b_hh, w_hh, T)  # (D, B, H), (T, D, B, H)
-            seq = outs.permute(2, 0, 1, 3).reshape(B, T, D * H) if self.upper else None
-            if D == 2 and seq is not None:  # backward outputs are indexed by input position: reverse them
-                seq = torch.cat([seq[..., :H], seq[..., H:].flip(1)], -1)
+            gates = self.in_proj(x[:, 0])  # (B, D*4H): once per image, not once per step
+            seq, h_last = (self._loop if self.recurrence == "loop" else self._fused)(gates, T)
         else:
-            gates = self.in_proj(x).chunk(D, -1)  # D x (B, T, 4H)
-            out_f, (h_f, _) = self.recur[0](gates[0])
-            outs, h_last = [out_f], [h_f[0]]
-            if D == 2:
-                out_b, (h_b, _) = self.recur[1](gates[1].flip(1))
-                outs.append(out_b.flip(1))
-                h_last.append(h_b[0])
-            seq, h_last = torch.cat(outs, -1), torch.stack(h_last)  # (B, T, D*H), (D, B, H)
+            seq, h_last = self._fused(self.in_proj(x), T)  # (B, T, D*4H)
         if self.upper is not None:
             _, (h_n, _) = self.upper(self.drop(seq))
-            h_last = h_n[-D:]
-        feats = h_last.transpose(0, 1).reshape(B, D * H)  # [forward final, backward final]
+            h_last = h_n[-self.dirs:]
+        feats = h_last.transpose(0, 1).reshape(B, -1)  # (B, D*H): [forward final, backward final]
         return self.head(self.drop(feats))
+
+    def _fused(self, gates, T):
+        """Layer 1 on nn.LSTM's fused kernel: gates (B, T, D*4H), or (B, D*4H) for every step."""
+        if gates.ndim == 2:
+            gates = gates.unsqueeze(1).expand(-1, T, -1)
+        gates = gates.chunk(self.dirs, -1)  # D x (B, T, 4H)
+        out_f, (h_f, _) = self.recur[0](gates[0])
+        outs, h_last = [out_f], [h_f[0]]
+        if self.dirs == 2:
+            out_b, (h_b, _) = self.recur[1](gates[1].flip(1))
+            outs.append(out_b.flip(1))  # back to input positions
+            h_last.append(h_b[0])
+        return torch.cat(outs, -1), torch.stack(h_last)  # (B, T, D*H), (D, B, H)
+
+    def _loop(self, gates, T):
+        """Layer 1 as a Python loop over steps for gates (B, D*4H) that are the same at every step."""
+        B, D, H = gates.shape[0], self.dirs, self.hidden
+        w_hh = torch.stack([lstm.weight_hh_l0 for lstm in self.recur])  # (D, 4H, H)
+        b_hh = torch.stack([lstm.bias_hh_l0 for lstm in self.recur]).unsqueeze(1)  # (D, 1, 4H)
+        h_last, outs = lstm_loop(gates.view(B, D, 4 * H).transpose(0, 1) + b_hh, w_hh, T)  # (D,B,H), (T,D,B,H)
+        if self.upper is None:
+            return None, h_last
+        seq = outs.permute(2, 0, 1, 3)  # (B, T, D, H)
+        if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: reverse it to input positions
+            seq = torch.stack([seq[:, :, 0], seq[:, :, 1].flip(1)], 2)
+        return seq.reshape(B, T, D * H), h_last
 
 
 def reference_lstm(model: BiLSTMFC) -> nn.LSTM:
@@ -471,7 +495,8 @@ def count_params(model):
 def distillation_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperature=4.0):
     """Hinton et al. (2015): (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T).
 
-    The teacher's logits must come from a forward pass under torch.no_grad()."""
+    Run the teacher under torch.no_grad(); its logits are detached here all the same."""
+    teacher_logits = teacher_logits.detach()
     ce = F.cross_entropy(student_logits, labels)
     kl = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
                   reduction="batchmean", log_target=True)
@@ -845,13 +870,13 @@ def bench(quick=False, json_path=None, device=None):
     for L in (5, 10, 20):
         model = BiLSTMFC(in_features=n_feat, num_classes=K).to(device)
         naive = _train_images_per_s(ReferenceBiLSTMFC(model).to(device), batch_of(L, True), max(2, steps // 2))
-        fast = _train_images_per_s(model, batch_of(L), steps)
-        model.hoist = False  # the fused nn.LSTM recurrence with W_ih = I, projection still per step
-        fused = _train_images_per_s(model, batch_of(L), max(2, steps // 2))
+        fast = _train_images_per_s(model, batch_of(L), steps)  # hoisted projection, loop recurrence (default)
+        model.recurrence = "fused"  # hoisted projection, nn.LSTM's fused kernel with W_ih = I
+        fused = _train_images_per_s(model, batch_of(L), steps)
         gflops = fast * bilstm_train_flops(n_feat, L) / 1e9
         result["identity"][str(L)] = {"naive_img_s": round(naive), "fast_img_s": round(fast),
                                       "ratio": round(fast / naive, 1), "fast_gflops": round(gflops, 1),
-                                      "unhoisted_fused_img_s": round(fused)}
+                                      "fused_img_s": round(fused)}
 
     seq = sequence_transform("identity", seq_len=20)
     per_sample = TensorImages(images, labels, per_sample_pipeline(mean, std, seq, augment="flip_crop"))
@@ -886,10 +911,10 @@ def bench(quick=False, json_path=None, device=None):
 def format_bench(r):
     lines = [f"device {r['device']}, {r['threads']} threads, float32 matmul peak {r['matmul_gflops']:.0f} GFLOP/s", "",
              "identity sequence, BiLSTM(32)+FC(100), CIFAR-10 shapes, batch 256, training images/s",
-             f"{'L':>4} {'naive nn.LSTM':>14} {'fast path':>10} {'ratio':>6} {'GFLOP/s':>8} {'unhoisted':>10}"]
+             f"{'L':>4} {'naive nn.LSTM':>14} {'fast (loop)':>12} {'ratio':>6} {'GFLOP/s':>8} {'hoisted+fused':>14}"]
     for L, v in r["identity"].items():
-        lines.append(f"{L:>4} {v['naive_img_s']:>14,} {v['fast_img_s']:>10,} {v['ratio']:>5.1f}x "
-                     f"{v['fast_gflops']:>8.1f} {v['unhoisted_fused_img_s']:>10,}")
+        lines.append(f"{L:>4} {v['naive_img_s']:>14,} {v['fast_img_s']:>12,} {v['ratio']:>5.1f}x "
+                     f"{v['fast_gflops']:>8.1f} {v['fused_img_s']:>14,}")
     d = r["data"]
     lines += ["", "data pipeline (normalise + flip + crop + identity L=20), images/s",
               f"{'torchvision per-sample':>24} {d['torchvision_img_s']:>10,}",

@@ -1,0 +1,113 @@
+"""End to end: the papermill report on params/smoke.yaml, its HTML, summary.csv and MLflow."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def env_for(tmp_path):
+    return {**os.environ, "SEQLSTM_OUTPUTS": str(tmp_path / "outputs"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def outputs_of(nb, kind):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if kind in o.get("data", {})]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = subprocess.run([PYTHON, "seqlstm.py", "report", "params/smoke.yaml"], cwd=ROOT, env=env_for(tmp),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_report_renders_classification_reports_and_confusion_matrices(smoke):
+    nb = nbformat.read(smoke / "outputs" / "smoke.ipynb", as_version=4)
+    tables = [o["data"]["text/html"] for o in outputs_of(nb, "text/html")]
+    reports = [t for t in tables if "precision" in t and "recall" in t and "macro avg" in t]
+    assert len(reports) == 2  # one per seq_len of smoke.yaml
+    images = outputs_of(nb, "image/png")
+    assert len(images) >= 2 * 2 + 1  # learning curves + confusion matrix per run, and the comparison plot
+    html = (smoke / "outputs" / "smoke.html").read_text()
+    assert "confusion matrix" in html and "macro avg" in html and "<img" in html
+
+
+def test_report_appends_summary_rows(smoke):
+    rows = list(csv.DictReader(open(smoke / "outputs" / "summary.csv")))
+    assert [r["seq_len"] for r in rows] == ["2", "4"]
+    for r in rows:
+        assert r["dataset"] == "digits" and r["model"] == "bilstm_fc" and r["transform"] == "identity"
+        assert 0.5 < float(r["test_acc"]) <= 1 and 0 < float(r["macro_f1"]) <= 1
+        assert int(r["n_params"]) > 0 and float(r["train_images_per_s"]) > 0 and len(r["mlflow_run_id"]) == 32
+
+
+def test_report_tracks_every_run_in_mlflow(smoke):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{smoke / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        assert 0 < run.data.metrics["test_acc"] <= 1 and "macro_f1" in run.data.metrics
+        assert run.data.params["dataset"] == "digits" and run.data.params["epochs"] == "3"
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3  # one per epoch
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"classification_report.json", "confusion_matrix.png", "params.yaml"} <= artifacts
+        report = json.loads(Path(client.download_artifacts(run.info.run_id, "classification_report.json")).read_text())
+        assert report["accuracy"] == pytest.approx(run.data.metrics["test_acc"])
+
+
+def test_plain_papermill_and_nbconvert_route(tmp_path):
+    out = tmp_path / "out.ipynb"
+    cmd = [str(BIN / "papermill"), "report.ipynb", str(out), "-p", "seq_len", "3", "-p", "dataset", "digits",
+           "-p", "epochs", "1", "-p", "limit_train", "300"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
+    assert [(r["seq_len"], r["epochs"]) for r in rows] == [("3", "1")]  # a scalar seq_len is one run
+    proc = subprocess.run([str(BIN / "jupyter"), "nbconvert", "--to", "html", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "macro avg" in (tmp_path / "out.html").read_text()
+
+
+def test_unknown_parameter_is_an_error(tmp_path):
+    proc = subprocess.run([str(BIN / "papermill"), "report.ipynb", str(tmp_path / "o.ipynb"), "-p", "seq_lenn", "3"],
+                          cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "unknown parameter(s) ['seq_lenn']" in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs" / "summary.csv").exists()  # stopped before any training
+
+
+def test_cli_rejects_unknown_parameter_before_running(tmp_path):
+    import seqlstm
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\].*'epochs'"):
+        seqlstm.render_report("params/smoke.yaml", [("epoch", "2")], out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_notebook_is_committed_clean_with_a_parameters_cell():
+    nb = nbformat.read(ROOT / "report.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+def test_params_files_only_override_known_parameters():
+    import yaml
+    import seqlstm
+    known = seqlstm.report_defaults()
+    for path in (ROOT / "params").glob("*.yaml"):
+        seqlstm.check_params(yaml.safe_load(path.read_text()), known)
+    assert known["dataset"] == "cifar10" and known["seq_len"] == [5, 10, 20]  # defaults are the test task
