@@ -11,6 +11,8 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
+import math
 import numbers
 import os
 import sys
@@ -73,20 +75,48 @@ def _missing(name, data_dir, layouts, url):
         f"Set data_dir (or $SEQLSTM_DATA) to the folder that holds it.")
 
 
-def _from_torchvision(ds):
-    """(images uint8 (N, C, H, W), labels int64) from a torchvision dataset's in-memory arrays."""
+def _from_torchvision(ds, channels_first=False):
+    """(images uint8 (N, C, H, W), labels int64) from a torchvision dataset's in-memory arrays:
+    `.data` (N, H, W), (N, H, W, C) or, with channels_first (SVHN), (N, C, H, W); `.targets` or `.labels`."""
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N,H,W) or (N,H,W,C) -> (N,C,H,W)
-    return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    elif not channels_first:
+        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    labels = ds.targets if hasattr(ds, "targets") else ds.labels
+    return x.contiguous(), torch.as_tensor(labels, dtype=torch.int64)
 
 
-def _torchvision_splits(cls, root, download, **kw):
-    train, test = cls(root, train=True, download=download, **kw), cls(root, train=False, download=download, **kw)
-    return (*_from_torchvision(train), *_from_torchvision(test), list(train.classes))
+def _torchvision_splits(cls, root, download, *, train=({"train": True},), test=({"train": False},), classes=None,
+                        channels_first=False, **kw):
+    """(train_x, train_y, test_x, test_y, classes) through torchvision's class `cls`. `train` and `test` hold
+    the constructor arguments of each part of a split (several parts are concatenated: SVHN train + extra);
+    `classes` is for classes without a `.classes` attribute."""
+    def split(parts):
+        loaded = [cls(root, download=download, **part, **kw) for part in parts]
+        xs, ys = zip(*(_from_torchvision(ds, channels_first) for ds in loaded))
+        return loaded[0], (torch.cat(xs) if len(xs) > 1 else xs[0]), (torch.cat(ys) if len(ys) > 1 else ys[0])
+    first, train_x, train_y = split(train)
+    _, test_x, test_y = split(test)
+    return train_x, train_y, test_x, test_y, list(classes or first.classes)
+
+
+def _read_torchvision(cls, root, folder, **kw):
+    """_torchvision_splits from files already on disk; a damaged or incomplete copy names its folder."""
+    try:
+        return _torchvision_splits(cls, root, False, **kw)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
+        raise ValueError(f"{folder} is there, but torchvision's {cls.__name__} cannot read it ({e}). Replace the "
+                         f"missing or damaged files, or delete the folder to download it again.") from e
+
+
+class _MixedSizes(ValueError):
+    pass
 
 
 def _decode_folder(paths_labels, image_size=None):
-    """Decode image files into one uint8 tensor (N, 3, H, W); every image must end up the same size."""
+    """Decode image files into one uint8 tensor (N, 3, H, W); every image must end up the same size
+    (with `image_size`, images of another size are resized to image_size x image_size)."""
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     from tqdm.auto import tqdm
@@ -100,7 +130,7 @@ def _decode_folder(paths_labels, image_size=None):
         if image_size is not None and img.shape[1:] != (image_size, image_size):
             img = resize(img, [image_size, image_size], antialias=True)
         if images and img.shape != images[0].shape:
-            raise ValueError(f"{path} is {tuple(img.shape)} but earlier images are {tuple(images[0].shape)}; "
+            raise _MixedSizes(f"{path} is {tuple(img.shape)} but earlier images are {tuple(images[0].shape)}; "
                              f"pass image_size to resize every image to one size")
         images.append(img)
     return torch.stack(images), torch.tensor([label for _, label in paths_labels], dtype=torch.int64)
@@ -110,34 +140,69 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEQLSTM_CACHE", Path.home() / ".cache" / "seqlstm"))
 
 
-def _image_folder(root: Path, image_size=None):
-    """An ImageFolder copy: root/train/<class>/* and root/test/<class>/* (or val/ for test).
+def _cached_decode(root: Path, train_files, test_files, classes, image_size=None):
+    """Decode (path, label) lists into (train_x, train_y, test_x, test_y, classes), once.
 
-    Decoded once into uint8 tensors and cached in cache_dir() ($SEQLSTM_CACHE, else
-    ~/.cache/seqlstm), keyed by the folder, image_size and a fingerprint of its files."""
+    The tensors are cached in cache_dir() ($SEQLSTM_CACHE, else ~/.cache/seqlstm) under a key made of
+    the folder, the file list with its labels and class names, and the size and modification time of
+    every file: an added, removed, changed or relabelled file makes a new entry. Images that share one
+    size are cached at that size, one entry for every image_size (load_dataset resizes the tensors);
+    only a folder of mixed sizes is decoded (and cached) at image_size."""
+    root = Path(root)
+    files = train_files + test_files
+    stats = [os.stat(path) for path, _ in files]
+    prefix = len(str(root))  # paths relative to root: the same key from any working directory
+    listing = "\n".join([*classes, *(f"{str(path)[prefix:]}\t{label}" for path, label in files)])
+    fingerprint = (f"{len(stats)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}|"
+                   f"{hashlib.sha1(listing.encode()).hexdigest()}")
+
+    def entry(size):
+        key = f"{root.resolve()}|{size}|{fingerprint}"
+        return cache_dir() / f"{root.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+
+    for cache in [entry(None)] + [entry(image_size)] * (image_size is not None):
+        if cache.exists():
+            try:
+                return torch.load(cache)
+            except Exception as e:  # a truncated or foreign file: decode again and replace it
+                warnings.warn(f"ignoring the unreadable decoded-image cache {cache}: {e}")
+    size = None
+    try:
+        splits = (*_decode_folder(train_files), *_decode_folder(test_files), list(classes))
+    except _MixedSizes:
+        if image_size is None:
+            raise
+        size = image_size
+        splits = (*_decode_folder(train_files, size), *_decode_folder(test_files, size), list(classes))
+    cache = entry(size)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(splits, tmp)
+        os.replace(tmp, cache)  # atomic: a concurrent load never reads half a file
+    except OSError as e:
+        warnings.warn(f"could not write the decoded-image cache {cache}: {e}")
+    return splits
+
+
+def _image_folder(root: Path, image_size=None):
+    """An ImageFolder copy: root/train/<class>/* and root/test/<class>/* (or val/ for test),
+    decoded once and cached (_cached_decode)."""
     from torchvision.datasets.folder import find_classes, make_dataset, IMG_EXTENSIONS
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     splits = {}
     for split_dir in (root / "train", test_dir):
         classes, to_idx = find_classes(str(split_dir))
-        splits[split_dir.name] = classes, make_dataset(str(split_dir), to_idx, extensions=IMG_EXTENSIONS,
-                                                        allow_empty=False)
+        try:
+            splits[split_dir.name] = classes, make_dataset(str(split_dir), to_idx, extensions=IMG_EXTENSIONS,
+                                                            allow_empty=False)
+        except FileNotFoundError as e:  # an empty class folder: say which split
+            raise FileNotFoundError(f"{split_dir}: {e}") from e
     (train_classes, train_files), (test_classes, test_files) = splits.values()
     if train_classes != test_classes:
         raise ValueError(f"{root}: train/ and {test_dir.name}/ hold different class folders: "
                          f"{sorted(set(train_classes) ^ set(test_classes))}")
-    stats = [os.stat(path) for path, _ in train_files + test_files]  # any added, removed or changed file: new key
-    key = f"{root.resolve()}|{image_size}|{len(stats)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}"
-    cache = cache_dir() / f"{root.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    if cache.exists():
-        return torch.load(cache)
-    splits = (*_decode_folder(train_files, image_size), *_decode_folder(test_files, image_size), train_classes)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(splits, cache)
-    except OSError as e:
-        warnings.warn(f"could not write the decoded-image cache {cache}: {e}")
-    return splits
+    return _cached_decode(root, train_files, test_files, train_classes, image_size)
 
 
 def _is_image_folder(root: Path):
@@ -145,27 +210,178 @@ def _is_image_folder(root: Path):
 
 
 def _cifar10(data_dir, download, image_size):
+    """CIFAR-10 (torchvision CIFAR10), else the JPEG re-encoded ImageFolder copy cifar10-jpeg/."""
     from torchvision.datasets import CIFAR10
     if (data_dir / "cifar-10-batches-py").is_dir():
-        return _torchvision_splits(CIFAR10, data_dir, False), "torchvision CIFAR10 (original pixels)"
+        return (_read_torchvision(CIFAR10, data_dir, data_dir / "cifar-10-batches-py"),
+                "torchvision CIFAR10 (original pixels)")
     if _is_image_folder(data_dir / "cifar10-jpeg"):
         return _image_folder(data_dir / "cifar10-jpeg", image_size), "cifar10-jpeg ImageFolder (JPEG re-encoded)"
-    return _download(CIFAR10, "cifar10", data_dir, download, ["cifar-10-batches-py/data_batch_1..5, test_batch",
-                     "cifar10-jpeg/{train,test}/<class>/*.jpg"], CIFAR10.url), "torchvision CIFAR10 (downloaded)"
+    return _download(partial(_torchvision_splits, CIFAR10, data_dir, True), "cifar10", data_dir, download,
+                     ["cifar-10-batches-py/data_batch_1..5, test_batch", "cifar10-jpeg/{train,test}/<class>/*.jpg"],
+                     CIFAR10.url), "torchvision CIFAR10 (downloaded)"
+
+
+def _cifar100(data_dir, download, image_size, labels="fine"):
+    """CIFAR-100 (torchvision CIFAR100): 100 fine classes, or with labels="coarse" the 20 superclasses."""
+    from torchvision.datasets import CIFAR100
+    if labels not in ("fine", "coarse"):
+        raise ValueError(f"cifar100: labels must be 'fine' or 'coarse', got {labels!r}")
+    folder = data_dir / CIFAR100.base_folder
+    if folder.is_dir():
+        splits, source = _read_torchvision(CIFAR100, data_dir, folder), "torchvision CIFAR100"
+    else:
+        splits = _download(partial(_torchvision_splits, CIFAR100, data_dir, True), "cifar100", data_dir, download,
+                           ["cifar-100-python/{train,test,meta}"], CIFAR100.url)
+        source = "torchvision CIFAR100 (downloaded)"
+    return (splits, source) if labels == "fine" else (_cifar100_coarse(folder, splits), f"{source}, coarse labels")
+
+
+def _cifar100_coarse(folder, splits):
+    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same pickles."""
+    import pickle
+
+    def read(file, key):
+        with open(folder / file, "rb") as f:
+            return pickle.load(f, encoding="latin1")[key]
+    train_x, _, test_x, _, _ = splits
+    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64) for f in ("train", "test"))
+    return train_x, train_y, test_x, test_y, list(read("meta", "coarse_label_names"))
+
+
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+
+
+def _svhn(data_dir, download, image_size, extra=False):
+    """SVHN (torchvision SVHN): 32x32 house-number digits 0-9; extra=True adds the 531,131 extra images to train."""
+    from torchvision.datasets import SVHN
+    parts = ["train", "test"] + ["extra"] * bool(extra)
+    kw = dict(train=[{"split": "train"}] + [{"split": "extra"}] * bool(extra), test=[{"split": "test"}],
+              classes=[str(i) for i in range(10)], channels_first=True)
+    name = "torchvision SVHN" + " + extra" * bool(extra)
+    for root in (data_dir / "SVHN", data_dir):
+        if all((root / f"{p}_32x32.mat").is_file() for p in parts):
+            return _read_torchvision(SVHN, root, root, **kw), name
+    files = "{" + ",".join(parts) + "}_32x32.mat"
+    return _download(partial(_torchvision_splits, SVHN, data_dir / "SVHN", True, **kw), "svhn", data_dir, download,
+                     [f"SVHN/{files}", files], SVHN_URL), f"{name} (downloaded)"
+
+
+def _idx_files(cls, name, data_dir, download):
+    """MNIST-style datasets: torchvision's `cls` reads <data_dir>/<cls name>/raw/*-ubyte."""
+    folder = data_dir / cls.__name__ / "raw"
+    if folder.is_dir():
+        return _read_torchvision(cls, data_dir, folder), f"torchvision {cls.__name__}"
+    return _download(partial(_torchvision_splits, cls, data_dir, True), name, data_dir, download,
+                     [f"{cls.__name__}/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"],
+                     cls.mirrors[0]), f"torchvision {cls.__name__} (downloaded)"
 
 
 def _mnist(data_dir, download, image_size):
+    """MNIST (torchvision MNIST): 28x28 handwritten digits."""
     from torchvision.datasets import MNIST
-    if (data_dir / "MNIST" / "raw").is_dir():
-        return _torchvision_splits(MNIST, data_dir, False), "torchvision MNIST"
-    return _download(MNIST, "mnist", data_dir, download, ["MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"],
-                     MNIST.mirrors[0]), "torchvision MNIST (downloaded)"
+    return _idx_files(MNIST, "mnist", data_dir, download)
 
 
-def _download(cls, name, data_dir, download, layouts, url):
+def _fashion_mnist(data_dir, download, image_size):
+    """Fashion-MNIST (torchvision FashionMNIST): 28x28 gray clothing images, 10 classes."""
+    from torchvision.datasets import FashionMNIST
+    return _idx_files(FashionMNIST, "fashion_mnist", data_dir, download)
+
+
+IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+                      "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+                      "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
+                      "n03888257": "parachute"}  # the wnids of torchvision's Imagenette and of fastai's releases
+IMAGENETTE_SIZES = {"full": "imagenette2", "320px": "imagenette2-320", "160px": "imagenette2-160"}
+
+
+def _imagenette(data_dir, download, image_size, size=None):
+    """Imagenette, 10 ImageNet classes (torchvision Imagenette, size full/320px/160px), or an ImageFolder copy."""
+    from torchvision.datasets import Imagenette
+    if size is not None and size not in IMAGENETTE_SIZES:
+        raise ValueError(f"imagenette: size must be one of {list(IMAGENETTE_SIZES)} or None, got {size!r}")
+    folders = [IMAGENETTE_SIZES[size]] if size else ["imagenette-64", *reversed(IMAGENETTE_SIZES.values())]
+    root = next((data_dir / f for f in folders if _is_image_folder(data_dir / f)), None)
+    source = f"Imagenette ImageFolder {root.name}" if root else ""
+    if root is None:  # torchvision unpacks imagenette2-<size>/{train,val}/<wnid>/*.JPEG (images of mixed sizes)
+        size = size or "160px"
+        _download(lambda: Imagenette(data_dir, split="train", size=size, download=True), "imagenette", data_dir,
+                  download, [f"{f}/{{train,val}}/<wnid>/*.JPEG" for f in folders],
+                  f"https://s3.amazonaws.com/fast-ai-imageclas/{IMAGENETTE_SIZES[size]}.tgz")
+        root = data_dir / IMAGENETTE_SIZES[size]
+        source = f"torchvision Imagenette {root.name} (downloaded)"
+    train_x, train_y, test_x, test_y, wnids = _image_folder(root, image_size)
+    return (train_x, train_y, test_x, test_y, [IMAGENETTE_CLASSES.get(w, w) for w in wnids]), source
+
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _tiny_imagenet(data_dir, download, image_size):
+    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the test split."""
+    root = data_dir / "tiny-imagenet-200"
+    source = "Tiny-ImageNet tiny-imagenet-200/"
+    if not all((root / p).exists() for p in ("wnids.txt", "train", "val/val_annotations.txt")):
+        from torchvision.datasets.utils import download_and_extract_archive
+        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir), "tiny_imagenet", data_dir,
+                  download, ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+                             "val/val_annotations.txt}"], TINY_IMAGENET_URL)
+        source += " (downloaded)"
+    train_files, test_files, classes = _tiny_imagenet_files(root)
+    return _cached_decode(root, train_files, test_files, classes, image_size), source
+
+
+def _tiny_imagenet_files(root: Path):
+    """(train [(path, label)], test [(path, label)], class names) of the Tiny-ImageNet release layout.
+
+    Labels follow the sorted wnids of wnids.txt; names are the first synonym in words.txt."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    wnids = sorted(set((root / "wnids.txt").read_text().split()))
+    if not wnids:
+        raise ValueError(f"{root / 'wnids.txt'} lists no classes")
+    to_idx = {w: i for i, w in enumerate(wnids)}
+    words = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, synonyms = line.partition("\t")
+            words[wnid] = synonyms.split(",")[0].strip()
+    folders = {p.name for p in (root / "train").iterdir() if p.is_dir()}
+    if folders != set(wnids):
+        raise ValueError(f"{root / 'train'} and {root / 'wnids.txt'} hold different classes: folders not in wnids.txt "
+                         f"{sorted(folders - set(wnids))}, wnids without a folder {sorted(set(wnids) - folders)}")
+    train = []
+    for wnid in wnids:
+        images = root / "train" / wnid / "images"
+        found = sorted(p for p in images.iterdir() if p.suffix.lower() in IMG_EXTENSIONS) if images.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"no image files in {images} (class {wnid} of wnids.txt)")
+        train += [(str(p), to_idx[wnid]) for p in found]
+    annotations, test = root / "val" / "val_annotations.txt", []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise ValueError(f"{annotations}, line {n}: expected '<file>\\t<wnid>...', got {line!r}")
+        file, wnid = fields[0], fields[1]
+        if wnid not in to_idx:
+            raise ValueError(f"{annotations}, line {n}: {file} is labelled {wnid}, which is not in "
+                             f"{root / 'wnids.txt'}")
+        path = root / "val" / "images" / file
+        if not path.is_file():
+            raise FileNotFoundError(f"{annotations}, line {n}: the image file {path} does not exist")
+        test.append((str(path), to_idx[wnid]))
+    if not test:
+        raise ValueError(f"{annotations} labels no images")
+    return train, test, [words.get(w) or w for w in wnids]
+
+
+def _download(fetch, name, data_dir, download, layouts, url):
+    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming what was looked for."""
     if download:
         try:
-            return _torchvision_splits(cls, data_dir, True)
+            return fetch()
         except Exception as e:  # no network, bad checksum, ...: say what we looked for instead
             raise _missing(name, data_dir, layouts, url) from e
     raise _missing(name, data_dir, layouts, url)
@@ -182,51 +398,178 @@ def _digits(data_dir, download, image_size):
     return (x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)]), "scikit-learn digits"
 
 
-DATASETS = {"cifar10": _cifar10, "mnist": _mnist, "digits": _digits}
+# name -> loader(data_dir, download, image_size, **options) -> ((train_x, train_y, test_x, test_y, classes), source).
+# Options are load_dataset's dataset_args; a name variant binds some (cifar100_coarse, svhn_extra) so that a list
+# of dataset names can mix them.
+DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100, "cifar100_coarse": partial(_cifar100, labels="coarse"),
+            "svhn": _svhn, "svhn_extra": partial(_svhn, extra=True), "fashion_mnist": _fashion_mnist,
+            "imagenette": _imagenette, "tiny_imagenet": _tiny_imagenet, "mnist": _mnist, "digits": _digits}
 
 
 def list_datasets():
     return sorted(DATASETS)
 
 
-def _load_splits(name, data_dir, download, image_size):
+def dataset_options(name):
+    """{option: default} of a registered dataset: what load_dataset(name, dataset_args=...) accepts."""
+    import inspect
+    return {p.name: p.default for p in list(inspect.signature(DATASETS[name]).parameters.values())[3:]}
+
+
+def describe_datasets():
+    """One line per registered dataset: its name, what it is and its dataset_args."""
+    lines = []
+    for name in list_datasets():
+        loader = DATASETS[name]
+        if isinstance(loader, partial):
+            base = next(k for k, v in DATASETS.items() if v is loader.func)
+            text = f"{base} with dataset_args {loader.keywords}"
+        else:
+            text = (loader.__doc__ or "").strip().splitlines()[0]
+            options = ", ".join(f"{k}={v!r}" for k, v in dataset_options(name).items())
+            text += f"  [dataset_args: {options}]" if options else ""
+        lines.append(f"{name:<16} {text}")
+    return lines
+
+
+def _load_splits(name, data_dir, download, image_size, options=None):
     """(train_x, train_y, test_x, test_y, classes), source."""
-    folder = Path(name)
+    folder, options = Path(name), dict(options or {})
     if name in DATASETS:
-        return DATASETS[name](data_dir, download, image_size)
+        unknown = sorted(set(options) - set(dataset_options(name)))
+        if unknown:
+            raise ValueError(f"dataset '{name}' has no option {unknown}: its dataset_args are "
+                             f"{dataset_options(name) or 'none'}")
+        return DATASETS[name](data_dir, download, image_size, **options)
     if _is_image_folder(folder):
+        if options:
+            raise ValueError(f"an ImageFolder takes no dataset_args, got {options}")
         return _image_folder(folder, image_size), f"ImageFolder {folder.resolve()}"
     raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder with "
                      f"train/ and test/ (or val/) subfolders in ImageFolder layout ({folder.resolve()} is not)")
 
 
-def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None,
-                 image_size=None, download=True) -> ImageData:
+def _chunked(x, fn, elements=1 << 24):
+    """fn over uint8 images x (N, ...) in chunks of about `elements` values: bounded temporary memory."""
+    if len(x) == 0:
+        return fn(torch.zeros((1, *x.shape[1:]), dtype=x.dtype))[:0]
+    step = max(1, elements // x[0].numel())
+    if step >= len(x):
+        return fn(x)
+    first = fn(x[:step])
+    out = torch.empty((len(x), *first.shape[1:]), dtype=first.dtype)
+    out[:step] = first
+    for i in range(step, len(x), step):
+        out[i:i + step] = fn(x[i:i + step])
+    return out
+
+
+def _image_policy(x, *, image_size=None, grayscale=False, channels=None):
+    """uint8 images (N, C, H, W): RGB to one channel of ITU-R 601 luma (torchvision's rgb_to_grayscale) when
+    `grayscale` or channels == 1; resized to image_size x image_size (antialiased); 1 channel repeated to 3
+    when channels == 3."""
+    from torchvision.transforms.v2.functional import resize, rgb_to_grayscale
+    if (grayscale or channels == 1) and x.shape[1] == 3:
+        x = _chunked(x, rgb_to_grayscale)
+    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = _chunked(x, partial(resize, size=[image_size, image_size], antialias=True))
+    if channels == 3 and x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x
+
+
+def _channel_stats(x, elements=1 << 24):
+    """Per-channel mean and (unbiased) std in [0, 1] units of uint8 images (N, C, H, W), from histograms of
+    the 256 values counted in chunks of about `elements` values: exact, and no float copy of the whole set."""
+    C = x.shape[1]
+    hist = torch.zeros(C, 256, dtype=torch.int64)
+    step = max(1, elements // max(1, x[0].numel() if len(x) else 1))
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        for c in range(C):
+            hist[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
+    counts, values = hist.to(torch.float64), torch.arange(256, dtype=torch.float64)
+    n = counts.sum(1)
+    mean = counts @ values / n
+    var = (counts * (values - mean[:, None]).square()).sum(1) / (n - 1).clamp_min(1)
+    return (mean / 255).float(), (var.sqrt() / 255).float().clamp_min(1e-3)
+
+
+def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None, image_size=None,
+                 grayscale=False, channels=None, dataset_args=None, download=True) -> ImageData:
     """Load a dataset as uint8 tensors with train / val / test splits.
 
     Validation is a seeded random `val_fraction` of the official train split; `limit_train`
-    keeps only the first N remaining training images (quick runs)."""
+    keeps only the first N remaining training images (quick runs). The image policy applies to
+    every split: `image_size` resizes to image_size x image_size (antialiased), `grayscale` turns
+    RGB into one channel of ITU-R 601 luma, `channels=3` repeats one channel three times
+    (`channels=1` is grayscale). `dataset_args` are the dataset's own options (dataset_options(name),
+    e.g. {"labels": "coarse"} for cifar100). Mean and std come from the final train split."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
+                                   or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None (keep), 1 or 3, got {channels!r}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    (train_x, train_y, test_x, test_y, classes), source = _load_splits(name, data_dir, download, image_size)
+    (train_x, train_y, test_x, test_y, classes), source = _load_splits(name, data_dir, download, image_size,
+                                                                       dataset_args)
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(train_y)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     if limit_train:
         train_idx = train_idx[:limit_train]
-    train_x, train_y, val_x, val_y = train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx]
-    pixels = train_x.transpose(0, 1).flatten(1).float() / 255  # (C, N*H*W), one channel at a time fits memory
-    mean = pixels.mean(1)
-    std = pixels.std(1).clamp_min(1e-3)
+    policy = partial(_image_policy, image_size=image_size, grayscale=grayscale, channels=channels)
+    train_x, val_x, test_x = policy(train_x[train_idx]), policy(train_x[val_idx]), policy(test_x)
+    train_y, val_y = train_y[train_idx], train_y[val_idx]
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise ValueError(f"dataset '{name}': train images are {tuple(train_x.shape[1:])} but test images are "
+                         f"{tuple(test_x.shape[1:])}; pass image_size to resize both")
+    mean, std = _channel_stats(train_x)
     return ImageData(str(name), list(classes), train_x, train_y, val_x, val_y, test_x, test_y, mean, std, source)
+
+
+def dataset_overview(data: ImageData, per_class=8, max_classes=20):
+    """(counts, figure) for a report: a DataFrame of images per class (index: class names) and split
+    (columns train, val, test), and a grid of the first `per_class` train images of each class, one
+    row per class labelled with its name; at most `max_classes` rows, evenly spread over the labels,
+    with a note in the title when classes are left out."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    k = len(data.classes)
+    counts = pd.DataFrame({split: torch.bincount(getattr(data, f"{split}_y"), minlength=k).tolist()
+                           for split in ("train", "val", "test")}, index=pd.Index(data.classes, name="class"))
+    shown = sorted(set(torch.linspace(0, k - 1, min(k, max_classes)).round().long().tolist()))
+    fig, axes = plt.subplots(len(shown), per_class, figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
+                             squeeze=False)
+    gray = data.train_x.shape[1] == 1
+    for row, label in zip(axes, shown):
+        idx = (data.train_y == label).nonzero().flatten()[:per_class].tolist()
+        for j, ax in enumerate(row):
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(idx):
+                img = data.train_x[idx[j]]
+                ax.imshow(img[0].numpy() if gray else img.permute(1, 2, 0).numpy(), cmap="gray" if gray else None,
+                          vmin=0, vmax=255, interpolation="nearest")
+        row[0].set_ylabel(data.classes[label], rotation=0, ha="right", va="center", fontsize=8)
+    note = f" ({len(shown)} of {k} classes shown)" if len(shown) < k else ""
+    fig.suptitle(f"{data.name}: train images, {per_class} per class{note}", fontsize=10)
+    fig.tight_layout()
+    return counts, fig
 
 
 # ----------------------------------------------------------------------------------------
 # Sequence transforms: pure functions (B, C, H, W) -> (B, T, F)
+#
+# They read normalised images (so a zero is the dataset's mean colour: what rotations and shifts
+# fill in). T and F for a C x H x W image are in each docstring and `python seqlstm.py transforms`.
 
 def identity(x: torch.Tensor, *, seq_len: int) -> torch.Tensor:
-    """The identity sequence: each image flattened to C*H*W and repeated seq_len times.
+    """The identity sequence (Biswas et al., IJCNN 2014): each image flattened and repeated.
+    T = seq_len, F = C*H*W.
 
     Returned as an expanded view (time stride 0): no copy, and the model can see that
     every step is the same vector and project it once (see BiLSTMFC)."""
@@ -234,21 +577,222 @@ def identity(x: torch.Tensor, *, seq_len: int) -> torch.Tensor:
     return x.reshape(B, 1, -1).expand(B, seq_len, -1)  # (B, L, C*H*W)
 
 
-SEQUENCES = {"identity": identity}
+def rows(x):
+    """One image row per step, its pixels' channels side by side: T = H, F = W*C."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H, W * C)  # (B, H, W*C)
+
+
+def columns(x):
+    """One image column per step: T = W, F = H*C."""
+    B, C, H, W = x.shape
+    return x.permute(0, 3, 2, 1).reshape(B, W, H * C)  # (B, W, H*C)
+
+
+PIXEL_ORDERS = ("raster", "snake", "permuted")
+
+
+def pixel_order(H, W, order="raster", seed=0):
+    """Indices of the H*W pixels in reading order: raster, snake (boustrophedon: every other
+    row reversed) or permuted (one fixed permutation per seed: the "permuted MNIST" benchmark)."""
+    if order not in PIXEL_ORDERS:
+        raise ValueError(f"unknown pixel order '{order}': valid orders are {list(PIXEL_ORDERS)}")
+    idx = torch.arange(H * W).view(H, W)
+    if order == "snake":
+        idx[1::2] = idx[1::2].flip(1)
+    if order == "permuted":
+        return torch.randperm(H * W, generator=torch.Generator().manual_seed(seed))
+    return idx.flatten()
+
+
+def pixels(x, *, order="raster", seed=0):
+    """One pixel per step, all its channels together (channels never spread over steps):
+    T = H*W, F = C."""
+    B, C, H, W = x.shape
+    seq = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C), raster order
+    return seq if order == "raster" else seq[:, pixel_order(H, W, order, seed).to(x.device)]
+
+
+def patches(x, *, patch=4):
+    """Non-overlapping patch x patch squares in raster order: T = (H/p)*(W/p), F = p*p*C."""
+    B, C, H, W = x.shape
+    if H % patch or W % patch:
+        valid = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
+        raise ValueError(f"patch={patch} does not divide the {H}x{W} image: valid patch sizes are {valid}")
+    p = patch
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def _crops(x, crop, size, ten):
+    from torchvision.transforms.v2 import functional as TF
+    H, W = x.shape[-2:]
+    if not 1 <= crop <= min(H, W):
+        raise ValueError(f"crop={crop} does not fit the {H}x{W} image: valid crop sizes are 1..{min(H, W)}")
+    views = torch.stack(TF.ten_crop(x, crop) if ten else TF.five_crop(x, crop), 1)  # (B, 5|10, C, crop, crop)
+    if size and size != crop:
+        views = TF.resize(views.flatten(0, 1), [size, size], antialias=True).unflatten(0, views.shape[:2])
+    return views.flatten(2)  # (B, 5|10, C*s*s)
+
+
+def five_crop(x, *, crop=24, size=None):
+    """torchvision's FiveCrop (four corners and centre), each crop resized to size x size (default:
+    the crop size): T = 5, F = C*size*size."""
+    return _crops(x, crop, size, ten=False)
+
+
+def ten_crop(x, *, crop=24, size=None):
+    """torchvision's TenCrop (FiveCrop and its horizontal mirror): T = 10, F = C*size*size."""
+    return _crops(x, crop, size, ten=True)
+
+
+# Series of L transformed views of the same image (Biswas et al.'s "series of transformations").
+# Every one: T = seq_len, F = C*H*W; `include_original`: step 0 is the untouched image;
+# `random`: magnitudes drawn per image and step instead of a fixed sweep (deterministic by
+# default, so test-time sequences are reproducible).
+
+def _sweep(B, L, extreme, *, include_original, random, symmetric, device):
+    """Per image and step magnitudes (B, L) between 0 (untouched) and `extreme`, or within
+    +-extreme when `symmetric`: a fixed sweep shared by every image, or random draws."""
+    if L < 1:
+        raise ValueError(f"seq_len must be >= 1, got {L}")
+    n = L - 1 if include_original else L
+    lo = -extreme if symmetric else 0.0
+    if random:
+        v = lo + (extreme - lo) * torch.rand(B, n, device=device)
+    elif symmetric:
+        v = torch.linspace(-extreme, extreme, n, device=device).expand(B, n) if n > 1 else \
+            torch.full((B, n), float(extreme), device=device)
+    else:  # a ramp whose last step is the extreme; step 0 is 0 only with include_original
+        v = (extreme * torch.arange(1, n + 1, device=device) / n).expand(B, n) if n else torch.zeros(B, 0, device=device)
+    return torch.cat([torch.zeros(B, L - n, device=device), v], 1)  # (B, L)
+
+
+def _warp(x, theta):
+    """Apply per image and step affine maps theta (B, L, 2, 3) to x (B, C, H, W): (B, L, C*H*W)."""
+    B, L = theta.shape[:2]
+    views = x.unsqueeze(1).expand(B, L, *x.shape[1:]).flatten(0, 1)  # (B*L, C, H, W)
+    grid = F.affine_grid(theta.flatten(0, 1), list(views.shape), align_corners=False)
+    return F.grid_sample(views, grid, padding_mode="zeros", align_corners=False).reshape(B, L, -1)
+
+
+def _affine(scale=None, angle=None, dx=None, dy=None):
+    """(B, L, 2, 3) affine matrices in affine_grid's normalised coordinates from (B, L) parameters."""
+    ref = next(v for v in (scale, angle, dx, dy) if v is not None)
+    one, zero = torch.ones_like(ref), torch.zeros_like(ref)
+    a = torch.deg2rad(angle) if angle is not None else zero
+    s = 1 / scale if scale is not None else one  # sampling a smaller area zooms in
+    tx, ty = (dx if dx is not None else zero), (dy if dy is not None else zero)
+    return torch.stack([torch.stack([s * torch.cos(a), -s * torch.sin(a), tx], -1),
+                        torch.stack([s * torch.sin(a), s * torch.cos(a), ty], -1)], -2)
+
+
+def rotations(x, *, seq_len, max_angle=30.0, include_original=True, random=False):
+    """L views rotated by angles spread over +-max_angle degrees."""
+    angle = _sweep(x.shape[0], seq_len, max_angle, include_original=include_original, random=random,
+                   symmetric=True, device=x.device)
+    return _warp(x, _affine(angle=angle))
+
+
+def zooms(x, *, seq_len, max_zoom=1.5, include_original=True, random=False):
+    """L views zoomed in from 1x towards max_zoom x about the centre."""
+    extra = _sweep(x.shape[0], seq_len, max_zoom - 1, include_original=include_original, random=random,
+                   symmetric=False, device=x.device)
+    return _warp(x, _affine(scale=1 + extra))
+
+
+def shifts(x, *, seq_len, max_shift=4.0, include_original=True, random=False):
+    """L views translated by up to max_shift pixels: around a circle of that radius (a fixed
+    sweep), or by random offsets in both axes."""
+    B, H, W = x.shape[0], *x.shape[-2:]
+    n = seq_len - 1 if include_original else seq_len
+    if random:
+        dx, dy = (_sweep(B, seq_len, max_shift, include_original=include_original, random=True, symmetric=True,
+                         device=x.device) for _ in range(2))
+    else:
+        phase = 2 * torch.pi * torch.arange(n, device=x.device) / max(n, 1)
+        lead = torch.zeros(seq_len - n, device=x.device)
+        dx = torch.cat([lead, max_shift * torch.cos(phase)]).expand(B, seq_len)
+        dy = torch.cat([lead, max_shift * torch.sin(phase)]).expand(B, seq_len)
+    return _warp(x, _affine(dx=2 * dx / W, dy=2 * dy / H))  # pixels -> normalised coordinates
+
+
+def blurs(x, *, seq_len, max_sigma=2.0, include_original=True, random=False):
+    """L views blurred by Gaussians of sigma 0 -> max_sigma pixels (separable, reflect padding)."""
+    B, C, H, W = x.shape
+    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random, symmetric=False,
+                   device=x.device).flatten()  # (B*L,)
+    radius = min(int(math.ceil(3 * max_sigma)), H - 1, W - 1)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma.clamp_min(1e-6)[:, None]) ** 2)  # sigma 0: a delta
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*L*C, K)
+    views = x.unsqueeze(1).expand(B, seq_len, C, H, W).reshape(1, B * seq_len * C, H, W)
+    views = F.pad(views, (radius,) * 4, mode="reflect")
+    views = F.conv2d(views, kernel[:, None, :, None], groups=B * seq_len * C)  # along H
+    views = F.conv2d(views, kernel[:, None, None, :], groups=B * seq_len * C)  # along W
+    return views.reshape(B, seq_len, C * H * W)
+
+
+def noise(x, *, seq_len, max_sigma=0.5, include_original=True, random=False, seed=0):
+    """L views with Gaussian noise of sigma 0 -> max_sigma (in units of the data's std). The fixed
+    sweep adds the same seeded noise pattern to every image, so test sequences are reproducible."""
+    B = x.shape[0]
+    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random, symmetric=False,
+                   device=x.device)
+    if random:
+        z = torch.randn(B, seq_len, *x.shape[1:], device=x.device)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(seq_len, *x.shape[1:], generator=g).to(x.device).expand(B, -1, -1, -1, -1)
+    return (x.unsqueeze(1) + sigma[:, :, None, None, None] * z).reshape(B, seq_len, -1)
+
+
+def jitter(x, *, seq_len, amount=0.4, include_original=True, random=False):
+    """L views with brightness and contrast changed: x * (1 + c) + b, with b, c within +-amount
+    (the fixed sweep moves both together, from darker and flatter to brighter and stronger)."""
+    B = x.shape[0]
+    b = _sweep(B, seq_len, amount, include_original=include_original, random=random, symmetric=True,
+               device=x.device)
+    c = _sweep(B, seq_len, amount, include_original=include_original, random=True, symmetric=True,
+               device=x.device) if random else b
+    return (x.unsqueeze(1) * (1 + c[:, :, None, None, None]) + b[:, :, None, None, None]).reshape(B, seq_len, -1)
+
+
+SEQUENCES = {"identity": identity, "rows": rows, "columns": columns, "pixels": pixels, "patches": patches,
+             "five_crop": five_crop, "ten_crop": ten_crop, "rotations": rotations, "zooms": zooms,
+             "shifts": shifts, "blurs": blurs, "noise": noise, "jitter": jitter}
 
 
 def list_sequences():
     return sorted(SEQUENCES)
 
 
-def make_sequence(name: str, **args):
-    """The batched transform `name` with its arguments bound: (B, C, H, W) -> (B, T, F)."""
+def make_sequence(name: str, seq_len=None, **args):
+    """The batched transform `name` with its arguments bound: (B, C, H, W) -> (B, T, F).
+
+    `seq_len` goes to the transforms whose length it sets (identity and the series); the others
+    have a length fixed by the image (rows: T = H, ...) and ignore it."""
+    import inspect
     if name not in SEQUENCES:
         raise ValueError(f"unknown sequence transform '{name}': valid names are {list_sequences()}")
-    seq_len = args.get("seq_len", 1)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
-        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
-    return partial(SEQUENCES[name], **args)  # a partial, not a lambda: DataLoader workers can pickle it
+    fn = SEQUENCES[name]
+    valid = [p for p in inspect.signature(fn).parameters if p != "x"]
+    bad = sorted(set(args) - set(valid))
+    if bad:
+        raise ValueError(f"unknown argument(s) {bad} for transform '{name}': valid arguments are {valid}")
+    if "seq_len" in valid:
+        seq_len = 1 if seq_len is None else seq_len
+        if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
+            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+        args["seq_len"] = int(seq_len)
+    if "order" in args and args["order"] not in PIXEL_ORDERS:
+        raise ValueError(f"unknown pixel order '{args['order']}': valid orders are {list(PIXEL_ORDERS)}")
+    return partial(fn, **args)  # a partial, not a lambda: DataLoader workers can pickle it
+
+
+def sequence_shape(name, image_shape=(3, 32, 32), seq_len=None, **args):
+    """(T, F) of transform `name` for one C x H x W image."""
+    return tuple(make_sequence(name, seq_len, **args)(torch.zeros(1, *image_shape)).shape[1:])
 
 
 def sequence_transform(name: str, **args):
@@ -508,6 +1052,9 @@ def distillation_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temp
 
 import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 
+# Lightning 2.6 calls a torch.utils._pytree API that torch 2.15 deprecates, once per batch transfer.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
 
 class SeqClassifier(pl.LightningModule):
     """Wraps a sequence model; turns uint8 image batches into normalised sequences on the device."""
@@ -628,6 +1175,7 @@ class RunResult:
     confusion: object  # numpy (K, K)
     classes: list
     params: dict = field(default_factory=dict)
+    sequence_fig: object = None  # one test image's sequence, step by step
 
 
 SUMMARY_FIELDS = ["dataset", "model", "transform", "seq_len", "epochs", "test_acc", "macro_f1", "n_params",
@@ -656,6 +1204,39 @@ def plot_confusion(cm, classes, title=""):
     return fig
 
 
+STEP_LAYOUT = {"rows": "sequence", "columns": "sequence", "pixels": "sequence", "patches": "patch"}
+
+
+def plot_sequence(seq, image_shape, mean, std, transform, max_steps=10):
+    """One image's sequence (T, F) drawn as the model reads it: a panel per step for views,
+    crops and patches; for rows, columns and pixels the whole sequence as one picture, laid
+    out row after row in reading order."""
+    import matplotlib.pyplot as plt
+    C, H, W = image_shape
+    layout = STEP_LAYOUT.get(transform, "image")
+    seq = seq.detach().cpu().float()
+    T, n_feat = seq.shape
+    if layout == "sequence":  # pixel-major steps: concatenate, then wrap every W pixels
+        pixels = seq.reshape(-1, C)  # (T*F/C, C)
+        steps = [pixels[: (len(pixels) // W) * W].reshape(-1, W, C)]
+    elif layout == "patch":
+        p = math.isqrt(n_feat // C)
+        steps = [s.reshape(p, p, C) for s in seq[:max_steps]]
+    else:  # channel-first views: C x s x s
+        s = math.isqrt(n_feat // C)
+        steps = [v.reshape(C, s, s).permute(1, 2, 0) for v in seq[:max_steps]]
+    steps = [(v * std + mean).clamp(0, 1).numpy() for v in steps]  # back to pixel values
+    fig, axes = plt.subplots(1, len(steps), figsize=(max(3.2, min(1.3 * len(steps), 13)), 1.9), squeeze=False)
+    for t, (ax, img) in enumerate(zip(axes[0], steps)):
+        ax.imshow(img.squeeze(-1) if C == 1 else img, cmap="gray" if C == 1 else None, vmin=0, vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title("all steps, in reading order" if layout == "sequence" else f"step {t}", fontsize=8)
+    shown = "" if layout == "sequence" or T <= max_steps else f" (first {max_steps} of {T} steps)"
+    fig.suptitle(f"{transform}: T={T}, F={n_feat}{shown}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_history(history, title=""):
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -668,8 +1249,21 @@ def plot_history(history, title=""):
     return fig
 
 
-def run_experiment(params: dict, *, dataset: str, seq_len: int) -> RunResult:
-    """Train params['model'] on `dataset` turned into sequences of length `seq_len`; track it in MLflow.
+def takes_seq_len(transform):
+    import inspect
+    return transform in SEQUENCES and "seq_len" in inspect.signature(SEQUENCES[transform]).parameters
+
+
+def plan_runs(datasets, transforms, seq_lens):
+    """(dataset, transform, seq_len) for every run of a report; transforms whose length the image
+    fixes (rows, pixels, patches, crops) run once, with seq_len None."""
+    return [(ds, tr, L) for ds in datasets for tr in transforms
+            for L in (seq_lens if takes_seq_len(tr) else [None])]
+
+
+def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) -> RunResult:
+    """Train params['model'] on `dataset` turned into sequences by `transform` (default
+    params['transform']) of length `seq_len`; track it in MLflow.
 
     `params` are the report's parameters (see report.ipynb); the best-validation checkpoint is
     evaluated on the test split."""
@@ -679,20 +1273,23 @@ def run_experiment(params: dict, *, dataset: str, seq_len: int) -> RunResult:
     from pytorch_lightning.loggers import MLFlowLogger
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-    p = {**params, "dataset": dataset, "seq_len": seq_len}
+    p = {**params, "dataset": dataset, "seq_len": seq_len, "transform": transform or params["transform"]}
     if not p["val_fraction"] > 0:
         raise ValueError("val_fraction must be > 0: the best-validation checkpoint is the one tested")
     threads = set_threads(p["threads"])
     pl.seed_everything(p["seed"], workers=True, verbose=False)
     data = load_dataset(dataset, data_dir=p["data_dir"] or None, val_fraction=p["val_fraction"], seed=p["seed"],
-                        limit_train=p["limit_train"] or None)
+                        limit_train=p["limit_train"] or None, image_size=p.get("image_size") or None,
+                        grayscale=bool(p.get("grayscale")), channels=p.get("channels") or None,
+                        dataset_args=p.get("dataset_args") or None)
     to_seq = make_sequence(p["transform"], seq_len=seq_len, **p["transform_args"])
-    T, n_feat = to_seq(data.train_x[:1].float()).shape[1:]
+    example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]  # (T, F): what the model sees
+    T, n_feat = example.shape
     model = create_model(p["model"], in_features=n_feat, num_classes=len(data.classes), **p["model_args"])
     module = SeqClassifier(model, to_seq=to_seq, mean=data.mean, std=data.std, augment=p["augment"], lr=p["lr"],
                            weight_decay=p["weight_decay"], optimizer=p["optimizer"], schedule=p["schedule"],
                            seed=p["seed"])
-    run_name = f"{dataset}-{p['model']}-{p['transform']}-L{seq_len}"
+    run_name = f"{dataset}-{p['model']}-{p['transform']}-T{T}"
     logger = MLFlowLogger(experiment_name=p["experiment"], run_name=run_name, tracking_uri=tracking_uri(),
                           artifact_location=(OUTPUTS / "mlartifacts").resolve().as_uri())
     derived = {"threads": threads, "n_params": count_params(model), "seq_steps": T, "seq_features": n_feat,
@@ -729,18 +1326,21 @@ def run_experiment(params: dict, *, dataset: str, seq_len: int) -> RunResult:
     client.log_metric(run_id, "train_images_per_s", timer.images / max(timer.seconds, 1e-9))
     client.log_dict(run_id, report, "classification_report.json")
     client.log_text(run_id, yaml.safe_dump({**p, **derived}, sort_keys=False), "params.yaml")
+    import matplotlib.pyplot as plt
     fig = plot_confusion(cm, data.classes, run_name)
     client.log_figure(run_id, fig, "confusion_matrix.png")
-    import matplotlib.pyplot as plt
     plt.close(fig)
+    sequence_fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
+    client.log_figure(run_id, sequence_fig, "sequence.png")
+    plt.close(sequence_fig)
     client.set_terminated(run_id)
 
-    row = {"dataset": dataset, "model": p["model"], "transform": p["transform"], "seq_len": seq_len,
+    row = {"dataset": dataset, "model": p["model"], "transform": p["transform"], "seq_len": T,
            "epochs": p["epochs"], "test_acc": round(test_acc, 4), "macro_f1": round(macro_f1, 4),
            "n_params": derived["n_params"], "train_seconds": round(fit_seconds, 1),
            "train_images_per_s": round(timer.images / max(timer.seconds, 1e-9)), "mlflow_run_id": run_id}
     append_summary(row)
-    return RunResult(row, module.history, report, cm, data.classes, {**p, **derived})
+    return RunResult(row, module.history, report, cm, data.classes, {**p, **derived}, sequence_fig)
 
 
 # ----------------------------------------------------------------------------------------
@@ -846,6 +1446,23 @@ def bilstm_train_flops(in_features, seq_len, hidden=32, fc=100, classes=10, dirs
     return 3 * forward
 
 
+def lightning_epoch_seconds(device, n_train=45_000, n_val=5_000, seq_len=20):
+    """Wall time of one real training epoch of the test task (Lightning, fast path, flips,
+    validation included) on CIFAR-10-shaped uint8 data."""
+    x = torch.randint(0, 256, (n_train + n_val, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (n_train + n_val,))
+    module = SeqClassifier(BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
+                           to_seq=make_sequence("identity", seq_len=seq_len),
+                           mean=torch.full((3,), 0.47), std=torch.full((3,), 0.25), augment="flip")
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator=device, devices=1)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no start-up notes inside the table
+    t = time.perf_counter()
+    trainer.fit(module, Batches(x[:n_train], y[:n_train], 256, shuffle=True), Batches(x[n_train:], y[n_train:], 1024))
+    return {"seconds": round(time.perf_counter() - t, 2), "train_images": n_train, "val_images": n_val,
+            "seq_len": seq_len}
+
+
 def bench(quick=False, json_path=None, device=None):
     """Training throughput of the fast path against the naive one, and of the data paths."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -896,6 +1513,8 @@ def bench(quick=False, json_path=None, device=None):
     fast = n / (time.perf_counter() - t)
     result["data"] = {"torchvision_img_s": round(tv), "fast_img_s": round(fast), "ratio": round(fast / tv, 1)}
 
+    result["epoch"] = lightning_epoch_seconds(device)
+
     for name in list_models():
         model = create_model(name, in_features=n_feat, num_classes=K).to(device)
         result["models"][name] = {"params": count_params(model),
@@ -919,6 +1538,8 @@ def format_bench(r):
     lines += ["", "data pipeline (normalise + flip + crop + identity L=20), images/s",
               f"{'torchvision per-sample':>24} {d['torchvision_img_s']:>10,}",
               f"{'batched fast path':>24} {d['fast_img_s']:>10,}   ({d['ratio']:.1f}x)",
+              "", f"one Lightning epoch of the test task at L={r['epoch']['seq_len']} ({r['epoch']['train_images']:,} "
+              f"training + {r['epoch']['val_images']:,} validation images): {r['epoch']['seconds']:.1f} s",
               "", f"{'model':<16} {'params':>10} {'train img/s':>12}"]
     lines += [f"{k:<16} {v['params']:>10,} {v['train_img_s']:>12,}" for k, v in r["models"].items()]
     return "\n".join(lines)
@@ -947,7 +1568,7 @@ def main(argv=None):
     elif args.cmd == "bench":
         bench(quick=args.quick, json_path=args.json)
     elif args.cmd == "datasets":
-        print("\n".join(list_datasets() + ["<folder with train/ and test/ or val/ in ImageFolder layout>"]))
+        print("\n".join(describe_datasets() + [f"{'<folder>':<16} train/ and test/ (or val/) in ImageFolder layout"]))
     elif args.cmd == "transforms":
         x = torch.zeros(1, 3, 32, 32)
         for name in list_sequences():
