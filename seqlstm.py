@@ -131,7 +131,7 @@ def _decode_folder(paths_labels, image_size=None):
             img = resize(img, [image_size, image_size], antialias=True)
         if images and img.shape != images[0].shape:
             raise _MixedSizes(f"{path} is {tuple(img.shape)} but earlier images are {tuple(images[0].shape)}; "
-                             f"pass image_size to resize every image to one size")
+                              f"pass image_size to resize every image to one size")
         images.append(img)
     return torch.stack(images), torch.tensor([label for _, label in paths_labels], dtype=torch.int64)
 
@@ -1261,6 +1261,14 @@ def plan_runs(datasets, transforms, seq_lens):
             for L in (seq_lens if takes_seq_len(tr) else [None])]
 
 
+def data_options(p: dict) -> dict:
+    """load_dataset's keyword arguments from the report's parameters (0 and empty mean "default")."""
+    return dict(data_dir=p["data_dir"] or None, val_fraction=p["val_fraction"], seed=p["seed"],
+                limit_train=p["limit_train"] or None, image_size=p["image_size"] or None,
+                grayscale=bool(p["grayscale"]), channels=p["channels"] or None,
+                dataset_args=p["dataset_args"] or None)
+
+
 def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) -> RunResult:
     """Train params['model'] on `dataset` turned into sequences by `transform` (default
     params['transform']) of length `seq_len`; track it in MLflow.
@@ -1278,11 +1286,11 @@ def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) 
         raise ValueError("val_fraction must be > 0: the best-validation checkpoint is the one tested")
     threads = set_threads(p["threads"])
     pl.seed_everything(p["seed"], workers=True, verbose=False)
-    data = load_dataset(dataset, data_dir=p["data_dir"] or None, val_fraction=p["val_fraction"], seed=p["seed"],
-                        limit_train=p["limit_train"] or None, image_size=p.get("image_size") or None,
-                        grayscale=bool(p.get("grayscale")), channels=p.get("channels") or None,
-                        dataset_args=p.get("dataset_args") or None)
-    to_seq = make_sequence(p["transform"], seq_len=seq_len, **p["transform_args"])
+    data = load_dataset(dataset, **data_options(p))
+    targs = p["transform_args"] or {}
+    if targs and set(targs) <= set(SEQUENCES):  # keyed by transform name: each transform its own arguments
+        targs = targs.get(p["transform"], {})
+    to_seq = make_sequence(p["transform"], seq_len=seq_len, **targs)
     example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]  # (T, F): what the model sees
     T, n_feat = example.shape
     model = create_model(p["model"], in_features=n_feat, num_classes=len(data.classes), **p["model_args"])
@@ -1293,6 +1301,7 @@ def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) 
     logger = MLFlowLogger(experiment_name=p["experiment"], run_name=run_name, tracking_uri=tracking_uri(),
                           artifact_location=(OUTPUTS / "mlartifacts").resolve().as_uri())
     derived = {"threads": threads, "n_params": count_params(model), "seq_steps": T, "seq_features": n_feat,
+               "image_shape": list(data.image_shape),
                "data_source": data.source, **{f"n_{k}": v for k, v in data.counts().items()},
                "torch": str(torch.__version__), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     logger.log_hyperparams({**p, **derived})

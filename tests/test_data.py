@@ -539,6 +539,7 @@ TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus", "n01629819": "European
               "n01641577": "bullfrog, Rana catesbeiana"}
 TINY_COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]  # one solid colour per class (sorted wnids)
 TINY_VAL = [2, 0, 1, 1, 2, 0, 0]  # the class of val_0 .. val_6
+TINY_VAL_ORDER = [3, 0, 6, 1, 5, 2, 4]  # the order of val_annotations.txt: not by file name
 
 
 def write_tiny(data_dir, n_train=3, size=8):
@@ -555,7 +556,8 @@ def write_tiny(data_dir, n_train=3, size=8):
         for i in range(n_train):
             Image.new("RGB", (size, size), TINY_COLOURS[k]).save(images / f"{wnid}_{i}.JPEG", quality=95)
     lines = []
-    for i, k in enumerate(TINY_VAL):
+    for i in TINY_VAL_ORDER:
+        k = TINY_VAL[i]
         Image.new("RGB", (size, size), TINY_COLOURS[k]).save(root / "val" / "images" / f"val_{i}.JPEG", quality=95)
         lines.append(f"val_{i}.JPEG\t{wnids[k]}\t0\t0\t{size - 1}\t{size - 1}\n")
     (root / "val" / "val_annotations.txt").write_text("".join(lines))
@@ -574,7 +576,7 @@ def test_tiny_imagenet_layout(tmp_path, cache_dir):
     assert data.classes == ["goldfish", "European fire salamander", "bullfrog"]
     assert data.counts() == {"train": 9, "val": 0, "test": 7}
     assert data.image_shape == (3, 8, 8)
-    assert data.test_y.tolist() == TINY_VAL  # labels from val_annotations.txt, in its order
+    assert data.test_y.tolist() == [TINY_VAL[i] for i in TINY_VAL_ORDER]  # from val_annotations.txt, in its order
     assert torch.equal(colour_labels(data.test_x), data.test_y)  # each file got its own label
     assert torch.equal(colour_labels(data.train_x), data.train_y)
     assert torch.bincount(data.train_y).tolist() == [3, 3, 3]
@@ -612,7 +614,7 @@ def break_unknown_wnid(root):
 
 def break_missing_val_image(root):
     (root / "val" / "images" / "val_3.JPEG").unlink()
-    return FileNotFoundError, [str(root / "val" / "images" / "val_3.JPEG"), "line 4"]
+    return FileNotFoundError, [str(root / "val" / "images" / "val_3.JPEG"), "line 1"]
 
 
 def break_empty_class(root):
