@@ -1204,6 +1204,16 @@ def plot_confusion(cm, classes, title=""):
     return fig
 
 
+def report_table(report: dict):
+    """sklearn's classification_report(output_dict=True) as a DataFrame, its accuracy entry as a row
+    with the test-set size as support (sklearn gives a bare number there)."""
+    import pandas as pd
+    table = pd.DataFrame({k: v for k, v in report.items() if k != "accuracy"}).T
+    accuracy = pd.DataFrame({"f1-score": report["accuracy"], "support": table.loc["macro avg", "support"]},
+                            index=["accuracy"])
+    return pd.concat([table.iloc[:-2], accuracy, table.iloc[-2:]])
+
+
 STEP_LAYOUT = {"rows": "sequence", "columns": "sequence", "pixels": "sequence", "patches": "patch"}
 
 
