@@ -1473,19 +1473,19 @@ def lightning_epoch_seconds(device, n_train=45_000, n_val=5_000, seq_len=20):
     module = SeqClassifier(BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
                            to_seq=make_sequence("identity", seq_len=seq_len),
                            mean=torch.full((3,), 0.47), std=torch.full((3,), 0.25), augment="flip")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no start-up notes inside the table
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, accelerator=device, devices=1)
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no start-up notes inside the table
     t = time.perf_counter()
     trainer.fit(module, Batches(x[:n_train], y[:n_train], 256, shuffle=True), Batches(x[n_train:], y[n_train:], 1024))
     return {"seconds": round(time.perf_counter() - t, 2), "train_images": n_train, "val_images": n_val,
             "seq_len": seq_len}
 
 
-def bench(quick=False, json_path=None, device=None):
+def bench(quick=False, json_path=None, device=None, threads=0):
     """Training throughput of the fast path against the naive one, and of the data paths."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = set_threads(0)
+    threads = set_threads(threads)
     torch.manual_seed(0)
     B, steps = 256, 4 if quick else 12
     C, H, W, K = 3, 32, 32, 10
@@ -1577,6 +1577,7 @@ def main(argv=None):
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
     b.add_argument("--quick", action="store_true", help="fewer steps (under 2 minutes on 2 CPU cores)")
     b.add_argument("--json", help="also write the results as JSON to this path")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
     sub.add_parser("datasets", help="list dataset names")
     sub.add_parser("transforms", help="list sequence transforms")
     sub.add_parser("models", help="list models")
@@ -1585,7 +1586,7 @@ def main(argv=None):
         executed, html = render_report(args.params, args.param)
         print(f"executed notebook: {executed}\nHTML report:       {html}")
     elif args.cmd == "bench":
-        bench(quick=args.quick, json_path=args.json)
+        bench(quick=args.quick, json_path=args.json, threads=args.threads)
     elif args.cmd == "datasets":
         print("\n".join(describe_datasets() + [f"{'<folder>':<16} train/ and test/ (or val/) in ImageFolder layout"]))
     elif args.cmd == "transforms":

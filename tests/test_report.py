@@ -111,3 +111,20 @@ def test_params_files_only_override_known_parameters():
     for path in (ROOT / "params").glob("*.yaml"):
         seqlstm.check_params(yaml.safe_load(path.read_text()), known)
     assert known["dataset"] == "cifar10" and known["seq_len"] == [5, 10, 20]  # defaults are the test task
+
+
+def test_report_runs_across_datasets_and_transforms(tmp_path):
+    if not (ROOT / "data" / "MNIST" / "raw").is_dir() and "SEQLSTM_DATA" not in os.environ:
+        pytest.skip("MNIST copy missing: unpack ../shared/data/mnist.tar.gz into data/")
+    cmd = [PYTHON, "seqlstm.py", "report", "params/smoke.yaml", "-p", "dataset", "[digits, mnist]",
+           "-p", "transform", "[identity, rows]", "-p", "seq_len", "[2]", "-p", "epochs", "1",
+           "-p", "limit_train", "300", "-p", "overview_per_class", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
+    assert [(r["dataset"], r["transform"], r["seq_len"]) for r in rows] == [
+        ("digits", "identity", "2"), ("digits", "rows", "8"), ("mnist", "identity", "2"), ("mnist", "rows", "28")]
+    nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
+    markdown = "".join(o["data"]["text/markdown"] for o in outputs_of(nb, "text/markdown"))
+    assert "### digits: 10 classes" in markdown and "### mnist: 10 classes" in markdown  # data overviews
+    assert "Across transforms" in markdown  # the written comparison
