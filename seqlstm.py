@@ -885,6 +885,24 @@ class Batches:
 
 # ----------------------------------------------------------------------------------------
 # Models
+#
+# One registry for every architecture, in timm's style: MODELS maps a name to a dict config
+# (its variant's defaults) and the factory (a class or function) that builds its family;
+# `create_model(name, in_features=F, num_classes=K, **overrides)` merges the two, the caller's
+# overrides winning, and a bad name, key or value raises ValueError naming the valid ones.
+# MODEL_INFO says per model which input it reads, its default input (the one `model_input`
+# builds for tests and benchmarks) and its source paper.
+#
+# Every model reads (B, T, F) sequences, so the runner, the benchmark and the generic tests can
+# treat them alike. `model.input_form` (also MODEL_INFO[name]["input_form"]) says which form suits it:
+#   "sequence"  any (B, T, F) sequence (identity, rows, pixels, series, ...): in_features = F.
+#   "pixels"    Long Range Arena models: the image as a sequence of pixels (B, H*W, C) (transform
+#               `pixels`; grayscale CIFAR-10: 1,024 steps of 1): in_features = C. Pixel values are
+#               embedded by a linear projection of the normalised values (no 0..255 tokens).
+#   "image"     (B, C, H, W) images, or the `rows` transform's (B, H, W*C), which the model folds
+#               back into the image (rows is lossless): in_features = W*C (the F of `rows`), and the
+#               override `channels` = C (default 3; 1 for MNIST). The runner can keep `transform:
+#               rows` unchanged, or skip the transform and pass the normalised images themselves.
 
 def lstm_loop(gates_x, w_hh, steps):
     """LSTM recurrence over `steps` steps whose input gate pre-activations are the same at
@@ -1011,22 +1029,708 @@ class ReferenceBiLSTMFC(nn.Module):
         return self.head(h_n[-self.dirs:].transpose(0, 1).flatten(1))
 
 
-MODELS = {"bilstm_fc": BiLSTMFC}
+def _check_choice(what, value, valid):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}: valid values are {list(valid)}")
+
+
+def _check_sizes(**sizes):
+    """Every size an integer >= 1 (a tuple: each of its entries)."""
+    for key, value in sizes.items():
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+            raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
+
+
+READOUTS = ("last", "mean")
+
+
+class RNNClassifier(nn.Module):
+    """A recurrent network on any (B, T, F) sequence and a linear head: `cell` "rnn" (Elman's
+    tanh RNN, 1990), "gru" (Cho et al., EMNLP 2014) or "lstm" (Hochreiter & Schmidhuber, 1997),
+    as PyTorch's fused nn.RNN / nn.GRU / nn.LSTM; uni- or bidirectional, `layers` deep, dropout
+    between layers and before the head.
+
+    readout "last": the top layer's final hidden state (both directions' when bidirectional: the
+    forward one after step T, the backward one after step 1); "mean": the top layer's outputs
+    averaged over steps. The presets lstm_rows_mnist and lstm_pixels_mnist are the classic
+    sequential-MNIST LSTM (3 layers x 128, unidirectional, last state): rows read 28 steps of 28
+    pixels, pixels 784 steps of 1 (Le, Jaitly & Hinton, 2015, "A simple way to initialize recurrent
+    networks of rectified linear units", introduced pixel-by-pixel MNIST)."""
+
+    input_form = "sequence"
+    CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=128, layers=1, bidirectional=False,
+                 dropout=0.0, readout="last"):
+        super().__init__()
+        _check_choice("cell", cell, list(self.CELLS))
+        _check_choice("readout", readout, READOUTS)
+        _check_sizes(in_features=in_features, hidden=hidden, layers=layers)
+        self.cell, self.hidden, self.layers, self.readout = cell, hidden, layers, readout
+        self.dirs = 2 if bidirectional else 1
+        self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True, bidirectional=bidirectional,
+                                    dropout=dropout if layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(self.dirs * hidden, num_classes)
+
+    def forward(self, x):  # (B, T, F)
+        out, h_n = self.rnn(x.contiguous())  # identity sequences arrive as stride-0 views
+        if self.readout == "mean":
+            feats = out.mean(1)
+        else:
+            h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
+            feats = h_n[-self.dirs:].transpose(0, 1).reshape(x.shape[0], -1)  # (B, D*H)
+        return self.head(self.drop(feats))
+
+
+# ---- image models: (B, C, H, W), or the rows layout (B, H, W*C) folded back into the image
+
+def _image_geometry(in_features, channels, image_size):
+    """channels and image size of an image model built for rows of in_features = W*C."""
+    _check_sizes(in_features=in_features, channels=channels)
+    if in_features % channels:
+        raise ValueError(f"in_features={in_features} is not a multiple of channels={channels}: image models read "
+                         f"the rows layout (B, H, W*C), so in_features = W*C; pass channels=C")
+    image_size = in_features // channels if image_size is None else image_size
+    _check_sizes(image_size=image_size)
+    return channels, image_size
+
+
+class ImageInput:
+    """Mixin of the image models: `as_image` takes (B, C, H, W) images as they are and folds the
+    `rows` transform's (B, H, W*C) back into them (rows: x.permute(0, 2, 3, 1).reshape(B, H, W*C)).
+    Sides that are not multiples of `pad_multiple` (the model's total stride) get zero padding at
+    the bottom and right, so any height and width run."""
+
+    input_form = "image"
+    channels = 3
+    pad_multiple = 1
+
+    def as_image(self, x):
+        if x.ndim == 3:
+            B, H, WC = x.shape
+            if WC % self.channels:
+                raise ValueError(f"a rows sequence (B, H, W*C) with F={WC} cannot hold {self.channels}-channel "
+                                 f"pixels: pass channels=C to create_model")
+            x = x.reshape(B, H, WC // self.channels, self.channels).permute(0, 3, 1, 2)
+        elif x.ndim != 4:
+            raise ValueError(f"image models take (B, C, H, W) images or rows sequences (B, H, W*C), "
+                             f"got shape {tuple(x.shape)}")
+        m = self.pad_multiple
+        pad_h, pad_w = -x.shape[-2] % m, -x.shape[-1] % m
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+from timm.models.sequencer import LSTM2d, Sequencer2d  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+class BiLSTM1d(nn.Module):
+    """The Vanilla Sequencer's token mixer (Tatsunami & Taki, NeurIPS 2022, Fig. 2d): one BiLSTM
+    over the H*W tokens in raster order, then a linear layer back to the channel width. Takes
+    timm's `rnn_layer` arguments, so it drops into timm's Sequencer2d blocks in place of LSTM2d."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, bidirectional=True, union="cat",
+                 with_fc=True, **_):
+        super().__init__()
+        self.rnn = nn.LSTM(input_size, hidden_size, num_layers, bias=bias, batch_first=True,
+                           bidirectional=bidirectional)
+        self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), input_size)
+
+    def forward(self, x):  # (B, H, W, C), timm's NHWC
+        B, H, W, C = x.shape
+        y, _ = self.rnn(x.reshape(B, H * W, C))
+        return self.fc(y).reshape(B, H, W, C)
+
+
+TOKEN_MIXERS = {"lstm2d": LSTM2d, "lstm1d": BiLSTM1d}
+
+
+class SequencerImage(ImageInput, Sequencer2d):
+    """Sequencer2D (Tatsunami & Taki, "Sequencer: Deep LSTM for Image Classification", NeurIPS
+    2022): timm's `Sequencer2d`, unchanged, behind the image input of this project (a subclass,
+    so the state dict is timm's). Patch embedding, then stages of pre-norm blocks: a BiLSTM2D token
+    mixer (a vertical and a horizontal BiLSTM over the token grid, concatenated and fused by a
+    linear layer; timm's LSTM2d) and a channel MLP, with a patch-merging downsampling conv between
+    stages, global average pooling and a linear head.
+
+    Scaled down for 32x32 inputs: the ImageNet presets (Sequencer2D-S: layers 4-3-8-3, -M:
+    4-3-14-3; dims 192-384-384-384, LSTM hidden 48-96-96-96, patch sizes 7-2-2-1 on 224x224 images,
+    a 32x32 token grid) would see a 4x4 grid with patch 7 on CIFAR and are far too slow for a CPU.
+    Here: stem patch 2 (a 16x16 grid, then 8x8, 4x4, 4x4: the ImageNet progression at half the
+    grid side), the same four stages at about half the depth (S: 2-2-4-2, M: 2-2-7-2, keeping the
+    deep third stage), a quarter of the widths (dims 48-96-96-96, hidden 12-24-24-24: timm's
+    hidden = dim / 4) and timm's MLP ratio 3. `token_mixer` "lstm1d" gives the Vanilla Sequencer
+    (BiLSTM1d over the flattened tokens instead of BiLSTM2D).
+
+    `layers`, `patch_sizes`, `dims`, `hidden_sizes`: one entry per stage (`layers` may be one int
+    for every stage)."""
+
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=(2, 2, 4, 2),
+                 patch_sizes=(2, 2, 2, 1), dims=(48, 96, 96, 96), hidden_sizes=(12, 24, 24, 24), mlp_ratio=3.0,
+                 token_mixer="lstm2d", dropout=0.0, drop_path=0.0):
+        channels, image_size = _image_geometry(in_features, channels, image_size)
+        _check_choice("token_mixer", token_mixer, list(TOKEN_MIXERS))
+        patch_sizes, dims, hidden_sizes = tuple(patch_sizes), tuple(dims), tuple(hidden_sizes)
+        layers = (layers,) * len(dims) if isinstance(layers, numbers.Integral) else tuple(layers)
+        _check_sizes(layers=layers, patch_sizes=patch_sizes, dims=dims, hidden_sizes=hidden_sizes)
+        if not len(layers) == len(patch_sizes) == len(dims) == len(hidden_sizes):
+            raise ValueError(f"layers, patch_sizes, dims and hidden_sizes need one entry per stage, got "
+                             f"{layers}, {patch_sizes}, {dims}, {hidden_sizes}")
+        super().__init__(num_classes=num_classes, img_size=image_size, in_chans=channels, layers=layers,
+                         patch_sizes=patch_sizes, embed_dims=dims, hidden_sizes=hidden_sizes,
+                         mlp_ratios=(float(mlp_ratio),) * len(dims), rnn_layer=TOKEN_MIXERS[token_mixer],
+                         drop_rate=dropout, drop_path_rate=drop_path)
+        self.channels, self.image_size = channels, image_size
+        self.pad_multiple = math.prod(patch_sizes)
+
+    def forward(self, x):
+        return super().forward(self.as_image(x))
+
+
+def _nearest_divisor(n, target=6):
+    """The divisor of n nearest to target (ties: the smaller one): ViT's patch size."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), d))
+
+
+class ViTImage(ImageInput, VisionTransformer):
+    """Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021): timm's
+    `VisionTransformer`, unchanged, behind the image input of this project (a subclass). Small for
+    CPU and 28-32 pixel images: embed 64, depth 6 (`layers`), 8 heads, MLP hidden 128 (mlp_ratio 2),
+    a CLS token read by the head (readout "cls"; "mean": average of the patch tokens, no CLS).
+
+    patch_size: by default the divisor of image_size nearest to 6, ties going to the smaller one
+    (32 -> 4: an 8x8 grid of 64 tokens; 28 -> 7: 4x4). Other image sizes run too (timm's dynamic
+    image size: the learned positions are resampled, sides padded to a multiple of the patch)."""
+
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=None, dim=64,
+                 layers=6, heads=8, mlp_ratio=2.0, dropout=0.0, drop_path=0.0, readout="cls"):
+        channels, image_size = _image_geometry(in_features, channels, image_size)
+        _check_choice("readout", readout, ["cls", "mean"])
+        patch_size = _nearest_divisor(image_size) if patch_size is None else patch_size
+        _check_sizes(patch_size=patch_size, dim=dim, layers=layers, heads=heads)
+        if image_size % patch_size:
+            valid = [d for d in range(1, image_size + 1) if image_size % d == 0]
+            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}: valid patch sizes "
+                             f"are {valid}")
+        if dim % heads:
+            raise ValueError(f"heads={heads} does not divide dim={dim}")
+        super().__init__(img_size=image_size, patch_size=patch_size, in_chans=channels, num_classes=num_classes,
+                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
+                         embed_dim=dim, depth=layers, num_heads=heads, mlp_ratio=mlp_ratio, drop_rate=dropout,
+                         proj_drop_rate=dropout, drop_path_rate=drop_path, dynamic_img_size=True,
+                         dynamic_img_pad=True)
+        self.channels, self.image_size, self.patch_size = channels, image_size, patch_size
+
+    def forward(self, x):
+        return super().forward(self.as_image(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs with batch norm, a 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class CifarResNet(ImageInput, nn.Module):
+    """The CIFAR ResNet of He et al. ("Deep Residual Learning for Image Recognition", CVPR 2016,
+    section 4.2): a 3x3 stem at full 32x32 resolution, three stages of `layers` basic blocks with
+    `width`, 2x and 4x channels (stride 2 between stages: 32 -> 16 -> 8), global average pooling and a
+    linear head; 6 * layers + 2 weighted layers (default layers=3: ResNet-20, 0.27M parameters, 91.3%
+    on CIFAR-10 in the paper). Adapted: 1x1 conv shortcuts (the paper's option B) instead of
+    zero-padded identity shortcuts. The teacher for distillation."""
+
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=3, width=16):
+        super().__init__()
+        channels, image_size = _image_geometry(in_features, channels, image_size)
+        layers = (layers,) * 3 if isinstance(layers, numbers.Integral) else tuple(layers)
+        _check_sizes(layers=layers, width=width)
+        self.channels, self.image_size = channels, image_size
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        blocks, c = [], width
+        for stage, n in enumerate(layers):
+            c_out = width * 2 ** stage
+            for i in range(n):
+                blocks.append(BasicBlock(c, c_out, 2 if stage and i == 0 else 1))
+                c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.blocks(self.stem(self.as_image(x)))
+        return self.head(x.mean((2, 3)))
+
+
+# ---- Long Range Arena pixel models: the image as a sequence of pixels (B, H*W, C)
+
+class TrellisNet(nn.Module):
+    """TrellisNet (Bai, Kolter & Koltun, "Trellis Networks for Sequence Modeling", ICLR 2019): a
+    temporal convolutional network whose one causal convolution is shared by every level, with the
+    input injected at every level and an LSTM-style gated activation. Level i + 1 at step t:
+
+        z = W_x * x[t-d, t] + W_h * h_i[t-d, t] + b     (kernel 2, dilation d; W_x * x computed once per d)
+        c_{i+1}[t] = sigmoid(f) c_i[t-d] + sigmoid(i) tanh(g),   h_{i+1}[t] = sigmoid(o) tanh(c_{i+1}[t])
+
+    with the gates (i, o, g, f) the four channel groups of z. As in the authors' sequential MNIST /
+    CIFAR setup: kernel 2, dilations 1, 1, 2, 4, ..., 512 over 11 levels (receptive field 1,025 steps:
+    the whole 1,024-pixel sequence), a linear head on the top level's last step. Adapted for CPU: 32
+    hidden units (the authors: 130) and none of their weight normalisation, weight dropout or
+    auxiliary losses. `layers` is the number of levels; on sequences much shorter than 1,024 steps
+    drop the levels whose dilation exceeds the length (layers=7: receptive field 65 for 8x8 images),
+    as levels that only see padding slow training down. Causal: `features(x)[:, t]` depends on
+    x[:, :t+1] only (tests/test_zoo.py)."""
+
+    input_form = "pixels"
+
+    def __init__(self, *, in_features, num_classes, hidden=32, layers=11, kernel_size=2,
+                 dilations=(1, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512), dropout=0.0):
+        super().__init__()
+        dilations = tuple(dilations)
+        _check_sizes(in_features=in_features, hidden=hidden, layers=layers, kernel_size=kernel_size,
+                     dilations=dilations)
+        self.hidden, self.levels, self.kernel_size, self.dilations = hidden, layers, kernel_size, dilations
+        self.inject = nn.Conv1d(in_features, 4 * hidden, kernel_size, bias=False)  # input injection: W_x
+        self.conv = nn.Conv1d(hidden, 4 * hidden, kernel_size)  # the convolution every level shares: W_h, b
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x):
+        """The top level's hidden state at every step: (B, T, F) -> (B, T, hidden), causal."""
+        x = x.transpose(1, 2)  # (B, F, T)
+        B, T = x.shape[0], x.shape[2]
+        h = x.new_zeros(B, self.hidden, T)
+        c = torch.zeros_like(h)
+        injected = {}
+        for level in range(self.levels):
+            d = self.dilations[level % len(self.dilations)]
+            pad = (self.kernel_size - 1) * d  # left padding only: causal
+            if d not in injected:
+                injected[d] = F.conv1d(F.pad(x, (pad, 0)), self.inject.weight, dilation=d)
+            z = injected[d] + F.conv1d(F.pad(h, (pad, 0)), self.conv.weight, self.conv.bias, dilation=d)
+            i, o, g, f = z.chunk(4, 1)
+            c_prev = F.pad(c, (d, 0))[:, :, :T]  # the level below's cell state at t - d
+            c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return h.transpose(1, 2)
+
+    def forward(self, x):
+        return self.head(self.drop(self.features(x)[:, -1]))
+
+
+class LipschitzRNN(nn.Module):
+    """Lipschitz RNN (Erichson, Azencot, Queiruga, Hodgkinson & Mahoney, "Lipschitz Recurrent
+    Neural Networks", ICLR 2021): the continuous-time system h' = A h + tanh(W h + U x + b)
+    discretised by forward Euler,
+
+        h <- h + eps * (A h + tanh(W h + U x_t + b)),
+        A = (1 - beta)(M_A + M_A^T) + beta (M_A - M_A^T) - gamma_a I,   W likewise from M_W, gamma_w,
+
+    so beta trades a symmetric part against a skew-symmetric one and gamma shifts the spectrum left.
+    Defaults from the authors' pixel-MNIST command: 128 units, eps 0.01, beta 0.65, gamma 0.001, M
+    drawn from N(0, (init_std / hidden)^2) with init_std 32; U, b and the linear readout of the last
+    state Xavier-normal / zero. eps sets how far 1,024 (or 784) steps integrate; scale it up for much
+    shorter sequences (eps=0.1 for 64 steps). Adapted: `layers` > 1 stacks cells (each reads the
+    states of the one below); the authors use one."""
+
+    input_form = "pixels"
+
+    def __init__(self, *, in_features, num_classes, hidden=128, layers=1, eps=0.01, beta=0.65, gamma_a=0.001,
+                 gamma_w=0.001, init_std=32.0, dropout=0.0):
+        super().__init__()
+        _check_sizes(in_features=in_features, hidden=hidden, layers=layers)
+        if not 0 <= beta <= 1 or eps <= 0:
+            raise ValueError(f"need 0 <= beta <= 1 and eps > 0, got beta={beta}, eps={eps}")
+        self.hidden, self.layers, self.eps, self.beta, self.gamma_a, self.gamma_w = \
+            hidden, layers, eps, beta, gamma_a, gamma_w
+        self.U = nn.ModuleList(nn.Linear(in_features if i == 0 else hidden, hidden) for i in range(layers))
+        gaussian = lambda: nn.Parameter(torch.randn(hidden, hidden) * init_std / hidden)  # noqa: E731
+        self.M_A = nn.ParameterList(gaussian() for _ in range(layers))
+        self.M_W = nn.ParameterList(gaussian() for _ in range(layers))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+        for lin in [*self.U, self.head]:
+            nn.init.xavier_normal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def _structured(self, M, gamma):
+        return (1 - self.beta) * (M + M.T) + self.beta * (M - M.T) - gamma * torch.eye(len(M), device=M.device)
+
+    def A(self, layer=0):
+        return self._structured(self.M_A[layer], self.gamma_a)
+
+    def W(self, layer=0):
+        return self._structured(self.M_W[layer], self.gamma_w)
+
+    def forward(self, x):  # (B, T, F)
+        seq = x
+        for layer in range(self.layers):
+            z = self.U[layer](seq)  # (B, T, H): U x_t + b for every step at once
+            AW = torch.cat([self.A(layer), self.W(layer)]).T  # (H, 2H): one matmul per step for A h and W h
+            h = z.new_zeros(z.shape[0], self.hidden)
+            states = []
+            for z_t in z.unbind(1):  # unbind, not z[:, t]: its backward would add T full-size gradients
+                ah, wh = (h @ AW).chunk(2, -1)
+                h = h + self.eps * (ah + torch.tanh(wh + z_t))
+                states.append(h)
+            seq = torch.stack(states, 1) if layer < self.layers - 1 else None
+        return self.head(self.drop(h))
+
+
+def _pixel_embedding(in_features, dim, seq_len):
+    """Linear projection of each step's (normalised) values and learned positions, both initialised as
+    in ViT (truncated normal, std 0.02): with PyTorch's default init a projection of one grey value
+    (fan-in 1) would start 30x larger than the positions and drown them."""
+    _check_sizes(in_features=in_features, dim=dim, seq_len=seq_len)
+    embed, pos = nn.Linear(in_features, dim), nn.Parameter(torch.zeros(1, seq_len, dim))
+    nn.init.trunc_normal_(embed.weight, std=0.02)
+    nn.init.zeros_(embed.bias)
+    nn.init.trunc_normal_(pos, std=0.02)
+    return embed, pos
+
+
+def _positions(pos, T):
+    if T > pos.shape[1]:
+        raise ValueError(f"a sequence of {T} steps is longer than the model's seq_len={pos.shape[1]} learned "
+                         f"positions: create it with seq_len >= {T}")
+    return pos[:, :T]
+
+
+class PixelTransformer(nn.Module):
+    """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than 16x16
+    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel
+    a token: a linear projection of its values plus a learned position, a pre-norm transformer
+    encoder (nn.TransformerEncoder, GELU), a CLS token read by the head (readout "cls"; "mean":
+    average over tokens). Adapted: the Long Range Arena image-task size (Tay et al., ICLR 2021, as in
+    the Nystromformer authors' config: width 64, 2 layers, 2 heads, MLP 128) instead of ViT-S, for CPU.
+    seq_len: the number of learned positions (the longest sequence; 1,024 for 32x32)."""
+
+    input_form = "pixels"
+
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
+                 dropout=0.0, readout="cls"):
+        super().__init__()
+        _check_choice("readout", readout, ["cls", "mean"])
+        _check_sizes(layers=layers, heads=heads, mlp=mlp)
+        if dim % heads:
+            raise ValueError(f"heads={heads} does not divide dim={dim}")
+        self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if readout == "cls" else None
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):  # (B, T, F)
+        z = self.embed(x) + _positions(self.pos, x.shape[1])
+        if self.cls is not None:
+            z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1)
+        z = self.encoder(z)
+        return self.head(z[:, 0] if self.cls is not None else z.mean(1))
+
+
+def iterative_pinv(a, iterations=6):
+    """Moore-Penrose pseudo-inverse of each matrix in `a` (..., m, m) by the Nystromformer's iteration
+    (Razavi et al., 2014): Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4 from Z = A^T / (||A||_1 ||A||_inf)."""
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    norm = a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1)  # ||A||_1 ||A||_inf per matrix
+    z = a.transpose(-1, -2) / norm[..., None, None]
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+class NystromAttention(nn.Module):
+    """Multi-head self-attention with the Nystrom approximation of Xiong et al. (AAAI 2021):
+
+        softmax(Q K^T / sqrt(d)) V  ~  softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V
+
+    (Q and K each scaled by d^-1/4), with landmarks Ql, Kl the means of `landmarks` equal segments of
+    the queries and keys, and pinv the 6-iteration pseudo-inverse above. The sequence is zero-padded
+    to a multiple of the number of landmarks (padded keys masked out of the last factor, as in the
+    authors' code); fewer steps than landmarks use one landmark per step. `conv_kernel` > 0 adds the
+    paper's skip connection: a depthwise convolution of the values along the sequence (35 in the
+    authors' LRA runs). `forward(x, exact=True)` computes the exact softmax attention instead."""
+
+    def __init__(self, dim, heads, landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
+        super().__init__()
+        _check_sizes(dim=dim, heads=heads, landmarks=landmarks, pinv_iterations=pinv_iterations)
+        if dim % heads:
+            raise ValueError(f"heads={heads} does not divide dim={dim}")
+        self.heads, self.landmarks, self.pinv_iterations = heads, landmarks, pinv_iterations
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.conv = nn.Conv1d(heads, heads, conv_kernel, padding=conv_kernel // 2, groups=heads,
+                              bias=False) if conv_kernel else None  # one kernel per head
+
+    def forward(self, x, exact=False):  # (B, T, D)
+        B, T, D = x.shape
+        h, d = self.heads, D // self.heads
+        q, k, v = self.qkv(x).view(B, T, 3, h, d).permute(2, 0, 3, 1, 4).contiguous()  # each (B, h, T, d)
+        if exact:
+            out = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+        else:
+            m = min(self.landmarks, T)
+            pad = -T % m
+            q, k = q / d ** 0.25, k / d ** 0.25
+            if pad:
+                q, k, vp = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            else:
+                vp = v
+            ql = q.reshape(B, h, m, -1, d).mean(-2)  # (B, h, m, d): segment means
+            kl = k.reshape(B, h, m, -1, d).mean(-2)
+            k1 = F.softmax(q @ kl.transpose(-1, -2), -1)  # (B, h, T', m)
+            k2 = F.softmax(ql @ kl.transpose(-1, -2), -1)  # (B, h, m, m)
+            scores = ql @ k.transpose(-1, -2)  # (B, h, m, T')
+            if pad:
+                scores = scores.masked_fill(torch.arange(T + pad, device=x.device) >= T, float("-inf"))
+            k3 = F.softmax(scores, -1)
+            out = ((k1 @ iterative_pinv(k2, self.pinv_iterations)) @ (k3 @ vp))[:, :, :T]
+        if self.conv is not None:  # the head's kernel on each of its d channels: a depthwise conv1d over h*d
+            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K); 4x faster on CPU than Conv2d (K, 1)
+            conv = F.conv1d(v.transpose(2, 3).reshape(B, h * d, T), w, padding=self.conv.padding, groups=h * d)
+            out = out + conv.view(B, h, d, T).transpose(2, 3)
+        return self.drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
+
+
+class _PreNormBlock(nn.Module):
+    def __init__(self, dim, mixer, mlp, dropout):
+        super().__init__()
+        self.norm1, self.mixer, self.norm2 = nn.LayerNorm(dim), mixer, nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Nystromformer(nn.Module):
+    """Nystromformer (Xiong, Zeng, Chakraborty, Tan, Fung, Li & Singh, "Nystromformer: A
+    Nystrom-Based Algorithm for Approximating Self-Attention", AAAI 2021) on pixel sequences: a
+    linear projection of each pixel plus learned positions, pre-norm blocks of NystromAttention and
+    an MLP, a final layer norm and mean pooling. Sizes from the authors' Long Range Arena image
+    config: width 64, 2 layers, 2 heads, MLP 128, mean pooling; 32 landmarks and the depthwise
+    value convolution of kernel 35 (their "nystrom-32")."""
+
+    input_form = "pixels"
+
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
+                 landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
+        super().__init__()
+        _check_sizes(layers=layers, mlp=mlp)
+        self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
+        self.blocks = nn.Sequential(*[_PreNormBlock(dim, NystromAttention(dim, heads, landmarks, pinv_iterations,
+                                                                          conv_kernel, dropout), mlp, dropout)
+                                      for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        z = self.blocks(self.embed(x) + _positions(self.pos, x.shape[1]))
+        return self.head(self.norm(z).mean(1))
+
+
+class FourierMixing(nn.Module):
+    """FNet's token mixing: the real part of the 2-D FFT over the sequence and hidden dimensions."""
+
+    def forward(self, x):  # (B, T, D)
+        return torch.fft.fft2(x, dim=(-2, -1)).real
+
+
+class FNet(nn.Module):
+    """FNet (Lee-Thorp, Ainslie, Eckstein & Ontanon, "FNet: Mixing Tokens with Fourier Transforms",
+    NAACL 2022): a transformer encoder whose self-attention is replaced by FourierMixing, post-norm
+    blocks as in the paper (x = LN(x + mix(x)); x = LN(x + MLP(x))). Embedding: a linear projection
+    of each pixel plus learned positions, then layer norm. Adapted: the Long Range Arena image size
+    (width 64, 2 layers, MLP 128) and mean pooling (readout "mean"; "first": the first token, the
+    paper's [CLS]-position pooling, here with no [CLS] token)."""
+
+    input_form = "pixels"
+
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, mlp=128, dropout=0.0,
+                 readout="mean"):
+        super().__init__()
+        _check_choice("readout", readout, ["mean", "first"])
+        _check_sizes(layers=layers, mlp=mlp)
+        self.readout = readout
+        self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
+        self.embed_norm = nn.LayerNorm(dim)
+        self.mixing = FourierMixing()
+        self.norms1 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim),
+                                                nn.Dropout(dropout)) for _ in range(layers))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        z = self.drop(self.embed_norm(self.embed(x) + _positions(self.pos, x.shape[1])))
+        for norm1, mlp, norm2 in zip(self.norms1, self.mlps, self.norms2):
+            z = norm1(z + self.mixing(z))
+            z = norm2(z + mlp(z))
+        return self.head(z.mean(1) if self.readout == "mean" else z[:, 0])
+
+
+# ---- the registry
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registry entry: `factory(in_features=, num_classes=, **cfg)` builds the model. `input` is the
+    default input (the one tests and benchmarks use): a C x H x W image turned into a sequence by
+    `transform` (with `transform_args`), plus the `model_args` that input needs; `test_input` a tiny
+    one for fast tests (8x8 images; 64-step pixel sequences, for which the pixel models' position
+    tables shrink to 64, TrellisNet keeps the 7 levels whose receptive field (65 steps) covers them
+    and the Lipschitz RNN's step eps grows to 0.1, so that 64 steps integrate over a time comparable
+    to the 1,024 steps of the default)."""
+    factory: object
+    cfg: dict
+    input_form: str
+    sequence: str
+    input: dict
+    test_input: dict
+    paper: str
+
+
+def _input(image, transform, **args):
+    return {"image": tuple(image), "transform": transform, "transform_args": args.pop("transform_args", {}),
+            "model_args": args}
+
+
+_ANY = "identity/any (B, T, F)"
+_PIXELS = "pixels (B, H*W, C); any (B, T, F)"
+_IMAGE = "image (B, C, H, W) or its rows layout (B, H, W*C)"
+_SEQUENCER = "Tatsunami & Taki, Sequencer: Deep LSTM for Image Classification, NeurIPS 2022"
+_CIFAR = (3, 32, 32)
+_GRAY = (1, 32, 32)
+
+MODELS = {
+    "bilstm_fc": ModelEntry(
+        BiLSTMFC, {}, "sequence", _ANY, _input(_CIFAR, "identity", transform_args={"seq_len": 10}),
+        _input((3, 4, 4), "identity", transform_args={"seq_len": 5}),
+        "the test task: BiLSTM + FC on identity sequences (Biswas et al., IJCNN 2014)"),
+    "rnn": ModelEntry(
+        RNNClassifier, dict(cell="rnn"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
+        "Elman, Finding Structure in Time, Cognitive Science 1990"),
+    "gru": ModelEntry(
+        RNNClassifier, dict(cell="gru"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
+        "Cho et al., Learning Phrase Representations using RNN Encoder-Decoder, EMNLP 2014"),
+    "lstm": ModelEntry(
+        RNNClassifier, dict(cell="lstm"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
+        "Hochreiter & Schmidhuber, Long Short-Term Memory, Neural Computation 1997"),
+    "lstm_rows_mnist": ModelEntry(
+        RNNClassifier, dict(cell="lstm", hidden=128, layers=3), "sequence", "rows (B, 28, 28); any (B, T, F)",
+        _input((1, 28, 28), "rows"), _input((1, 8, 8), "rows"),
+        "Hochreiter & Schmidhuber 1997; sequential MNIST (Le, Jaitly & Hinton 2015)"),
+    "lstm_pixels_mnist": ModelEntry(
+        RNNClassifier, dict(cell="lstm", hidden=128, layers=3), "sequence", "pixels (B, 784, 1); any (B, T, F)",
+        _input((1, 28, 28), "pixels"), _input((1, 8, 8), "pixels"),
+        "Hochreiter & Schmidhuber 1997; pixel-by-pixel MNIST (Le, Jaitly & Hinton 2015)"),
+    "sequencer2d_s": ModelEntry(
+        SequencerImage, dict(layers=(2, 2, 4, 2)), "image", _IMAGE, _input(_CIFAR, "rows"),
+        _input((3, 8, 8), "rows"), _SEQUENCER + " (Sequencer2D-S scaled down for 32x32)"),
+    "sequencer2d_m": ModelEntry(
+        SequencerImage, dict(layers=(2, 2, 7, 2)), "image", _IMAGE, _input(_CIFAR, "rows"),
+        _input((3, 8, 8), "rows"), _SEQUENCER + " (Sequencer2D-M scaled down for 32x32)"),
+    "vanilla_sequencer": ModelEntry(
+        SequencerImage, dict(token_mixer="lstm1d", layers=(2, 2), patch_sizes=(4, 2), dims=(64, 128),
+                             hidden_sizes=(32, 64)), "image", _IMAGE, _input(_CIFAR, "rows"),
+        _input((3, 8, 8), "rows"), _SEQUENCER + " (Vanilla Sequencer: BiLSTM over flattened tokens)"),
+    "vit_small_seq": ModelEntry(
+        ViTImage, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
+        "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021"),
+    "cnn_teacher": ModelEntry(
+        CifarResNet, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
+        "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (CIFAR ResNet-20)"),
+    "trellisnet": ModelEntry(
+        TrellisNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", layers=7),
+        "Bai, Kolter & Koltun, Trellis Networks for Sequence Modeling, ICLR 2019"),
+    "lipschitz_rnn": ModelEntry(
+        LipschitzRNN, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", eps=0.1),
+        "Erichson et al., Lipschitz Recurrent Neural Networks, ICLR 2021"),
+    "pit": ModelEntry(
+        PixelTransformer, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
+        "Nguyen et al., An Image is Worth More Than 16x16 Patches: Exploring Transformers on Individual Pixels, "
+        "2024"),
+    "nystromformer": ModelEntry(
+        Nystromformer, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"),
+        _input((1, 8, 8), "pixels", seq_len=64, landmarks=8, conv_kernel=9),
+        "Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention, AAAI 2021"),
+    "fnet": ModelEntry(
+        FNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
+        "Lee-Thorp et al., FNet: Mixing Tokens with Fourier Transforms, NAACL 2022"),
+}
+
+MODEL_INFO = {name: {"input_form": e.input_form, "sequence": e.sequence, "input": e.input,
+                     "test_input": e.test_input, "paper": e.paper, "defaults": dict(e.cfg)}
+              for name, e in MODELS.items()}
 
 
 def list_models():
     return sorted(MODELS)
 
 
-def create_model(name: str, *, in_features: int, num_classes: int, **overrides) -> nn.Module:
+def model_options(name):
+    """The keyword overrides create_model accepts for `name`."""
+    import inspect
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': valid names are {list_models()}")
-    try:
-        return MODELS[name](in_features=in_features, num_classes=num_classes, **overrides)
-    except TypeError as e:
-        import inspect
-        valid = [p for p in inspect.signature(MODELS[name]).parameters if p not in ("in_features", "num_classes")]
-        raise ValueError(f"bad model_args {overrides} for '{name}': valid keys are {valid}") from e
+    params = inspect.signature(MODELS[name].factory).parameters.values()
+    return [p.name for p in params if p.name not in ("in_features", "num_classes") and p.kind == p.KEYWORD_ONLY]
+
+
+def create_model(name: str, *, in_features: int, num_classes: int, **overrides) -> nn.Module:
+    """Build model `name` for (B, T, in_features) inputs (see MODEL_INFO[name] for the form it reads)
+    and num_classes outputs: the registry's config for `name`, updated by `overrides`."""
+    valid = model_options(name)
+    bad = sorted(set(overrides) - set(valid))
+    if bad:
+        raise ValueError(f"bad model_args {overrides} for '{name}': unknown key(s) {bad}; valid keys are {valid}")
+    model = MODELS[name].factory(in_features=in_features, num_classes=num_classes, **{**MODELS[name].cfg, **overrides})
+    if not hasattr(model, "input_form"):
+        model.input_form = MODELS[name].input_form
+    return model
+
+
+def describe_models():
+    """One line per model: its parameters at its default input, that input, its input form and paper."""
+    lines = []
+    for name in list_models():
+        x, n_feat, args = model_input(name)
+        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
+        spec = MODEL_INFO[name]["input"]
+        shown = f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = {tuple(x.shape[1:])}"
+        lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
+                     f"{MODEL_INFO[name]['paper']}")
+    return lines
+
+
+def model_input(name, batch_size=1, *, tiny=False, seed=0):
+    """A batch of model `name`'s default input (MODEL_INFO[name]["input"]; tiny: its "test_input"):
+    standard-normal "normalised images" turned into that sequence. Returns (x, in_features,
+    model_args), ready for create_model(name, in_features=in_features, num_classes=K, **model_args)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}': valid names are {list_models()}")
+    spec = MODEL_INFO[name]["test_input" if tiny else "input"]
+    images = torch.randn(batch_size, *spec["image"], generator=torch.Generator().manual_seed(seed))
+    x = make_sequence(spec["transform"], **spec["transform_args"])(images)
+    return x, x.shape[-1], dict(spec["model_args"])
 
 
 def count_params(model):
@@ -1534,10 +2238,15 @@ def bench(quick=False, json_path=None, device=None, threads=0):
 
     result["epoch"] = lightning_epoch_seconds(device)
 
-    for name in list_models():
-        model = create_model(name, in_features=n_feat, num_classes=K).to(device)
+    for name in list_models():  # each at its own default input (MODEL_INFO), batch 64
+        x, n_in, args = model_input(name, 64)
+        model = create_model(name, in_features=n_in, num_classes=K, **args).to(device)
+        y = torch.randint(0, K, (64,), device=device)
+        info = MODEL_INFO[name]["input"]
         result["models"][name] = {"params": count_params(model),
-                                  "train_img_s": round(_train_images_per_s(model, batch_of(20), steps))}
+                                  "input": f"{info['transform']} of {'x'.join(map(str, info['image']))}",
+                                  "train_img_s": round(_train_images_per_s(model, lambda: (x.to(device), y),
+                                                                           max(2, steps // 4), warmup=1))}
 
     print(format_bench(result))
     if json_path:
@@ -1559,8 +2268,8 @@ def format_bench(r):
               f"{'batched fast path':>24} {d['fast_img_s']:>10,}   ({d['ratio']:.1f}x)",
               "", f"one Lightning epoch of the test task at L={r['epoch']['seq_len']} ({r['epoch']['train_images']:,} "
               f"training + {r['epoch']['val_images']:,} validation images): {r['epoch']['seconds']:.1f} s",
-              "", f"{'model':<16} {'params':>10} {'train img/s':>12}"]
-    lines += [f"{k:<16} {v['params']:>10,} {v['train_img_s']:>12,}" for k, v in r["models"].items()]
+              "", f"{'model':<18} {'params':>10} {'train img/s':>12}   default input (batch 64)"]
+    lines += [f"{k:<18} {v['params']:>10,} {v['train_img_s']:>12,}   {v['input']}" for k, v in r["models"].items()]
     return "\n".join(lines)
 
 
@@ -1595,9 +2304,7 @@ def main(argv=None):
             T, n = make_sequence(name, seq_len=10)(x).shape[1:]
             print(f"{name:<12} 3x32x32 -> T={T}, F={n}")
     elif args.cmd == "models":
-        for name in list_models():
-            print(f"{name:<12} {count_params(create_model(name, in_features=3072, num_classes=10)):>10,} params "
-                  f"(3x32x32 identity sequence)")
+        print("\n".join(describe_models()))
 
 
 if __name__ == "__main__":
