@@ -832,23 +832,37 @@ class TensorImages(torch.utils.data.Dataset):
 # The fast path: whole batches of uint8 tensors, normalised and augmented at once.
 
 def normalize(x_uint8, mean, std):
-    x = x_uint8.to(torch.float32) / 255
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """(x / 255 - mean) / std per channel, as one fused multiply-add (4 broadcast passes cost 10x more)."""
+    scale, shift = (1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
+    return torch.addcmul(shift, x_uint8.to(torch.float32), scale)
 
 
-def batch_crop(x, padding, generator=None):
-    """Random crops with reflect padding for a whole batch at once: one gather, no Python per image."""
+def _reflect(i, n):
+    """Indices outside 0..n-1 mirrored back in, as F.pad(mode="reflect") does (the edge not repeated)."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def batch_crop(x, padding, generator=None, flip=None):
+    """Random crops of a reflect-padded batch, optionally mirrored per image (`flip`, a (B,) bool
+    tensor), as one gather of mirrored indices: no padded copy, no Python per image, and it works
+    on uint8, so it runs before normalisation on a quarter of the bytes."""
     B, C, H, W = x.shape
-    xp = F.pad(x, (padding,) * 4, mode="reflect")  # (B, C, H+2p, W+2p)
-    dy, dx = (torch.randint(0, 2 * padding + 1, (2, B, 1), generator=generator).to(x.device))
-    rows = (dy + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = (dx + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
-    return xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C)->(B,C,H,W)
+    dy, dx = torch.randint(-padding, padding + 1, (2, B, 1), generator=generator).to(x.device)
+    rows = _reflect(dy + torch.arange(H, device=x.device), H)  # (B, H)
+    cols = _reflect(dx + torch.arange(W, device=x.device), W)  # (B, W)
+    if flip is not None:
+        cols = torch.where(flip.view(B, 1), cols.flip(1), cols)
+    return x[torch.arange(B, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]
+             ].permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
+
+
+def _coin(B, generator, device):
+    return (torch.rand(B, generator=generator) < 0.5).to(device)
 
 
 def batch_flip(x, generator=None):
-    flip = torch.rand(x.shape[0], generator=generator).to(x.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return torch.where(_coin(x.shape[0], generator, x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
 AUGMENTS = ("none", "flip", "crop", "flip_crop")
@@ -857,11 +871,10 @@ AUGMENTS = ("none", "flip", "crop", "flip_crop")
 def augment_batch(x, augment, generator=None):
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
-    if "crop" in augment:
-        x = batch_crop(x, padding=max(1, x.shape[-1] // 8), generator=generator)
-    if "flip" in augment:
-        x = batch_flip(x, generator)
-    return x
+    if "crop" in augment:  # flip_crop: both in the one gather
+        flip = _coin(x.shape[0], generator, x.device) if "flip" in augment else None
+        return batch_crop(x, padding=max(1, x.shape[-1] // 8), generator=generator, flip=flip)
+    return batch_flip(x, generator) if augment == "flip" else x
 
 
 class Batches:
@@ -1774,10 +1787,9 @@ class SeqClassifier(pl.LightningModule):
         self.history, self._sums = [], {}  # per-epoch metrics; running (loss sum, correct, count) per stage
 
     def sequences(self, x_uint8, train=False):
-        x = normalize(x_uint8, self.mean, self.std)
-        if train and self.hparams.augment != "none":
-            x = augment_batch(x, self.hparams.augment, self.augment_gen)
-        return self.to_seq(x)  # (B, T, F)
+        if train:  # flips and crops on uint8, before normalisation: a quarter of the bytes
+            x_uint8 = augment_batch(x_uint8, self.hparams.augment, self.augment_gen)
+        return self.to_seq(normalize(x_uint8, self.mean, self.std))  # (B, T, F)
 
     def forward(self, x_uint8):
         return self.model(self.sequences(x_uint8))
@@ -2231,7 +2243,7 @@ def bench(quick=False, json_path=None, device=None, threads=0):
     n = 0
     for _ in range(2 if quick else 5):
         for x, y in Batches(images, labels, B, shuffle=True):
-            x = identity(augment_batch(normalize(x, mean, std), "flip_crop", gen), seq_len=20)
+            x = identity(normalize(augment_batch(x, "flip_crop", gen), mean, std), seq_len=20)
             n += len(y)
     fast = n / (time.perf_counter() - t)
     result["data"] = {"torchvision_img_s": round(tv), "fast_img_s": round(fast), "ratio": round(fast / tv, 1)}

@@ -197,3 +197,19 @@ def test_batches_shuffle_differs_per_epoch_and_is_seeded():
     assert torch.equal(a1, b1) and torch.equal(a2, b2)  # same seed, same orders
     c1 = torch.cat([yb for _, yb in seqlstm.Batches(y, y, 8, shuffle=True, seed=2)])
     assert not torch.equal(a1, c1)
+
+
+def test_flip_crop_is_a_translate_or_a_mirrored_translate_in_one_gather():
+    import torch.nn.functional as F
+    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)  # uint8: augmentation runs before normalising
+    out = seqlstm.augment_batch(x, "flip_crop", torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    xp = F.pad(x.float(), (1,) * 4, mode="reflect")  # padding = 8 // 8
+    kinds = set()
+    for b in range(len(x)):
+        views = {(i, j, m): xp[b, :, i:i + 8, j:j + 8].flip(-1) if m else xp[b, :, i:i + 8, j:j + 8]
+                 for i in range(3) for j in range(3) for m in (0, 1)}
+        hits = [k for k, v in views.items() if torch.equal(out[b].float(), v)]
+        assert hits, f"image {b} is no (mirrored) translate of its padded original"
+        kinds.add(hits[0][2])
+    assert kinds == {0, 1}  # some images mirrored, some not
