@@ -30,7 +30,7 @@ def max_diff(a, b):
 # ----------------------------------------------------------------------------------------
 # forward / backward
 
-@pytest.mark.parametrize("name", seqlstm.list_models())
+@pytest.mark.parametrize("name", ["bilstm_fc"])  # the registry at each model's own input: test_zoo.py
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("sequence", ["identity", "general"])
 def test_forward_shape_and_finite_gradients(name, layers, sequence):
@@ -182,7 +182,7 @@ def test_bilstm_fc_rejects_non_positive_sizes(kw):
         seqlstm.create_model("bilstm_fc", in_features=4, num_classes=2, **kw)
 
 
-@pytest.mark.parametrize("name", seqlstm.list_models())
+@pytest.mark.parametrize("name", ["bilstm_fc"])  # every registered model: test_zoo.py
 def test_model_fits_a_small_batch(name):
     torch.manual_seed(0)
     x = seqlstm.identity(torch.randn(32, 3, 4, 4), seq_len=5)  # in_features = 48
