@@ -1,8 +1,9 @@
 """seqlstm: classify images as sequences.
 
-Images become sequences (the identity sequence of Biswas et al., IJCNN 2014: the flattened
-image repeated L times), a BiLSTM + fully connected head reads them, Lightning trains it and
-MLflow tracks every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
+Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas et al., IJCNN 2014,
+rows, pixels, patches, crops, series of transformed views), sequence models (MODELS: BiLSTM + FC,
+RNNs, Sequencer2D, ViT, the LRA pixel models) read them, Lightning trains them and MLflow tracks
+every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
 Other commands: `python seqlstm.py bench [--quick]`, `python seqlstm.py datasets|transforms|models`.
 """
 from __future__ import annotations
