@@ -2301,7 +2301,9 @@ def main(argv=None):
     b.add_argument("--json", help="also write the results as JSON to this path")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
     sub.add_parser("datasets", help="list dataset names")
-    sub.add_parser("transforms", help="list sequence transforms")
+    tr = sub.add_parser("transforms", help="list sequence transforms with T and F for an image size")
+    tr.add_argument("--size", default="3x32x32", help="image size CxHxW (default 3x32x32)")
+    tr.add_argument("--seq-len", type=int, default=10, help="L of identity and the series (default 10)")
     sub.add_parser("models", help="list models")
     args = ap.parse_args(argv)
     if args.cmd == "report":
@@ -2312,10 +2314,16 @@ def main(argv=None):
     elif args.cmd == "datasets":
         print("\n".join(describe_datasets() + [f"{'<folder>':<16} train/ and test/ (or val/) in ImageFolder layout"]))
     elif args.cmd == "transforms":
-        x = torch.zeros(1, 3, 32, 32)
+        parts = args.size.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            ap.error(f"--size must be CxHxW, e.g. 1x28x28, got {args.size!r}")
+        shape = tuple(int(p) for p in parts)
         for name in list_sequences():
-            T, n = make_sequence(name, seq_len=10)(x).shape[1:]
-            print(f"{name:<12} 3x32x32 -> T={T}, F={n}")
+            try:
+                T, n = sequence_shape(name, shape, seq_len=args.seq_len)
+                print(f"{name:<12} {args.size} -> T={T}, F={n}")
+            except ValueError as e:  # e.g. a default patch or crop that does not fit this size
+                print(f"{name:<12} {args.size} -> needs other arguments: {e}")
     elif args.cmd == "models":
         print("\n".join(describe_models()))
 
