@@ -1996,6 +1996,12 @@ def data_options(p: dict) -> dict:
                 dataset_args=p["dataset_args"] or None)
 
 
+def eval_batch_size(steps: int) -> int:
+    """Evaluation batch: 1024 images, fewer for long sequences so that activations of 1,024-step
+    models (attention maps above all) stay in cache; measured 2x faster for PiT at 128 than 1024."""
+    return max(16, min(1024, 2 ** 17 // steps))
+
+
 def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) -> RunResult:
     """Train params['model'] on `dataset` turned into sequences by `transform` (default
     params['transform']) of length `seq_len`; track it in MLflow.
@@ -2033,6 +2039,7 @@ def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) 
                "torch": str(torch.__version__), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     logger.log_hyperparams({**p, **derived})
     steps = len(Batches(data.train_x, data.train_y, p["batch_size"]))
+    eval_batch = p["eval_batch_size"] or eval_batch_size(T)
     ckpt_dir = OUTPUTS / "checkpoints" / logger.run_id
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1)
     timer = TrainTimer()
@@ -2044,10 +2051,10 @@ def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) 
                          enable_model_summary=False, accelerator="auto", devices=1)
     t0 = time.perf_counter()
     trainer.fit(module, Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"]),
-                Batches(data.val_x, data.val_y, 1024))
+                Batches(data.val_x, data.val_y, eval_batch))
     fit_seconds = time.perf_counter() - t0
 
-    preds = torch.cat(trainer.predict(module, Batches(data.test_x, data.test_y, 1024), ckpt_path="best")).numpy()
+    preds = torch.cat(trainer.predict(module, Batches(data.test_x, data.test_y, eval_batch), ckpt_path="best")).numpy()
     y = data.test_y.numpy()
     labels = list(range(len(data.classes)))
     report = classification_report(y, preds, labels=labels, target_names=data.classes, output_dict=True,
