@@ -1981,11 +1981,27 @@ def takes_seq_len(transform):
     return transform in SEQUENCES and "seq_len" in inspect.signature(SEQUENCES[transform]).parameters
 
 
-def plan_runs(datasets, transforms, seq_lens):
-    """(dataset, transform, seq_len) for every run of a report; transforms whose length the image
-    fixes (rows, pixels, patches, crops) run once, with seq_len None."""
-    return [(ds, tr, L) for ds in datasets for tr in transforms
+def plan_runs(datasets, transforms, seq_lens, models=(None,)):
+    """(dataset, model, transform, seq_len) for every run of a report; transforms whose length the
+    image fixes (rows, pixels, patches, crops) run once, with seq_len None."""
+    return [(ds, m, tr, L) for ds in datasets for m in models for tr in transforms
             for L in (seq_lens if takes_seq_len(tr) else [None])]
+
+
+def model_params(params: dict, model: str) -> dict:
+    """The report's parameters for one model: `per_model[model]` overrides the shared ones, e.g.
+    {"pit": {"epochs": 1}, "trellisnet": {"lr": 0.004}} to compare models at equal time."""
+    per_model = params.get("per_model") or {}
+    models = as_list(params["model"])
+    if set(per_model) - set(models):
+        raise ValueError(f"per_model names {sorted(set(per_model) - set(models))}, which this report does "
+                         f"not run: its models are {models}")
+    if model not in models:
+        raise ValueError(f"model {model!r} is not among this report's models {models}")
+    over = per_model.get(model) or {}
+    planned = ("dataset", "transform", "seq_len", "model", "per_model", "experiment")  # fixed by the plan
+    check_params(over, {k: v for k, v in params.items() if k not in planned})
+    return {**params, **over, "model": model}
 
 
 def data_options(p: dict) -> dict:
@@ -2002,19 +2018,23 @@ def eval_batch_size(steps: int) -> int:
     return max(16, min(1024, 2 ** 17 // steps))
 
 
-def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None) -> RunResult:
-    """Train params['model'] on `dataset` turned into sequences by `transform` (default
-    params['transform']) of length `seq_len`; track it in MLflow.
+def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None, model=None) -> RunResult:
+    """Train `model` (default params['model']) on `dataset` turned into sequences by `transform`
+    (default params['transform']) of length `seq_len`; track it in MLflow.
 
-    `params` are the report's parameters (see report.ipynb); the best-validation checkpoint is
-    evaluated on the test split."""
+    `params` are the report's parameters (see report.ipynb), with the model's `per_model` overrides
+    applied; the best-validation checkpoint is evaluated on the test split."""
     import numpy as np
     import yaml
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import MLFlowLogger
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-    p = {**params, "dataset": dataset, "seq_len": seq_len, "transform": transform or params["transform"]}
+    model = model or params["model"]
+    if not isinstance(model, str):
+        raise ValueError(f"params['model'] lists several models {model}: name the one to run with model=")
+    p = {**model_params(params, model), "dataset": dataset, "seq_len": seq_len,
+         "transform": transform or params["transform"]}
     if not p["val_fraction"] > 0:
         raise ValueError("val_fraction must be > 0: the best-validation checkpoint is the one tested")
     threads = set_threads(p["threads"])
@@ -2125,15 +2145,16 @@ def as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def render_report(params_file=None, overrides=(), out_dir=None):
-    """Execute report.ipynb with a params YAML (+ overrides) into outputs/NAME.ipynb and NAME.html."""
+def render_report(params_file=None, overrides=(), out_dir=None, name=None):
+    """Execute report.ipynb with a params YAML (+ overrides) into outputs/NAME.ipynb and NAME.html;
+    NAME is the params file's name unless given."""
     import papermill as pm
     import yaml
     params = (yaml.safe_load(Path(params_file).read_text()) or {}) if params_file else {}
     for key, value in overrides:
         params[key] = yaml.safe_load(value)
     check_params(params, report_defaults())
-    name = Path(params_file).stem if params_file else "report"
+    name = name or (Path(params_file).stem if params_file else "report")
     params.setdefault("experiment", name)
     out_dir = Path(out_dir or OUTPUTS)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -2303,6 +2324,7 @@ def main(argv=None):
     rep.add_argument("params", nargs="?", help="params/NAME.yaml (overrides of the notebook's defaults)")
     rep.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="override one parameter (VALUE is YAML: 20, [5, 10], cifar10)")
+    rep.add_argument("--name", help="output name and default MLflow experiment (default: the params file's name)")
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
     b.add_argument("--quick", action="store_true", help="fewer steps (under 2 minutes on 2 CPU cores)")
     b.add_argument("--json", help="also write the results as JSON to this path")
@@ -2314,7 +2336,7 @@ def main(argv=None):
     sub.add_parser("models", help="list models")
     args = ap.parse_args(argv)
     if args.cmd == "report":
-        executed, html = render_report(args.params, args.param)
+        executed, html = render_report(args.params, args.param, name=args.name)
         print(f"executed notebook: {executed}\nHTML report:       {html}")
     elif args.cmd == "bench":
         bench(quick=args.quick, json_path=args.json, threads=args.threads)

@@ -128,3 +128,31 @@ def test_report_runs_across_datasets_and_transforms(tmp_path):
     markdown = "".join(o["data"]["text/markdown"] for o in outputs_of(nb, "text/markdown"))
     assert "### digits: 10 classes" in markdown and "### mnist: 10 classes" in markdown  # data overviews
     assert "Across transforms" in markdown  # the written comparison
+
+
+def test_report_compares_models_with_per_model_overrides(tmp_path):
+    cmd = [PYTHON, "seqlstm.py", "report", "params/smoke.yaml", "-p", "model", "[lstm, gru]",
+           "-p", "transform", "rows", "-p", "per_model", "{gru: {epochs: 2, model_args: {hidden: 8}}}",
+           "-p", "epochs", "1", "-p", "limit_train", "300", "-p", "overview_per_class", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
+    assert [(r["model"], r["epochs"]) for r in rows] == [("lstm", "1"), ("gru", "2")]
+    assert int(rows[1]["n_params"]) < int(rows[0]["n_params"])  # gru's hidden 8 applied to gru only
+    nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
+    markdown = "".join(o["data"]["text/markdown"] for o in outputs_of(nb, "text/markdown"))
+    assert "### digits, gru, rows" in markdown and "Across models" in markdown
+
+
+def test_per_model_overrides_are_checked():
+    import seqlstm
+    params = dict(seqlstm.report_defaults(), model=["lstm", "gru"], per_model={"gru": {"lr": 0.01}})
+    assert seqlstm.model_params(params, "gru")["lr"] == 0.01 and seqlstm.model_params(params, "lstm")["lr"] == 0.002
+    with pytest.raises(ValueError, match="not among this report's models"):
+        seqlstm.model_params(params, "rnn")
+    with pytest.raises(ValueError, match="does not run"):
+        seqlstm.model_params({**params, "per_model": {"pit": {"epochs": 1}}}, "gru")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]"):
+        seqlstm.model_params({**params, "per_model": {"gru": {"epoch": 1}}}, "gru")
+    with pytest.raises(ValueError, match="lists several models"):
+        seqlstm.run_experiment(params, dataset="digits")

@@ -157,9 +157,9 @@ def test_bad_input_names_the_valid_values(call, match):
 def test_fixed_length_transforms_ignore_seq_len_and_run_once():
     x = images(3)
     assert seqlstm.make_sequence("rows", seq_len=20)(x).shape[1] == 8
-    runs = seqlstm.plan_runs(["digits"], ["identity", "rows", "zooms"], [5, 10])
-    assert runs == [("digits", "identity", 5), ("digits", "identity", 10), ("digits", "rows", None),
-                    ("digits", "zooms", 5), ("digits", "zooms", 10)]
+    runs = seqlstm.plan_runs(["digits"], ["identity", "rows", "zooms"], [5, 10], ["lstm"])
+    assert runs == [("digits", "lstm", "identity", 5), ("digits", "lstm", "identity", 10),
+                    ("digits", "lstm", "rows", None), ("digits", "lstm", "zooms", 5), ("digits", "lstm", "zooms", 10)]
 
 
 def test_transforms_pickle_for_dataloader_workers():
