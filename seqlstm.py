@@ -1993,9 +1993,9 @@ def model_params(params: dict, model: str) -> dict:
     {"pit": {"epochs": 1}, "trellisnet": {"lr": 0.004}} to compare models at equal time."""
     per_model = params.get("per_model") or {}
     models = as_list(params["model"])
-    if set(per_model) - set(models):
-        raise ValueError(f"per_model names {sorted(set(per_model) - set(models))}, which this report does "
-                         f"not run: its models are {models}")
+    if set(per_model) - set(list_models()):  # entries for registered models this report does not run are kept
+        raise ValueError(f"per_model names {sorted(set(per_model) - set(list_models()))}, which are not models: "
+                         f"valid names are {list_models()}")
     if model not in models:
         raise ValueError(f"model {model!r} is not among this report's models {models}")
     over = per_model.get(model) or {}

@@ -150,8 +150,9 @@ def test_per_model_overrides_are_checked():
     assert seqlstm.model_params(params, "gru")["lr"] == 0.01 and seqlstm.model_params(params, "lstm")["lr"] == 0.002
     with pytest.raises(ValueError, match="not among this report's models"):
         seqlstm.model_params(params, "rnn")
-    with pytest.raises(ValueError, match="does not run"):
-        seqlstm.model_params({**params, "per_model": {"pit": {"epochs": 1}}}, "gru")
+    assert seqlstm.model_params({**params, "per_model": {"pit": {"epochs": 1}}}, "gru")["epochs"] == 30
+    with pytest.raises(ValueError, match="which are not models: valid names are"):
+        seqlstm.model_params({**params, "per_model": {"gruu": {"epochs": 1}}}, "gru")
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]"):
         seqlstm.model_params({**params, "per_model": {"gru": {"epoch": 1}}}, "gru")
     with pytest.raises(ValueError, match="lists several models"):
