@@ -247,3 +247,9 @@ def test_distillation_never_trains_the_teacher_even_without_no_grad():
     x, y = torch.randn(6, 4), torch.arange(6) % K
     seqlstm.distillation_loss(student(x), teacher(x), y, alpha=0.5).backward()
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_eval_batch_shrinks_for_long_sequences():
+    assert seqlstm.eval_batch_size(20) == 1024  # the test task keeps large batches
+    assert seqlstm.eval_batch_size(784) == 167 and seqlstm.eval_batch_size(1024) == 128
+    assert seqlstm.eval_batch_size(10 ** 6) == 16
