@@ -132,7 +132,7 @@ def test_report_runs_across_datasets_and_transforms(tmp_path):
 
 def test_report_compares_models_with_per_model_overrides(tmp_path):
     cmd = [PYTHON, "seqlstm.py", "report", "params/smoke.yaml", "-p", "model", "[lstm, gru]",
-           "-p", "transform", "rows", "-p", "per_model", "{gru: {epochs: 2, model_args: {hidden: 8}}}",
+           "-p", "transform", "rows", "-p", "per_model", "{gru: {epochs: 2, grad_clip: 1.0, model_args: {hidden: 8}}}",
            "-p", "epochs", "1", "-p", "limit_train", "300", "-p", "overview_per_class", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

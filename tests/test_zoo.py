@@ -257,6 +257,14 @@ def test_lipschitz_rnn_is_the_euler_step():
     torch.testing.assert_close(model(x), model.head(h))
 
 
+def test_lipschitz_rnn_state_stays_bounded_over_1024_steps_at_initialisation():
+    torch.manual_seed(0)
+    model = seqlstm.create_model("lipschitz_rnn", in_features=1, num_classes=10)
+    assert torch.linalg.eigvals(model.A()).real.max() < 0.5  # init_std 32 gave 1.3: the state exploded
+    logits = model(torch.randn(8, 1024, 1))  # one normalised grayscale CIFAR image per row, as pixels
+    assert logits.abs().max() < 10
+
+
 def test_fnet_mixing_is_the_real_part_of_the_2d_fft():
     x = torch.randn(3, 10, 8)
     mixed = seqlstm.FourierMixing()(x)
