@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import logging
 import math
 import numbers
 import os
+import re
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 ROOT = Path(__file__).resolve().parent
 OUTPUTS = Path(os.environ.get("SEQLSTM_OUTPUTS", ROOT / "outputs"))
@@ -519,6 +525,9 @@ def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_tr
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(train_y)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
+    if limit_train and limit_train > len(train_idx):
+        raise ValueError(f"limit_train={limit_train} is above the {len(train_idx):,} training images of "
+                         f"'{name}' (after holding out val_fraction={val_fraction}): use at most that, or 0 for all")
     if limit_train:
         train_idx = train_idx[:limit_train]
     policy = partial(_image_policy, image_size=image_size, grayscale=grayscale, channels=channels)
@@ -881,17 +890,31 @@ def augment_batch(x, augment, generator=None):
 class Batches:
     """Shuffled (or ordered) batches of in-memory tensors: the loader of the fast path.
 
-    No per-sample indexing or collation; each epoch draws a new seeded permutation."""
+    No per-sample indexing or collation. Epoch e's order is a function of (seed, e) alone, so a
+    run resumed at epoch e sees the batches an uninterrupted one would have seen: SeqClassifier calls
+    `set_epoch(e)` before each training epoch; used alone, each pass is the next epoch."""
     def __init__(self, x, y, batch_size, shuffle=False, seed=0):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
         return -(-len(self.y) // self.batch_size)
 
+    def order(self, epoch):
+        """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same stream
+        as one generator drawn once per epoch (the order of round-1 runs), recomputed from scratch."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            order = torch.randperm(len(self.y), generator=generator)
+        return order
+
     def __iter__(self):
         n = len(self.y)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = self.order(self.epoch) if self.shuffle else torch.arange(n)
+        self.epoch += 1
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.x[idx], self.y[idx]
@@ -1776,9 +1799,26 @@ import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.15 deprecates, once per batch transfer.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULES = ("onecycle", "none")
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient: the run stops at once (going on only spreads NaN)."""
+
+
+def _sync(device):
+    """Wait for queued GPU work, so that a clock read after it measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 class SeqClassifier(pl.LightningModule):
-    """Wraps a sequence model; turns uint8 image batches into normalised sequences on the device."""
+    """Wraps a sequence model; turns uint8 image batches into normalised sequences on the device.
+
+    A non-finite loss or gradient raises NonFiniteError naming the epoch and step. Checkpoints
+    carry what Lightning does not restore by itself (the augmentation generator, the CPU RNG, the
+    per-epoch history), so that a resumed run continues exactly where it stopped."""
 
     def __init__(self, model, *, to_seq, mean, std, augment="none", lr=1e-3, weight_decay=0.0,
                  optimizer="adam", schedule="onecycle", seed=0):
@@ -1789,6 +1829,7 @@ class SeqClassifier(pl.LightningModule):
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
         self.augment_gen = torch.Generator().manual_seed(seed)
         self.history, self._sums = [], {}  # per-epoch metrics; running (loss sum, correct, count) per stage
+        self._grad_norms, self._step_in_epoch = [], 0
 
     def sequences(self, x_uint8, train=False):
         if train:  # flips and crops on uint8, before normalisation: a quarter of the bytes
@@ -1801,14 +1842,37 @@ class SeqClassifier(pl.LightningModule):
     def _step(self, stage, logits, y):
         loss = F.cross_entropy(logits, y)
         correct = (logits.argmax(1) == y).sum()
-        self._sums[stage] = self._sums.get(stage, 0) + torch.stack([loss.detach() * len(y), correct, y.new_tensor(len(y))])
+        sums = torch.stack([loss.detach() * len(y), correct, y.new_tensor(len(y))])
+        self._sums[stage] = self._sums.get(stage, 0) + sums
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}_acc", correct / len(y), on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def training_step(self, batch, _):
+    def _non_finite(self, what, value):
+        return NonFiniteError(
+            f"non-finite {what} ({value}) at epoch {self.current_epoch + 1}, step {self._step_in_epoch}: "
+            f"lower lr (now {self.hparams.lr:g}) or set grad_clip (e.g. 1.0)")
+
+    def training_step(self, batch, batch_idx):
         x, y = batch
-        return self._step("train", self.model(self.sequences(x, train=True)), y)
+        self._step_in_epoch = batch_idx + 1
+        loss = self._step("train", self.model(self.sequences(x, train=True)), y)
+        if not torch.isfinite(loss):
+            raise self._non_finite("training loss", float(loss))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):  # gradients as backward left them, before clipping
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            if not torch.isfinite(norm):
+                raise self._non_finite("gradient norm", float(norm))
+            self._grad_norms.append(norm.detach())
+
+    def on_train_epoch_start(self):  # before the epoch's first batch is drawn (iteration is lazy)
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.current_epoch)
 
     def validation_step(self, batch, _):
         x, y = batch
@@ -1821,21 +1885,30 @@ class SeqClassifier(pl.LightningModule):
         record = {"epoch": self.current_epoch + 1}
         for stage, (loss, correct, n) in self._sums.items():
             record.update({f"{stage}_loss": float(loss / n), f"{stage}_acc": float(correct / n)})
-        self._sums = {}
+        if self._grad_norms:
+            norms = torch.stack(self._grad_norms)
+            record.update(grad_norm_mean=float(norms.mean()), grad_norm_max=float(norms.max()))
+        self._sums, self._grad_norms = {}, []
         if not self.trainer.sanity_checking:
             self.history.append(record)
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["seqlstm"] = {"augment_gen": self.augment_gen.get_state(), "history": self.history,
+                                 "cpu_rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("seqlstm")
+        if state and self._trainer is not None and self.trainer.state.fn == "fit":  # not when testing "best"
+            self.augment_gen.set_state(state["augment_gen"])
+            torch.set_rng_state(state["cpu_rng"])
+            self.history = list(state["history"])
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-        if hp.optimizer not in optimizers:
-            raise ValueError(f"unknown optimizer '{hp.optimizer}': valid values are {sorted(optimizers)}")
-        opt = optimizers[hp.optimizer]([p for p in self.parameters() if p.requires_grad],
+        opt = OPTIMIZERS[hp.optimizer]([p for p in self.parameters() if p.requires_grad],
                                        lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "none":
             return opt
-        if hp.schedule != "onecycle":
-            raise ValueError(f"unknown schedule '{hp.schedule}': valid values are ['onecycle', 'none']")
         steps = self.trainer.estimated_stepping_batches
         return {"optimizer": opt, "lr_scheduler": {
             "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, hp.lr, total_steps=steps, pct_start=0.15),
@@ -1844,73 +1917,462 @@ class SeqClassifier(pl.LightningModule):
 
 class EpochLog(pl.Callback):
     """One line per epoch with metrics and time left: a progress report that reads well in a
-    rendered notebook, where a per-step bar would print hundreds of lines."""
+    rendered notebook, where a per-step bar would print hundreds of lines. Time left comes from
+    the last `recent` epochs' pace: a run slowed at first by another job would otherwise report
+    its early pace long after it sped up."""
+    def __init__(self, recent=3):
+        self.recent = recent
+
     def on_train_start(self, trainer, module):
-        self._t = time.perf_counter()
+        self._ends = [time.perf_counter()]
 
     def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
         if not module.history:
             return
+        self._ends.append(time.perf_counter())
+        ends = self._ends[-self.recent - 1:]
+        per_epoch = (ends[-1] - ends[0]) / (len(ends) - 1)
         epoch, total = trainer.current_epoch + 1, trainer.max_epochs
-        per_epoch = (time.perf_counter() - self._t) / epoch
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in module.history[-1].items() if k != "epoch")
+        shown = ("train_loss", "train_acc", "val_loss", "val_acc")
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in module.history[-1].items() if k in shown)
         print(f"epoch {epoch:>3}/{total}  {metrics}  {per_epoch:.1f} s/epoch, "
               f"{per_epoch * (total - epoch) / 60:.1f} min left", flush=True)
 
 
 class TrainTimer(pl.Callback):
-    """Seconds spent in training batches (forward, backward, step), validation excluded."""
+    """Seconds spent in training batches (forward, backward, step; validation excluded), the
+    images they saw, and the wall time of fit. The totals live in checkpoints, so a resumed run
+    continues them; the device is synchronised before each clock read."""
     def __init__(self):
-        self.seconds, self.images = 0.0, 0
+        self.seconds, self.images, self.wall = 0.0, 0, 0.0
+
+    def on_train_start(self, trainer, module):
+        self._mark = time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, i):
+        _sync(module.device)
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, i):
+        _sync(module.device)
         self.seconds += time.perf_counter() - self._t
         self.images += len(batch[1])
 
+    def on_validation_end(self, trainer, module):  # before ModelCheckpoint saves (Lightning runs it last)
+        now = time.perf_counter()
+        self.wall, self._mark = self.wall + now - self._mark, now
+
+    def state_dict(self):
+        return {"seconds": self.seconds, "images": self.images, "wall": self.wall}
+
+    def load_state_dict(self, state):
+        self.seconds, self.images, self.wall = state["seconds"], state["images"], state["wall"]
+
+
+class MarkEpoch(pl.Callback):
+    """Records the last finished epoch as an MLflow tag, so a run killed without warning says
+    how far it got."""
+    def __init__(self, client, run_id):
+        self.client, self.run_id = client, run_id
+
+    def on_train_epoch_end(self, trainer, module):
+        self.client.set_tag(self.run_id, "seqlstm.last_epoch", trainer.current_epoch + 1)
+
 
 # ----------------------------------------------------------------------------------------
-# Experiment runner and tracking
+# Report parameters: read, typed, ranged and named in one place (the command line and the
+# notebook's setup cell), for every planned run, before anything trains
+
+NOTEBOOK = ROOT / "report.ipynb"
+
+
+class ParamError(ValueError):
+    """A bad report parameter or params file; the message names it, the value and what is valid."""
+
+
+class SetupError(RuntimeError):
+    """The outputs folder or the tracking server cannot be used."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as users type it: PyYAML follows YAML 1.1, where `1e-3` is a string; in YAML 1.2
+    (and in every learning rate typed by hand) it is a number."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text, source="<value>"):
+    """YAML with 1.2's numbers; a syntax error names `source`, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamError(f"{source}{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+
+
+def read_params_file(path):
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamError(f"cannot read params file {path}: {getattr(e, 'strerror', None) or e}") from None
+    params = parse_yaml(text, str(path))
+    if not isinstance(params, (dict, type(None))):
+        raise ParamError(f"{path}: a params file maps parameter names to values, got a {type(params).__name__}")
+    return params or {}
+
+
+def report_defaults(notebook=NOTEBOOK):
+    """The report's parameters and their defaults, read from the notebook's `parameters` cell."""
+    import ast
+    import papermill as pm
+    return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
+
+
+def report_types(notebook=NOTEBOOK):
+    """Each parameter's declared type as written in the parameters cell: "int", "Union[str, list]"."""
+    import papermill as pm
+    return {name: p["inferred_type_name"] for name, p in pm.inspect_notebook(str(notebook)).items()}
+
+
+def check_params(given: dict, known, where=""):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ParamError(f"{where}unknown parameter(s) {unknown}: valid parameters are {sorted(known)}")
+
+
+def as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+_KINDS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+          "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+          "dict": lambda v: isinstance(v, dict) or v is None}
+
+
+def _scalar(name, value, kinds, declared):
+    if "float" in kinds and isinstance(value, str):  # "1e-3" kept a string by YAML 1.1 or papermill -y
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    for kind in kinds:
+        if kind not in _KINDS:  # a type this check does not know: taken as given
+            return value
+        if _KINDS[kind](value):
+            return {"float": float, "int": int, "dict": lambda v: v or {}}.get(kind, lambda v: v)(value)
+    raise ParamError(f"parameter {name} = {value!r} ({type(value).__name__}): expected {declared}"
+                     + (" (a finite number)" if "float" in kinds else ""))
+
+
+def typed_param(name, value, declared):
+    """`value` as the parameters cell declares `name`: an int where a float is declared becomes a
+    float, "1e-3" a number; lists where the declaration allows them, each item checked."""
+    kinds = [k.strip() for k in declared.removeprefix("Union[").removesuffix("]").split(",")]
+    scalars = [k for k in kinds if k != "list"]
+    if "list" in kinds and isinstance(value, (list, tuple)):
+        if not value:
+            raise ParamError(f"parameter {name} = []: give at least one value")
+        return [_scalar(name, v, scalars, declared) for v in value]
+    return _scalar(name, value, scalars, declared)
+
+
+PARAM_RANGES = {  # what each numeric parameter accepts, written as its error message says it
+    "seq_len": (lambda v: v >= 1, ">= 1"), "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "eval_batch_size": (lambda v: v >= 0, ">= 0 (0: automatic)"),
+    "lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "image_size": (lambda v: v >= 0, ">= 0 (0: keep the dataset's size)"),
+    "channels": (lambda v: v in (0, 1, 3), "0 (keep), 1 or 3"),
+    "overview_per_class": (lambda v: v >= 0, ">= 0"),
+    "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, both excluded (the best-validation "
+                                         "checkpoint is the one tested)"),
+    "limit_train": (lambda v: v >= 0, ">= 0 (0: all training images)"), "seed": (lambda v: v >= 0, ">= 0"),
+    "threads": (lambda v: v >= 0, ">= 0 (0: all cores)"),
+}
+
+
+def param_choices():
+    """The named parameters and their valid values, one registry each."""
+    return {"model": list_models(), "transform": list_sequences(), "augment": list(AUGMENTS),
+            "optimizer": sorted(OPTIMIZERS), "schedule": list(SCHEDULES)}
+
+
+def _check_names(p):
+    for name, valid in param_choices().items():
+        for value in as_list(p[name]):
+            if value not in valid:
+                raise ParamError(f"parameter {name} = {value!r}: valid values are {valid}")
+    for ds in as_list(p["dataset"]):
+        if ds not in DATASETS and not _is_image_folder(Path(ds)):
+            raise ParamError(f"parameter dataset = {ds!r}: valid names are {list_datasets()}, or a folder "
+                             f"with train/ and test/ (or val/) in ImageFolder layout")
+
+
+def check_values(params: dict, types: dict) -> dict:
+    """The parameters typed as declared (see typed_param), each in its range and each name known;
+    returns them typed (1e-3 as a float)."""
+    p = {name: typed_param(name, value, types[name]) for name, value in params.items()}
+    for name, (ok, valid) in PARAM_RANGES.items():
+        for value in as_list(p.get(name, [])):
+            if not ok(value):
+                raise ParamError(f"parameter {name} = {value!r}: must be {valid}")
+    _check_names(p)
+    return p
+
+
+@dataclass
+class Run:
+    """One planned training of a report and every parameter it runs with (per_model applied)."""
+    dataset: str
+    model: str
+    transform: str
+    seq_len: object  # int, or None for the transforms whose length the image fixes
+    params: dict
+
+    def title(self, with_model=True):
+        return ", ".join([self.dataset] + [self.model] * with_model + [self.transform]
+                         + [f"L = {self.seq_len}"] * bool(self.seq_len))
+
+
+def takes_seq_len(transform):
+    import inspect
+    return transform in SEQUENCES and "seq_len" in inspect.signature(SEQUENCES[transform]).parameters
+
+
+def plan_runs(datasets, transforms, seq_lens, models=(None,)):
+    """(dataset, model, transform, seq_len) for every run of a report; transforms whose length the
+    image fixes (rows, pixels, patches, crops) run once, with seq_len None."""
+    return [(ds, m, tr, L) for ds in datasets for m in models for tr in transforms
+            for L in (seq_lens if takes_seq_len(tr) else [None])]
+
+
+PLANNED = ("dataset", "transform", "seq_len", "model", "per_model", "experiment")  # fixed for a report
+
+
+def plan_report(params: dict, types: dict) -> list:
+    """Every run of a report, each with its parameters checked, `per_model` overrides (e.g.
+    {"pit": {"epochs": 1}}) included, so that a bad value in the last run fails before the first."""
+    check_params(params, types)
+    p = check_values(params, types)
+    unknown = sorted(set(p["per_model"]) - set(MODELS))  # registered models the report does not run may stay
+    if unknown:
+        raise ParamError(f"per_model names {unknown}, which are not models: valid names are {list_models()}")
+    per_model = {}
+    for m in as_list(p["model"]):
+        over = p["per_model"].get(m) or {}
+        if not isinstance(over, dict):
+            raise ParamError(f"per_model[{m!r}] = {over!r}: expected a mapping of parameter: value")
+        check_params(over, [k for k in types if k not in PLANNED], where=f"per_model[{m!r}]: ")
+        try:
+            per_model[m] = check_values({**p, **over, "model": m}, types)
+        except ParamError as e:
+            raise ParamError(f"per_model[{m!r}]: {e}") from None
+    return [Run(ds, m, tr, L, {**per_model[m], "dataset": ds, "transform": tr, "seq_len": L})
+            for ds, m, tr, L in plan_runs(as_list(p["dataset"]), as_list(p["transform"]),
+                                          as_list(p["seq_len"]), as_list(p["model"]))]
+
+
+def data_options(p: dict) -> dict:
+    """load_dataset's keyword arguments from the report's parameters (0 and empty mean "default")."""
+    return dict(data_dir=p["data_dir"] or None, val_fraction=p["val_fraction"], seed=p["seed"],
+                limit_train=p["limit_train"] or None, image_size=p["image_size"] or None,
+                grayscale=bool(p["grayscale"]), channels=p["channels"] or None,
+                dataset_args=p["dataset_args"] or None)
+
+
+def data_key(p: dict):
+    """Runs with the same key read the same loaded data."""
+    return p["dataset"], json.dumps(data_options(p), sort_keys=True, default=str)
+
+
+def load_report_data(runs) -> dict:
+    """Each dataset of a report loaded once (per image policy), by data_key."""
+    loaded = {}
+    for run in runs:
+        key = data_key(run.params)
+        if key not in loaded:
+            print(f"loading {run.dataset} ...", flush=True)
+            loaded[key] = load_dataset(run.dataset, **data_options(run.params))
+    return loaded
+
+
+def transform_args(p: dict) -> dict:
+    """The run's transform arguments: `transform_args` itself, or its entry for the run's transform
+    when it is keyed by transform names."""
+    targs = p["transform_args"] or {}
+    if targs and set(targs) <= set(SEQUENCES):
+        targs = targs.get(p["transform"], {})
+    return dict(targs)
+
+
+def check_run_inputs(runs, loaded):
+    """Each run's transform and model arguments against its images: a patch that does not fit or
+    a bad model argument fails now, not after the runs before it have trained."""
+    built = set()
+    for run in runs:
+        p, data = run.params, loaded[data_key(run.params)]
+        targs = transform_args(p)
+        try:
+            T, n_feat = sequence_shape(run.transform, data.image_shape, run.seq_len, **targs)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ParamError(f"transform_args {targs} for transform {run.transform!r} on "
+                             f"{'x'.join(map(str, data.image_shape))} images: {e}") from None
+        key = (run.model, n_feat, len(data.classes), repr(p["model_args"]))
+        if key not in built:
+            try:
+                create_model(run.model, in_features=n_feat, num_classes=len(data.classes), **p["model_args"])
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ParamError(f"model_args {p['model_args']} for model {run.model!r} on {T} steps "
+                                 f"of {n_feat} features: {e}") from None
+            built.add(key)
+
+
+# ----------------------------------------------------------------------------------------
+# Tracking: MLflow's store, inter-process locks, the code version, summary.csv
+
+def tracking_uri():
+    """$MLFLOW_TRACKING_URI, else an SQLite store under outputs/ (MLflow's file store is deprecated)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(OUTPUTS / 'mlflow.db').resolve()}"
+
+
+def lock(name):
+    """An inter-process lock under outputs/.locks (released by the OS if its holder dies)."""
+    from filelock import FileLock
+    folder = OUTPUTS / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{name}.lock"))
+
+
+def check_outputs(path=None):
+    path = Path(path or OUTPUTS)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SetupError(f"the outputs folder {path} is not writable ({e.strerror or e}): make it writable "
+                         f"or set $SEQLSTM_OUTPUTS to a folder that is") from None
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_tracking(uri=None, timeout=5.0):
+    """A tracking server that does not answer is found in `timeout` seconds, not after MLflow's
+    retries (minutes); a local SQLite store needs a writable folder."""
+    from urllib.parse import urlparse
+    uri = uri or tracking_uri()
+    url = urlparse(uri)
+    if url.scheme == "sqlite":
+        return check_outputs(Path(url.path).parent) if url.path not in ("", "/") else None
+    port = url.port or DEFAULT_PORTS.get(url.scheme.split("+")[0])
+    if not url.hostname or not port:
+        return None
+    print(f"MLflow tracking: connecting to {url.hostname}:{port} ({uri}, {timeout:.0f} s timeout) ...",
+          flush=True)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise SetupError(f"MLflow tracking server {uri} does not answer ({e}): start it, or unset "
+                         f"MLFLOW_TRACKING_URI to track in outputs/mlflow.db") from None
+
+
+def _quiet_mlflow():
+    """MLflow (re)configures its loggers when imported: keep their start-up notes (database
+    creation, alembic migrations) out of reports."""
+    import mlflow  # noqa: F401
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tracking_experiment(name):
+    """(MlflowClient, experiment id). MLflow's database and the experiment are created once, under
+    an inter-process lock: two reports started together otherwise race creating the tables."""
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+    with lock("mlflow"):
+        client = MlflowClient(tracking_uri())
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        return client, client.create_experiment(
+            name, artifact_location=(OUTPUTS / "mlartifacts").resolve().as_uri())
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> dict:
+    """The code that runs: sha256 of seqlstm.py and report.ipynb; the git commit and whether the
+    work tree differs from it, when in a repository."""
+    files = {"seqlstm_py": Path(__file__).resolve(), "report_ipynb": NOTEBOOK}
+    version = {f"sha256_{k}": hashlib.sha256(p.read_bytes()).hexdigest() for k, p in files.items() if p.exists()}
+    git = partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, timeout=10)
+    try:
+        commit = git(["git", "rev-parse", "HEAD"])
+        if commit.returncode == 0:
+            dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+            version.update(git_commit=commit.stdout.strip(), git_dirty=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def data_fingerprint(data: ImageData) -> str:
+    """sha256 of a loaded dataset's images, labels and split; computed once per load."""
+    if not getattr(data, "_fingerprint", None):
+        h = hashlib.sha256(data.source.encode())
+        for t in (data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y):
+            h.update(t.contiguous().numpy())
+        data._fingerprint = h.hexdigest()
+    return data._fingerprint
+
+
+NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "experiment", "data_dir")
+
+
+def run_key(p: dict, data: ImageData) -> str:
+    """Identity of a run: its parameters, its data and the code's file hashes. A finished run
+    with the same key is reused; a killed one is resumed."""
+    ident = {k: v for k, v in p.items() if k not in NOT_IN_KEY}
+    ident.update(data=data_fingerprint(data), code={k: v for k, v in code_version().items() if "sha256" in k})
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+SUMMARY_FIELDS = ["report", "status", "dataset", "model", "transform", "seq_len", "epochs", "test_acc",
+                  "macro_f1", "n_params", "train_seconds", "train_images_per_s", "mlflow_run_id", "error"]
+
+
+def append_summary(row, path=None):
+    """One row per run (status ok, failed or reused), written whole under an inter-process lock;
+    a file with older columns is rewritten with today's."""
+    path = Path(path or OUTPUTS / "summary.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lock("summary"):
+        rows, header = [], None
+        if path.exists():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+                rows = list(csv.DictReader(open(path, newline=""))) if header != SUMMARY_FIELDS else []
+        with open(path, "a" if header == SUMMARY_FIELDS else "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+            if header != SUMMARY_FIELDS:
+                w.writeheader()
+            w.writerows(rows + [row])
+
+
+# ----------------------------------------------------------------------------------------
+# Experiment runner: plan -> (reuse | resume | new) -> build -> fit -> evaluate -> track;
+# a failure inside a run is contained, an interrupt marks it KILLED
 
 def set_threads(threads=0):
     """Use `threads` CPU threads (0: every core this process may run on); returns the number."""
     n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(n)
     return n
-
-
-def tracking_uri():
-    """$MLFLOW_TRACKING_URI, else an SQLite store under outputs/ (MLflow's file store is deprecated)."""
-    OUTPUTS.mkdir(parents=True, exist_ok=True)
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(OUTPUTS / 'mlflow.db').resolve()}"
-
-
-@dataclass
-class RunResult:
-    row: dict  # the summary.csv row
-    history: list  # per-epoch train/val metrics
-    report: dict  # sklearn classification_report(output_dict=True)
-    confusion: object  # numpy (K, K)
-    classes: list
-    params: dict = field(default_factory=dict)
-    sequence_fig: object = None  # one test image's sequence, step by step
-
-
-SUMMARY_FIELDS = ["dataset", "model", "transform", "seq_len", "epochs", "test_acc", "macro_f1", "n_params",
-                  "train_seconds", "train_images_per_s", "mlflow_run_id"]
-
-
-def append_summary(row, path=None):
-    path = Path(path or OUTPUTS / "summary.csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
 
 
 def plot_confusion(cm, classes, title=""):
@@ -1979,40 +2441,21 @@ def plot_history(history, title=""):
     return fig
 
 
-def takes_seq_len(transform):
-    import inspect
-    return transform in SEQUENCES and "seq_len" in inspect.signature(SEQUENCES[transform]).parameters
+@dataclass
+class RunResult:
+    row: dict  # the summary.csv row
+    history: list  # per-epoch train/val metrics
+    report: dict  # sklearn classification_report(output_dict=True)
+    confusion: object  # numpy (K, K)
+    classes: list
+    params: dict = field(default_factory=dict)
+    sequence_fig: object = None  # one test image's sequence, step by step
+    status: str = "ok"  # ok, reused or failed
+    error: str = ""
 
 
-def plan_runs(datasets, transforms, seq_lens, models=(None,)):
-    """(dataset, model, transform, seq_len) for every run of a report; transforms whose length the
-    image fixes (rows, pixels, patches, crops) run once, with seq_len None."""
-    return [(ds, m, tr, L) for ds in datasets for m in models for tr in transforms
-            for L in (seq_lens if takes_seq_len(tr) else [None])]
-
-
-def model_params(params: dict, model: str) -> dict:
-    """The report's parameters for one model: `per_model[model]` overrides the shared ones, e.g.
-    {"pit": {"epochs": 1}, "trellisnet": {"lr": 0.004}} to compare models at equal time."""
-    per_model = params.get("per_model") or {}
-    models = as_list(params["model"])
-    unknown = sorted(set(per_model) - set(MODELS))  # registered models this report does not run may stay
-    if unknown:
-        raise ValueError(f"per_model names {unknown}, which are not models: valid names are {list_models()}")
-    if model not in models:
-        raise ValueError(f"model {model!r} is not among this report's models {models}")
-    over = per_model.get(model) or {}
-    planned = ("dataset", "transform", "seq_len", "model", "per_model", "experiment")  # fixed by the plan
-    check_params(over, {k: v for k, v in params.items() if k not in planned})
-    return {**params, **over, "model": model}
-
-
-def data_options(p: dict) -> dict:
-    """load_dataset's keyword arguments from the report's parameters (0 and empty mean "default")."""
-    return dict(data_dir=p["data_dir"] or None, val_fraction=p["val_fraction"], seed=p["seed"],
-                limit_train=p["limit_train"] or None, image_size=p["image_size"] or None,
-                grayscale=bool(p["grayscale"]), channels=p["channels"] or None,
-                dataset_args=p["dataset_args"] or None)
+def checkpoint_dir(run_id):
+    return OUTPUTS / "checkpoints" / run_id
 
 
 def eval_batch_size(steps: int) -> int:
@@ -2021,151 +2464,297 @@ def eval_batch_size(steps: int) -> int:
     return max(16, min(1024, 2 ** 17 // steps))
 
 
-def run_experiment(params: dict, *, dataset: str, seq_len=None, transform=None, model=None) -> RunResult:
-    """Train `model` (default params['model']) on `dataset` turned into sequences by `transform`
-    (default params['transform']) of length `seq_len`; track it in MLflow.
+def open_run(client, experiment_id, key, run, resume):
+    """(MLflow run id, checkpoint to resume from or None). The caller holds the key's lock, so a
+    run of this key still RUNNING died without a word (SIGKILL, a lost kernel): it is marked
+    KILLED. With `resume`, the newest killed run that left a last checkpoint continues."""
+    previous = client.search_runs([experiment_id], f"tags.`seqlstm.key` = '{key}'",
+                                  order_by=["attributes.start_time DESC"])
+    for r in previous:
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, "KILLED")
+    for r in previous if resume else []:
+        last = checkpoint_dir(r.info.run_id) / "last.ckpt"
+        if r.info.status in ("RUNNING", "KILLED") and last.exists():
+            client.update_run(r.info.run_id, status="RUNNING")
+            print(f"resuming MLflow run {r.info.run_id} after epoch {r.data.tags.get('seqlstm.last_epoch', '?')} "
+                  f"from its last checkpoint", flush=True)
+            return r.info.run_id, last
+    code = {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
+    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code})
+    return created.info.run_id, None
 
-    `params` are the report's parameters (see report.ipynb), with the model's `per_model` overrides
-    applied; the best-validation checkpoint is evaluated on the test split."""
-    import numpy as np
-    import yaml
+
+def finished_run(client, experiment_id, key):
+    """The newest run of this key that finished with results, or None."""
+    found = client.search_runs([experiment_id], f"tags.`seqlstm.key` = '{key}' and tags.`seqlstm.status` = 'ok'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def build_run(p: dict, data: ImageData):
+    """(sequence transform, one test image's sequence (T, F), Lightning module)."""
+    to_seq = make_sequence(p["transform"], seq_len=p["seq_len"], **transform_args(p))
+    example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]  # (T, F): what the model sees
+    model = create_model(p["model"], in_features=example.shape[1], num_classes=len(data.classes),
+                         **p["model_args"])
+    module = SeqClassifier(model, to_seq=to_seq, mean=data.mean, std=data.std, augment=p["augment"],
+                           lr=p["lr"], weight_decay=p["weight_decay"], optimizer=p["optimizer"],
+                           schedule=p["schedule"], seed=p["seed"])
+    return to_seq, example, module
+
+
+def run_facts(p, data, module, example, threads):
+    """What a run's parameters do not say: sizes, data source, versions, device."""
+    return {"threads": threads, "n_params": count_params(module.model), "seq_steps": example.shape[0],
+            "seq_features": example.shape[1], "image_shape": list(data.image_shape),
+            "data_source": data.source, **{f"n_{k}": v for k, v in data.counts().items()},
+            "torch": str(torch.__version__), "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "code": code_version()}
+
+
+def make_trainer(p, client, run_id, steps_per_epoch):
+    """A Trainer logging into MLflow run `run_id`, keeping best.ckpt and last.ckpt only."""
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import MLFlowLogger
-    from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
-    model = model or params["model"]
-    if not isinstance(model, str):
-        raise ValueError(f"params['model'] lists several models {model}: name the one to run with model=")
-    p = {**model_params(params, model), "dataset": dataset, "seq_len": seq_len,
-         "transform": transform or params["transform"]}
-    if not p["val_fraction"] > 0:
-        raise ValueError("val_fraction must be > 0: the best-validation checkpoint is the one tested")
-    threads = set_threads(p["threads"])
-    pl.seed_everything(p["seed"], workers=True, verbose=False)
-    data = load_dataset(dataset, **data_options(p))
-    targs = p["transform_args"] or {}
-    if targs and set(targs) <= set(SEQUENCES):  # keyed by transform name: each transform its own arguments
-        targs = targs.get(p["transform"], {})
-    to_seq = make_sequence(p["transform"], seq_len=seq_len, **targs)
-    example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]  # (T, F): what the model sees
-    T, n_feat = example.shape
-    model = create_model(p["model"], in_features=n_feat, num_classes=len(data.classes), **p["model_args"])
-    module = SeqClassifier(model, to_seq=to_seq, mean=data.mean, std=data.std, augment=p["augment"], lr=p["lr"],
-                           weight_decay=p["weight_decay"], optimizer=p["optimizer"], schedule=p["schedule"],
-                           seed=p["seed"])
-    run_name = f"{dataset}-{p['model']}-{p['transform']}-T{T}"
-    logger = MLFlowLogger(experiment_name=p["experiment"], run_name=run_name, tracking_uri=tracking_uri(),
-                          artifact_location=(OUTPUTS / "mlartifacts").resolve().as_uri())
-    derived = {"threads": threads, "n_params": count_params(model), "seq_steps": T, "seq_features": n_feat,
-               "image_shape": list(data.image_shape),
-               "data_source": data.source, **{f"n_{k}": v for k, v in data.counts().items()},
-               "torch": str(torch.__version__), "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    logger.log_hyperparams({**p, **derived})
-    steps = len(Batches(data.train_x, data.train_y, p["batch_size"]))
-    eval_batch = p["eval_batch_size"] or eval_batch_size(T)
-    ckpt_dir = OUTPUTS / "checkpoints" / logger.run_id
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=1)
+    class RunLogger(MLFlowLogger):
+        def finalize(self, status="success"):  # the runner sets the run's status, results logged
+            pass
+
+    logger = RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri())
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id), filename="best", monitor="val_acc",
+                                 mode="max", save_top_k=1, save_last=True)
     timer = TrainTimer()
     on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, one line per epoch
     trainer = pl.Trainer(max_epochs=p["epochs"], gradient_clip_val=p["grad_clip"] or None, logger=logger,
-                         num_sanity_val_steps=0, log_every_n_steps=steps,
-                         callbacks=[checkpoint, timer, EpochLog()] + [TQDMProgressBar()] * on_terminal,
-                         enable_progress_bar=on_terminal,
+                         num_sanity_val_steps=0, log_every_n_steps=steps_per_epoch,
+                         callbacks=[checkpoint, timer, EpochLog(), MarkEpoch(client, run_id)]
+                         + [TQDMProgressBar()] * on_terminal, enable_progress_bar=on_terminal,
                          deterministic=True if not torch.cuda.is_available() else "warn",
                          enable_model_summary=False, accelerator="auto", devices=1)
-    t0 = time.perf_counter()
-    trainer.fit(module, Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"]),
-                Batches(data.val_x, data.val_y, eval_batch))
-    fit_seconds = time.perf_counter() - t0
+    return trainer, timer
 
-    test_batches = Batches(data.test_x, data.test_y, eval_batch)
-    preds = torch.cat(trainer.predict(module, test_batches, ckpt_path="best")).numpy()
-    y = data.test_y.numpy()
-    labels = list(range(len(data.classes)))
+
+def evaluate(trainer, module, data, eval_batch):
+    """The best-validation checkpoint on the test split: (metrics, classification report, confusion)."""
+    import numpy as np
+    from sklearn.metrics import classification_report, confusion_matrix, f1_score
+    batches = Batches(data.test_x, data.test_y, eval_batch)
+    preds = torch.cat(trainer.predict(module, batches, ckpt_path="best")).numpy()
+    y, labels = data.test_y.numpy(), list(range(len(data.classes)))
     report = classification_report(y, preds, labels=labels, target_names=data.classes, output_dict=True,
                                    zero_division=0)
-    cm = confusion_matrix(y, preds, labels=labels)
-    test_acc, macro_f1 = float(np.mean(preds == y)), float(f1_score(y, preds, average="macro"))
+    metrics = {"test_acc": float(np.mean(preds == y)), "macro_f1": float(f1_score(y, preds, average="macro"))}
+    return metrics, report, confusion_matrix(y, preds, labels=labels)
 
-    client, run_id = logger.experiment, logger.run_id
-    client.log_metric(run_id, "test_acc", test_acc)
-    client.log_metric(run_id, "macro_f1", macro_f1)
-    client.log_metric(run_id, "train_seconds", fit_seconds)
-    client.log_metric(run_id, "train_images_per_s", timer.images / max(timer.seconds, 1e-9))
-    client.log_dict(run_id, report, "classification_report.json")
-    client.log_text(run_id, yaml.safe_dump({**p, **derived}, sort_keys=False), "params.yaml")
+
+def summary_row(p, status, run_id="", **values):
+    return {"report": p["experiment"], "status": status, "dataset": p["dataset"], "model": p["model"],
+            "transform": p["transform"], "seq_len": values.pop("seq_len", p["seq_len"]),
+            "epochs": p["epochs"], "mlflow_run_id": run_id, **values}
+
+
+def track_run(client, run_id, p, result: RunResult, timer):
+    """Test metrics, artifacts (classification report, confusion matrix, the sequence, params,
+    result.json for reuse), the summary row, and the run FINISHED with status ok."""
     import matplotlib.pyplot as plt
-    fig = plot_confusion(cm, data.classes, run_name)
+    m, facts = result.row, result.params
+    for name in ("test_acc", "macro_f1", "train_seconds", "train_images_per_s"):
+        client.log_metric(run_id, name, m[name])
+    client.log_dict(run_id, result.report, "classification_report.json")
+    client.log_text(run_id, yaml.safe_dump(facts, sort_keys=False), "params.yaml")
+    client.log_dict(run_id, {"row": m, "history": result.history, "report": result.report,
+                             "confusion": result.confusion.tolist(), "classes": result.classes,
+                             "params": facts}, "result.json")
+    fig = plot_confusion(result.confusion, result.classes, f"{p['dataset']}-{p['model']}-{p['transform']}-T{m['seq_len']}")
     client.log_figure(run_id, fig, "confusion_matrix.png")
-    plt.close(fig)
-    sequence_fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
-    client.log_figure(run_id, sequence_fig, "sequence.png")
-    plt.close(sequence_fig)
-    client.set_terminated(run_id)
+    client.log_figure(run_id, result.sequence_fig, "sequence.png")
+    plt.close(fig), plt.close(result.sequence_fig)
+    client.set_tag(run_id, "seqlstm.status", "ok")
+    client.set_terminated(run_id, "FINISHED")
+    append_summary(m)
 
-    row = {"dataset": dataset, "model": p["model"], "transform": p["transform"], "seq_len": T,
-           "epochs": p["epochs"], "test_acc": round(test_acc, 4), "macro_f1": round(macro_f1, 4),
-           "n_params": derived["n_params"], "train_seconds": round(fit_seconds, 1),
-           "train_images_per_s": round(timer.images / max(timer.seconds, 1e-9)), "mlflow_run_id": run_id}
+
+def train_run(run: Run, data: ImageData, client, run_id, resume_from=None) -> RunResult:
+    """Build, fit (from `resume_from` if given), evaluate and track one run."""
+    p = run.params
+    threads = set_threads(p["threads"])
+    pl.seed_everything(p["seed"], workers=True, verbose=False)
+    to_seq, example, module = build_run(p, data)
+    facts = {**p, **run_facts(p, data, module, example, threads)}
+    if resume_from is None:
+        client.log_batch(run_id, params=[_mlflow_param(k, v) for k, v in facts.items()])
+    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"])
+    eval_batch = p["eval_batch_size"] or eval_batch_size(example.shape[0])
+    trainer, timer = make_trainer(p, client, run_id, len(train))
+    trainer.fit(module, train, Batches(data.val_x, data.val_y, eval_batch), ckpt_path=resume_from)
+    metrics, report, cm = evaluate(trainer, module, data, eval_batch)
+    row = summary_row(p, "ok", run_id, seq_len=example.shape[0], n_params=facts["n_params"],
+                      test_acc=round(metrics["test_acc"], 4), macro_f1=round(metrics["macro_f1"], 4),
+                      train_seconds=round(timer.wall, 1),
+                      train_images_per_s=round(timer.images / max(timer.seconds, 1e-9)))
+    fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
+    result = RunResult(row, module.history, report, cm, data.classes, facts, fig)
+    track_run(client, run_id, p, result, timer)
+    return result
+
+
+def _mlflow_param(key, value):
+    from mlflow.entities import Param
+    return Param(key, str(value)[:6000])
+
+
+def reuse_run(client, found, run: Run, data: ImageData) -> RunResult:
+    """A finished run with the same parameters, data and code, read back from MLflow."""
+    import numpy as np
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = json.loads(Path(client.download_artifacts(found.info.run_id, "result.json", tmp)).read_text())
+    print(f"reused MLflow run {found.info.run_id}: it finished with the same parameters, data and code",
+          flush=True)
+    row = {**saved["row"], "status": "reused", "report": run.params["experiment"]}
     append_summary(row)
-    return RunResult(row, module.history, report, cm, data.classes, {**p, **derived}, sequence_fig)
+    to_seq = make_sequence(run.transform, seq_len=run.seq_len, **transform_args(run.params))
+    example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]
+    fig = plot_sequence(example, data.image_shape, data.mean, data.std, run.transform)
+    return RunResult(row, saved["history"], saved["report"], np.array(saved["confusion"]), saved["classes"],
+                     saved["params"], fig, status="reused")
+
+
+def fail_run(client, run_id, run: Run, error: BaseException) -> RunResult:
+    """A run that raised: FAILED in MLflow with the reason as a tag (the traceback as failure.txt),
+    a summary row with status failed; the report goes on with its other runs."""
+    import traceback
+    message = f"{type(error).__name__}: {error}"
+    print(f"run failed: {run.title()}: {message}", flush=True)
+    if run_id:
+        client.set_tag(run_id, "seqlstm.failure", message[:5000])
+        client.set_tag(run_id, "seqlstm.status", "failed")
+        client.log_text(run_id, "".join(traceback.format_exception(error)), "failure.txt")
+        client.set_terminated(run_id, "FAILED")
+    row = summary_row(run.params, "failed", run_id, error=message[:500])
+    append_summary(row)
+    return RunResult(row, [], {}, None, [], dict(run.params), None, status="failed", error=message)
+
+
+def run_experiment(run: Run, data: ImageData = None) -> RunResult:
+    """Train one planned run (see plan_report) on its loaded data and track it in MLflow.
+
+    With resume (the default) a run that finished with the same parameters, data and code is
+    reused, and a killed one continues from its last checkpoint in the same MLflow run. An error
+    inside the run is contained (status "failed"); an interrupt marks the run KILLED and goes on."""
+    p = run.params
+    data = data if data is not None else load_dataset(run.dataset, **data_options(p))
+    client, experiment_id = tracking_experiment(p["experiment"])
+    key = run_key(p, data)
+    with lock(f"run-{key}"):  # the same run started twice at once: the second waits, then reuses
+        found = finished_run(client, experiment_id, key) if p["resume"] else None
+        if found is not None:
+            return reuse_run(client, found, run, data)
+        run_id, resume_from = open_run(client, experiment_id, key, run, p["resume"])
+        try:
+            return train_run(run, data, client, run_id, resume_from)
+        except Exception as e:  # noqa: BLE001 (contained: recorded, and the report goes on)
+            return fail_run(client, run_id, run, e)
+        except BaseException:  # Ctrl-C, SIGTERM (Lightning's SystemExit), a kernel shutdown
+            client.set_terminated(run_id, "KILLED")
+            raise
 
 
 # ----------------------------------------------------------------------------------------
-# Report: the notebook's parameters are the single source of defaults
+# Report: the notebook's parameters cell is the single source of defaults and types
 
-NOTEBOOK = ROOT / "report.ipynb"
-
-
-def report_defaults(notebook=NOTEBOOK):
-    """The report's parameters and their defaults, read from the notebook's `parameters` cell."""
-    import ast
-    import papermill as pm
-    return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
+class RunsFailed(RuntimeError):
+    """Some runs of a report failed; the report rendered all the others."""
 
 
-def check_params(given: dict, known: dict):
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}: valid parameters are {sorted(known)}")
+def prepare_report(params: dict, types: dict):
+    """Everything a report checks before its first run, for the command line and the notebook
+    alike: parameters of every planned run, the outputs folder, the tracking store, then each
+    dataset loaded once and the transform and model arguments tried on its images.
+    Returns (runs, loaded data by data_key)."""
+    runs = plan_report(params, types)
+    check_outputs()
+    check_tracking()
+    loaded = load_report_data(runs)
+    check_run_inputs(runs, loaded)
+    return runs, loaded
 
 
-def notebook_params(namespace: dict, names) -> dict:
-    """The report's parameters from the notebook's globals, after papermill's injection.
-
-    `names` are the public global names right after the parameters (and injected) cells.
-    The parameters cell declares each parameter with a type annotation; papermill injects
-    plain assignments, so a name without an annotation was injected and is unknown
-    (papermill itself only warns about those)."""
+def notebook_params(namespace: dict, names) -> tuple:
+    """The report's parameters and declared types from the notebook's globals, after papermill's
+    injection. `names` are the public global names right after the parameters (and injected)
+    cells; the parameters cell annotates each parameter, papermill injects plain assignments, so
+    a name without an annotation was injected and is unknown (papermill itself only warns)."""
     try:
         hidden = set(get_ipython().user_ns_hidden)  # noqa: F821 (names IPython defines itself)
     except NameError:
         hidden = set()
     known = namespace.get("__annotations__", {})
     check_params({k: None for k in names if k not in hidden}, known)
-    return {k: namespace[k] for k in known}
+    types = {k: getattr(t, "__name__", str(t)) for k, t in known.items()}  # int -> "int"
+    return {k: namespace[k] for k in known}, types
 
 
-def as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def end_report(results):
+    """The report's last word: the failed runs, listed; raising makes papermill (and the command
+    line) exit non-zero once everything else has rendered."""
+    failed = [r for r in results if r.status == "failed"]
+    reused = sum(r.status == "reused" for r in results)
+    print(f"{len(results) - len(failed) - reused} run(s) trained, {reused} reused, {len(failed)} failed")
+    if failed:
+        raise RunsFailed("failed runs:\n" + "\n".join(
+            f"- {r.params['dataset']}, {r.params['model']}, {r.params['transform']}, L = {r.params['seq_len']}: "
+            f"{r.error}" for r in failed))
+
+
+def read_report_params(params_file=None, overrides=()):
+    params = read_params_file(params_file) if params_file else {}
+    for key, value in overrides:
+        params[key] = parse_yaml(value, f"-p {key} {value}")
+    return params
+
+
+def _execute(executed: Path, params: dict):
+    """Run the notebook into `executed`, streaming its output (the per-epoch lines, failures) to
+    the terminal; the kernel's own start-up warnings stay out."""
+    import papermill as pm
+    log = logging.getLogger("papermill")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    pm.execute_notebook(str(NOTEBOOK), str(executed), parameters=params, cwd=str(ROOT), progress_bar=False,
+                        log_output=True, extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
 def render_report(params_file=None, overrides=(), out_dir=None, name=None):
     """Execute report.ipynb with a params YAML (+ overrides) into outputs/NAME.ipynb and NAME.html;
-    NAME is the params file's name unless given."""
-    import papermill as pm
-    import yaml
-    params = (yaml.safe_load(Path(params_file).read_text()) or {}) if params_file else {}
-    for key, value in overrides:
-        params[key] = yaml.safe_load(value)
+    NAME is the params file's name unless given. Every input is checked first. The notebook is
+    written under a temporary name and moved into place on success; a failed report goes to
+    NAME.failed.ipynb/.html and leaves the last good one untouched (RunsFailed or the error)."""
+    params = read_report_params(params_file, overrides)
     check_params(params, report_defaults())
     name = name or (Path(params_file).stem if params_file else "report")
     params.setdefault("experiment", name)
+    prepare_report({**report_defaults(), **params}, report_types())
     out_dir = Path(out_dir or OUTPUTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    executed = out_dir / f"{name}.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(executed), parameters=params, cwd=str(ROOT), progress_bar=True)
-    return executed, to_html(executed)
+    running = out_dir / f".{name}.{os.getpid()}.running.ipynb"
+    try:
+        _execute(running, params)
+    except BaseException:
+        if running.exists():
+            failed = out_dir / f"{name}.failed.ipynb"
+            os.replace(running, failed)
+            os.replace(to_html(failed), failed.with_suffix(".html"))
+        raise
+    executed, html = out_dir / f"{name}.ipynb", to_html(running)
+    os.replace(html, executed.with_suffix(".html"))
+    os.replace(running, executed)
+    return executed, executed.with_suffix(".html")
 
 
 def to_html(notebook: Path) -> Path:
@@ -2322,6 +2911,44 @@ def format_bench(r):
 # ----------------------------------------------------------------------------------------
 # Command line
 
+ARG_CHOICES = {"order": PIXEL_ORDERS}  # transform arguments with a fixed set of values
+
+
+def describe_sequences(shape, seq_len):
+    """Per transform: (T, F) for one image of `shape`, then each argument with its default (and
+    valid values where they are a fixed set)."""
+    import inspect
+    lines = []
+    for name in list_sequences():
+        try:
+            T, n = sequence_shape(name, shape, seq_len=seq_len)
+            lines.append(f"{name:<12} {'x'.join(map(str, shape))} -> T={T}, F={n}")
+        except ValueError as e:  # e.g. a default patch or crop that does not fit this size
+            lines.append(f"{name:<12} {'x'.join(map(str, shape))} -> needs other arguments: {e}")
+        for arg in list(inspect.signature(SEQUENCES[name]).parameters.values())[1:]:
+            valid = f"  one of {list(ARG_CHOICES[arg.name])}" if arg.name in ARG_CHOICES else ""
+            default = "report parameter seq_len" if arg.name == "seq_len" else repr(arg.default)
+            lines.append(f"{'':<14}{arg.name} = {default}{valid}")
+    return lines
+
+
+def report_command(args):
+    """`report`: a bad input is one line on stderr (exit 2) before anything runs; failed runs
+    exit 1 after the report rendered (as NAME.failed.html)."""
+    import papermill as pm
+    try:
+        executed, html = render_report(args.params, args.param, name=args.name)
+    except (ValueError, SetupError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except pm.PapermillExecutionError as e:
+        name = args.name or (Path(args.params).stem if args.params else "report")
+        where = OUTPUTS / f"{name}.failed.html"
+        print(f"\nthe report failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nsee {where}",
+              file=sys.stderr)
+        sys.exit(1)
+    print(f"executed notebook: {executed}\nHTML report:       {html}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="seqlstm.py", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -2341,8 +2968,7 @@ def main(argv=None):
     sub.add_parser("models", help="list models")
     args = ap.parse_args(argv)
     if args.cmd == "report":
-        executed, html = render_report(args.params, args.param, name=args.name)
-        print(f"executed notebook: {executed}\nHTML report:       {html}")
+        report_command(args)
     elif args.cmd == "bench":
         bench(quick=args.quick, json_path=args.json, threads=args.threads)
     elif args.cmd == "datasets":
@@ -2351,13 +2977,7 @@ def main(argv=None):
         parts = args.size.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             ap.error(f"--size must be CxHxW, e.g. 1x28x28, got {args.size!r}")
-        shape = tuple(int(p) for p in parts)
-        for name in list_sequences():
-            try:
-                T, n = sequence_shape(name, shape, seq_len=args.seq_len)
-                print(f"{name:<12} {args.size} -> T={T}, F={n}")
-            except ValueError as e:  # e.g. a default patch or crop that does not fit this size
-                print(f"{name:<12} {args.size} -> needs other arguments: {e}")
+        print("\n".join(describe_sequences(tuple(int(p) for p in parts), args.seq_len)))
     elif args.cmd == "models":
         print("\n".join(describe_models()))
 
