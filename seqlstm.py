@@ -1858,7 +1858,7 @@ class SeqClassifier(pl.LightningModule):
         self._step_in_epoch = batch_idx + 1
         loss = self._step("train", self.model(self.sequences(x, train=True)), y)
         if not torch.isfinite(loss):
-            raise self._non_finite("training loss", float(loss))
+            raise self._non_finite("training loss", float(loss.detach()))
         return loss
 
     def on_before_optimizer_step(self, optimizer):  # gradients as backward left them, before clipping
@@ -2285,6 +2285,7 @@ def check_tracking(uri=None, timeout=5.0):
 def _quiet_mlflow():
     """MLflow (re)configures its loggers when imported: keep their start-up notes (database
     creation, alembic migrations) out of reports."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in reports
     import mlflow  # noqa: F401
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -2555,13 +2556,14 @@ def summary_row(p, status, run_id="", **values):
             "epochs": p["epochs"], "mlflow_run_id": run_id, **values}
 
 
-def track_run(client, run_id, p, result: RunResult, timer):
+def track_run(client, run_id, p, result: RunResult, metrics: dict):
     """Test metrics, artifacts (classification report, confusion matrix, the sequence, params,
     result.json for reuse), the summary row, and the run FINISHED with status ok."""
     import matplotlib.pyplot as plt
     m, facts = result.row, result.params
-    for name in ("test_acc", "macro_f1", "train_seconds", "train_images_per_s"):
-        client.log_metric(run_id, name, m[name])
+    for name, value in {**metrics, "train_seconds": m["train_seconds"],
+                        "train_images_per_s": m["train_images_per_s"]}.items():
+        client.log_metric(run_id, name, value)
     client.log_dict(run_id, result.report, "classification_report.json")
     client.log_text(run_id, yaml.safe_dump(facts, sort_keys=False), "params.yaml")
     client.log_dict(run_id, {"row": m, "history": result.history, "report": result.report,
@@ -2596,7 +2598,7 @@ def train_run(run: Run, data: ImageData, client, run_id, resume_from=None) -> Ru
                       train_images_per_s=round(timer.images / max(timer.seconds, 1e-9)))
     fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
     result = RunResult(row, module.history, report, cm, data.classes, facts, fig)
-    track_run(client, run_id, p, result, timer)
+    track_run(client, run_id, p, result, metrics)
     return result
 
 
@@ -2939,7 +2941,8 @@ def report_command(args):
     try:
         executed, html = render_report(args.params, args.param, name=args.name)
     except (ValueError, SetupError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except pm.PapermillExecutionError as e:
         name = args.name or (Path(args.params).stem if args.params else "report")
         where = OUTPUTS / f"{name}.failed.html"

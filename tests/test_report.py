@@ -146,14 +146,12 @@ def test_report_compares_models_with_per_model_overrides(tmp_path):
 
 def test_per_model_overrides_are_checked():
     import seqlstm
-    params = dict(seqlstm.report_defaults(), model=["lstm", "gru"], per_model={"gru": {"lr": 0.01}})
-    assert seqlstm.model_params(params, "gru")["lr"] == 0.01 and seqlstm.model_params(params, "lstm")["lr"] == 0.002
-    with pytest.raises(ValueError, match="not among this report's models"):
-        seqlstm.model_params(params, "rnn")
-    assert seqlstm.model_params({**params, "per_model": {"pit": {"epochs": 1}}}, "gru")["epochs"] == 30
+    types = seqlstm.report_types()
+    params = dict(seqlstm.report_defaults(), model=["lstm", "gru"], per_model={"gru": {"lr": 0.01}}, seq_len=5)
+    runs = {r.model: r.params for r in seqlstm.plan_report(params, types)}
+    assert runs["gru"]["lr"] == 0.01 and runs["lstm"]["lr"] == 0.002
+    assert seqlstm.plan_report({**params, "per_model": {"pit": {"epochs": 1}}}, types)[1].params["epochs"] == 30
     with pytest.raises(ValueError, match="which are not models: valid names are"):
-        seqlstm.model_params({**params, "per_model": {"gruu": {"epochs": 1}}}, "gru")
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]"):
-        seqlstm.model_params({**params, "per_model": {"gru": {"epoch": 1}}}, "gru")
-    with pytest.raises(ValueError, match="lists several models"):
-        seqlstm.run_experiment(params, dataset="digits")
+        seqlstm.plan_report({**params, "per_model": {"gruu": {"epochs": 1}}}, types)
+    with pytest.raises(ValueError, match=r"per_model\['gru'\]: unknown parameter\(s\) \['epoch'\]"):
+        seqlstm.plan_report({**params, "per_model": {"gru": {"epoch": 1}}}, types)

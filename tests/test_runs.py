@@ -1,0 +1,276 @@
+"""Dependable runs: every input checked before training, resume after a kill, reuse of finished
+runs, contained failures, concurrent reports, and a failed report that keeps the last good one."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import seqlstm
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01, "threads": 1,
+         "overview_per_class": 0, "experiment": "runs"}
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    """A fresh outputs/ (runs, MLflow store, summary.csv) for this test."""
+    out = tmp_path / "outputs"
+    monkeypatch.setattr(seqlstm, "OUTPUTS", out)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return out
+
+
+def plan(**overrides):
+    params = {**seqlstm.report_defaults(), **QUICK, **overrides}
+    return seqlstm.prepare_report(params, seqlstm.report_types())
+
+
+def summary(out):
+    return list(csv.DictReader(open(out / "summary.csv")))
+
+
+# ---- every input checked before anything trains
+
+def test_scientific_notation_is_a_number():
+    assert seqlstm.parse_yaml("1e-3") == 0.001 and seqlstm.parse_yaml("lr: 1E6") == {"lr": 1e6}
+    assert seqlstm.parse_yaml("-2.5e+3") == -2500.0 and seqlstm.parse_yaml("3") == 3
+    assert seqlstm.typed_param("lr", "1e-3", "float") == 0.001  # a string from papermill -y
+    assert isinstance(seqlstm.typed_param("lr", 1, "float"), float)  # an int where a float is declared
+    assert seqlstm.typed_param("seq_len", [5, 10], "Union[int, list]") == [5, 10]
+
+
+BAD = [  # (overrides, what the message must say)
+    ({"batch_size": 0}, r"parameter batch_size = 0: must be >= 1"),
+    ({"batch_size": -1}, r"parameter batch_size = -1: must be >= 1"),
+    ({"epochs": 0}, r"parameter epochs = 0: must be >= 1"),
+    ({"epochs": "three"}, r"parameter epochs = 'three' \(str\): expected int"),
+    ({"dataset": 3}, r"parameter dataset = 3 \(int\): expected Union\[str, list\]"),
+    ({"lr": "fast"}, r"parameter lr = 'fast' \(str\): expected float"),
+    ({"lr": 0}, r"parameter lr = 0.0: must be > 0"),
+    ({"threads": -2}, r"parameter threads = -2: must be >= 0"),
+    ({"val_fraction": 1.0}, r"parameter val_fraction = 1.0: must be between 0 and 1"),
+    ({"model": "no_such_model"}, r"parameter model = 'no_such_model': valid values are \[.*'bilstm_fc'"),
+    ({"optimizer": "adamx"}, r"parameter optimizer = 'adamx': valid values are \['adam', 'adamw', 'sgd'\]"),
+    ({"schedule": "cosine"}, r"parameter schedule = 'cosine': valid values are \['onecycle', 'none'\]"),
+    ({"augment": "mixup"}, r"parameter augment = 'mixup': valid values are"),
+    ({"transform": "spiral"}, r"parameter transform = 'spiral': valid values are"),
+    ({"limit_train": 999999999}, r"limit_train=999999999 is above the 1,\d{3} training images of 'digits'"),
+    ({"seq_len": [2, 0]}, r"parameter seq_len = 0: must be >= 1"),
+    ({"model": ["lstm", "gru"], "per_model": {"gru": {"optimizer": "adamx"}}},
+     r"per_model\['gru'\]: parameter optimizer = 'adamx'"),
+    ({"model_args": {"hiddn": 8}}, r"model_args \{'hiddn': 8\} for model 'bilstm_fc'.*valid keys are"),
+    ({"transform": "patches", "transform_args": {"patch": 3}},
+     r"transform_args \{'patch': 3\} for transform 'patches' on 1x8x8 images: patch=3 does not divide"),
+    ({"resume": "yes"}, r"parameter resume = 'yes' \(str\): expected bool"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_input_fails_before_any_run(outputs, monkeypatch, overrides, message):
+    monkeypatch.setattr(seqlstm, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
+    args = [(k, json.dumps(v)) for k, v in {**QUICK, **overrides}.items()]
+    with pytest.raises(ValueError, match=message):
+        seqlstm.render_report(None, args, out_dir=outputs)
+    assert not (outputs / "mlflow.db").exists() and not (outputs / "summary.csv").exists()
+
+
+def test_bad_value_in_the_last_run_of_a_grid_fails_before_the_first(tmp_path):
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(tmp_path / "outputs")}
+    proc = subprocess.run([PYTHON, "seqlstm.py", "report", "params/smoke.yaml", "-p", "seq_len", "[2, 0]"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: parameter seq_len = 0: must be >= 1"]
+    assert "epoch" not in proc.stdout and not (tmp_path / "outputs" / "summary.csv").exists()
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: digits\nseq_len: [2, 4\nepochs: 3\n")
+    with pytest.raises(ValueError, match=rf"{bad}, line \d, column \d+: malformed YAML"):
+        seqlstm.render_report(bad, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="cannot read params file .*missing.yaml"):
+        seqlstm.render_report(tmp_path / "missing.yaml", out_dir=tmp_path)
+
+
+def test_unwritable_outputs_and_silent_tracking_server_fail_in_seconds(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(seqlstm, "OUTPUTS", blocker / "outputs")  # below a file: cannot be created
+    with pytest.raises(seqlstm.SetupError, match="outputs folder .* is not writable"):
+        plan()
+    monkeypatch.setattr(seqlstm, "OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    t = time.perf_counter()
+    with pytest.raises(seqlstm.SetupError, match=r"tracking server http://127.0.0.1:9 does not answer"):
+        plan()
+    assert time.perf_counter() - t < 10
+
+
+# ---- resume, reuse, contained failures
+
+RUNNER = """
+import json, sys, seqlstm
+params = {**seqlstm.report_defaults(), **json.loads(sys.argv[1])}
+runs, loaded = seqlstm.prepare_report(params, seqlstm.report_types())
+r = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+print("RESULT", json.dumps({"status": r.status, "row": r.row, "history": r.history}))
+"""
+
+
+def run_script(out, params, **popen):
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(out)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([PYTHON, "-c", RUNNER, json.dumps(params)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def result_of(proc):
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.split("RESULT ", 1)[1])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+    params = {**QUICK, "seq_len": 16, "epochs": 5, "batch_size": 16, "experiment": "resume"}
+    whole = result_of(run_script(tmp_path / "a", params))
+
+    out = tmp_path / "b"
+    proc = run_script(out, params)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/*/last.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # after the first epoch's checkpoint, no chance to clean up
+    proc.communicate()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    killed = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert [r.info.status for r in killed] == ["RUNNING"]  # what SIGKILL leaves behind
+    done_before = int(killed[0].data.tags["seqlstm.last_epoch"])
+    assert 1 <= done_before < 5, "the run finished before it could be killed"
+
+    resumed = result_of(run_script(out, params))
+    assert resumed["status"] == "ok" and resumed["row"]["mlflow_run_id"] == killed[0].info.run_id
+    assert resumed["history"] == whole["history"]  # every epoch's metrics, to the digit
+    assert resumed["row"]["test_acc"] == whole["row"]["test_acc"]
+    assert resumed["row"]["macro_f1"] == whole["row"]["macro_f1"]
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"] and runs[0].data.tags["seqlstm.last_epoch"] == "5"
+    assert sorted(p.name for p in (out / "checkpoints" / runs[0].info.run_id).iterdir()) == ["best.ckpt",
+                                                                                             "last.ckpt"]
+
+
+def test_finished_run_is_reused_not_retrained(outputs, monkeypatch):
+    runs, loaded = plan()
+    first = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+    monkeypatch.setattr(seqlstm, "train_run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    again = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+    assert (first.status, again.status) == ("ok", "reused")
+    assert again.row["test_acc"] == first.row["test_acc"] and again.history == first.history
+    assert again.row["mlflow_run_id"] == first.row["mlflow_run_id"]
+    assert [r["status"] for r in summary(outputs)] == ["ok", "reused"]
+
+
+def test_resume_false_trains_afresh_and_marks_a_dead_run_killed(outputs):
+    from mlflow.tracking import MlflowClient
+    runs, loaded = plan()
+    data = loaded[seqlstm.data_key(runs[0].params)]
+    client, experiment_id = seqlstm.tracking_experiment("runs")
+    key = seqlstm.run_key(runs[0].params, data)
+    dead = client.create_run(experiment_id, tags={"seqlstm.key": key})  # as a SIGKILLed process leaves it
+    fresh = seqlstm.run_experiment(seqlstm.Run(**{**runs[0].__dict__, "params": {**runs[0].params,
+                                                                                 "resume": False}}), data)
+    assert fresh.status == "ok" and fresh.row["mlflow_run_id"] != dead.info.run_id
+    assert MlflowClient(seqlstm.tracking_uri()).get_run(dead.info.run_id).info.status == "KILLED"
+
+
+def test_code_version_is_recorded_with_every_run(outputs):
+    runs, loaded = plan()
+    r = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+    client, _ = seqlstm.tracking_experiment("runs")
+    tags = client.get_run(r.row["mlflow_run_id"]).data.tags
+    import hashlib
+    assert tags["seqlstm.code.sha256_seqlstm_py"] == hashlib.sha256((ROOT / "seqlstm.py").read_bytes()).hexdigest()
+    assert tags["seqlstm.code.sha256_report_ipynb"] == hashlib.sha256((ROOT / "report.ipynb").read_bytes()).hexdigest()
+    if (ROOT / ".git").exists():
+        assert len(tags["seqlstm.code.git_commit"]) == 40 and tags["seqlstm.code.git_dirty"] in ("True", "False")
+    assert r.params["code"]["sha256_seqlstm_py"] == tags["seqlstm.code.sha256_seqlstm_py"]
+
+
+def test_non_finite_loss_fails_that_run_and_the_next_one_runs(outputs):
+    runs, loaded = plan(model=["bilstm_fc", "lstm"], transform="rows", per_model={"bilstm_fc": {"lr": 1e38}})
+    results = [seqlstm.run_experiment(r, loaded[seqlstm.data_key(r.params)]) for r in runs]
+    assert [r.status for r in results] == ["failed", "ok"]
+    assert "non-finite" in results[0].error and "epoch 1, step" in results[0].error
+    assert "grad_clip" in results[0].error
+    client, _ = seqlstm.tracking_experiment("runs")
+    failed = client.get_run(results[0].row["mlflow_run_id"])
+    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["seqlstm.failure"]
+    assert [(r["model"], r["status"], r["report"]) for r in summary(outputs)] == [
+        ("bilstm_fc", "failed", "runs"), ("lstm", "ok", "runs")]
+    with pytest.raises(seqlstm.RunsFailed, match="bilstm_fc.*non-finite"):
+        seqlstm.end_report(results)
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    import torch
+    y = torch.arange(50)
+    straight = seqlstm.Batches(y, y, 8, shuffle=True, seed=3)
+    epochs = [torch.cat([b for _, b in straight]) for _ in range(3)]  # one pass per epoch
+    jumped = seqlstm.Batches(y, y, 8, shuffle=True, seed=3)
+    jumped.set_epoch(2)  # as a run resumed at epoch 2
+    assert torch.equal(torch.cat([b for _, b in jumped]), epochs[2])
+    assert not torch.equal(epochs[1], epochs[2])
+
+
+# ---- reports as a whole: concurrency, a failed report, the terminal
+
+def report(out, *args, name="smoke"):
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(out)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([PYTHON, "seqlstm.py", "report", "params/smoke.yaml", "--name", name,
+                             "-p", "epochs", "1", "-p", "overview_per_class", "0", *args],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_three_reports_started_at_once_all_succeed(tmp_path):
+    out = tmp_path / "outputs"
+    procs = [report(out, "-p", "seed", str(i), "-p", "seq_len", "2", name=f"r{i}") for i in range(3)]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        assert "epoch   1/1" in stdout  # the per-epoch line, streamed to the terminal
+        assert "without encryption" not in stderr
+    rows = summary(out)
+    assert sorted((r["report"], r["status"]) for r in rows) == [("r0", "ok"), ("r1", "ok"), ("r2", "ok")]
+
+
+@pytest.mark.slow
+def test_failed_report_keeps_the_last_good_one(tmp_path):
+    out = tmp_path / "outputs"
+    good = report(out, "-p", "seq_len", "2")
+    assert good.wait(timeout=600) == 0, good.stderr.read()[-3000:]
+    html, notebook = (out / "smoke.html").read_bytes(), (out / "smoke.ipynb").read_bytes()
+    bad = report(out, "-p", "seq_len", "[2, 3]", "-p", "lr", "1.0e+38", "-p", "resume", "false")
+    stdout, stderr = bad.communicate(timeout=600)
+    assert bad.returncode == 1
+    assert "non-finite training loss" in stdout and "smoke.failed.html" in stderr
+    assert (out / "smoke.html").read_bytes() == html and (out / "smoke.ipynb").read_bytes() == notebook
+    assert "non-finite" in (out / "smoke.failed.html").read_text()
+    assert not list(out.glob(".smoke.*"))  # no temporary notebook left behind
+    assert [r["status"] for r in summary(out)] == ["ok", "failed", "failed"]
+
+
+def test_transforms_command_shows_arguments_and_valid_values():
+    lines = seqlstm.describe_sequences((3, 32, 32), 10)
+    assert "              order = 'raster'  one of ['raster', 'snake', 'permuted']" in lines
+    assert "              patch = 4" in lines and "              seq_len = report parameter seq_len" in lines
