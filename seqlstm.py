@@ -5,6 +5,20 @@ rows, pixels, patches, crops, series of transformed views), sequence models (MOD
 RNNs, Sequencer2D, ViT, the LRA pixel models) read them, Lightning trains them and MLflow tracks
 every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
 Other commands: `python seqlstm.py bench [--quick]`, `python seqlstm.py datasets|transforms|models`.
+
+Contents, in reading order (each section uses only what comes before it):
+  Data                 DATASETS, load_dataset: every dataset as in-memory uint8 tensors, cached
+  Sequence transforms  SEQUENCES, make_sequence; the batched fast path (normalize, augment, Batches)
+  Models               MODELS, create_model: BiLSTM + FC, RNNs, image models, LRA pixel models
+  Distillation loss    distillation_loss
+  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES), EpochLog, TrainTimer, MarkEpoch
+  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run], check_run_inputs
+  Tracking             tracking_experiment (locked), code_version, run_key, append_summary (locked)
+  Experiment runner    run_experiment: reuse | resume | new -> build -> fit -> evaluate -> track,
+                       failures contained (fail_run), interrupts marked KILLED
+  Report               prepare_report (all checks, each dataset loaded once), render_report
+  Benchmark            bench: speed as ratios measured in one run
+  Command line         main: report, bench, datasets, transforms, models
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ import math
 import numbers
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -128,7 +143,8 @@ def _decode_folder(paths_labels, image_size=None):
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     from tqdm.auto import tqdm
     images = []
-    for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False):
+    quiet = not sys.stderr.isatty()  # a bar in a terminal; in a rendered report it would be stderr noise
+    for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False, disable=quiet):
         try:
             with Image.open(path) as im:
                 img = pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
@@ -2934,10 +2950,24 @@ def describe_sequences(shape, seq_len):
     return lines
 
 
+def _interrupt_kernel_on_signals():
+    """Ctrl-C or SIGTERM to `report` becomes a KeyboardInterrupt in the kernel's running cell, so
+    the run is marked KILLED and the notebook kept as NAME.failed; otherwise the kernel dies with
+    its parent and the run stays RUNNING until the next start."""
+    import psutil  # ipykernel's own dependency
+
+    def interrupt(signum, frame):
+        for child in psutil.Process().children(recursive=True):
+            child.send_signal(signal.SIGINT)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def report_command(args):
     """`report`: a bad input is one line on stderr (exit 2) before anything runs; failed runs
     exit 1 after the report rendered (as NAME.failed.html)."""
     import papermill as pm
+    _interrupt_kernel_on_signals()
     try:
         executed, html = render_report(args.params, args.param, name=args.name)
     except (ValueError, SetupError, FileNotFoundError) as e:
@@ -2946,8 +2976,11 @@ def report_command(args):
     except pm.PapermillExecutionError as e:
         name = args.name or (Path(args.params).stem if args.params else "report")
         where = OUTPUTS / f"{name}.failed.html"
-        print(f"\nthe report failed in cell {e.exec_count}: {e.ename}: {e.evalue}\nsee {where}",
-              file=sys.stderr)
+        if e.ename in ("KeyboardInterrupt", "SystemExit"):  # Lightning exits after an interrupt
+            print(f"\ninterrupted: the run in progress is marked KILLED; the same command continues it "
+                  f"from its last checkpoint\nsee {where}", file=sys.stderr)
+            sys.exit(130)
+        print(f"\nthe report failed: {e.ename}: {e.evalue}\nsee {where}", file=sys.stderr)
         sys.exit(1)
     print(f"executed notebook: {executed}\nHTML report:       {html}")
 

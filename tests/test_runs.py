@@ -270,6 +270,23 @@ def test_failed_report_keeps_the_last_good_one(tmp_path):
     assert [r["status"] for r in summary(out)] == ["ok", "failed", "failed"]
 
 
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed_and_keeps_the_notebook(tmp_path):
+    from mlflow.tracking import MlflowClient
+    out = tmp_path / "outputs"
+    proc = report(out, "-p", "seq_len", "16", "-p", "epochs", "40", "-p", "batch_size", "8", name="term")
+    for line in proc.stdout:  # streamed as the kernel prints it
+        if line.startswith("epoch   1/40"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "marked KILLED" in stderr
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"] and int(runs[0].data.tags["seqlstm.last_epoch"]) >= 1
+    assert (out / "term.failed.ipynb").exists() and not (out / "term.ipynb").exists()
+
+
 def test_transforms_command_shows_arguments_and_valid_values():
     lines = seqlstm.describe_sequences((3, 32, 32), 10)
     assert "              order = 'raster'  one of ['raster', 'snake', 'permuted']" in lines
