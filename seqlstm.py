@@ -2037,7 +2037,8 @@ def read_params_file(path):
         raise ParamError(f"cannot read params file {path}: {getattr(e, 'strerror', None) or e}") from None
     params = parse_yaml(text, str(path))
     if not isinstance(params, (dict, type(None))):
-        raise ParamError(f"{path}: a params file maps parameter names to values, got a {type(params).__name__}")
+        raise ParamError(f"{path}: a params file maps parameter names to values, "
+                         f"got a {type(params).__name__}")
     return params or {}
 
 
@@ -2326,7 +2327,8 @@ def code_version() -> dict:
     """The code that runs: sha256 of seqlstm.py and report.ipynb; the git commit and whether the
     work tree differs from it, when in a repository."""
     files = {"seqlstm_py": Path(__file__).resolve(), "report_ipynb": NOTEBOOK}
-    version = {f"sha256_{k}": hashlib.sha256(p.read_bytes()).hexdigest() for k, p in files.items() if p.exists()}
+    version = {f"sha256_{k}": hashlib.sha256(p.read_bytes()).hexdigest()
+               for k, p in files.items() if p.exists()}
     git = partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, timeout=10)
     try:
         commit = git(["git", "rev-parse", "HEAD"])
@@ -2494,8 +2496,8 @@ def open_run(client, experiment_id, key, run, resume):
         last = checkpoint_dir(r.info.run_id) / "last.ckpt"
         if r.info.status in ("RUNNING", "KILLED") and last.exists():
             client.update_run(r.info.run_id, status="RUNNING")
-            print(f"resuming MLflow run {r.info.run_id} after epoch {r.data.tags.get('seqlstm.last_epoch', '?')} "
-                  f"from its last checkpoint", flush=True)
+            done = r.data.tags.get("seqlstm.last_epoch", "?")
+            print(f"resuming MLflow run {r.info.run_id} after epoch {done} from its last checkpoint", flush=True)
             return r.info.run_id, last
     code = {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
     created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code})
@@ -2504,8 +2506,8 @@ def open_run(client, experiment_id, key, run, resume):
 
 def finished_run(client, experiment_id, key):
     """The newest run of this key that finished with results, or None."""
-    found = client.search_runs([experiment_id], f"tags.`seqlstm.key` = '{key}' and tags.`seqlstm.status` = 'ok'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    query = f"tags.`seqlstm.key` = '{key}' and tags.`seqlstm.status` = 'ok'"
+    found = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return found[0] if found else None
 
 
@@ -2585,7 +2587,8 @@ def track_run(client, run_id, p, result: RunResult, metrics: dict):
     client.log_dict(run_id, {"row": m, "history": result.history, "report": result.report,
                              "confusion": result.confusion.tolist(), "classes": result.classes,
                              "params": facts}, "result.json")
-    fig = plot_confusion(result.confusion, result.classes, f"{p['dataset']}-{p['model']}-{p['transform']}-T{m['seq_len']}")
+    title = f"{p['dataset']}-{p['model']}-{p['transform']}-T{m['seq_len']}"
+    fig = plot_confusion(result.confusion, result.classes, title)
     client.log_figure(run_id, fig, "confusion_matrix.png")
     client.log_figure(run_id, result.sequence_fig, "sequence.png")
     plt.close(fig), plt.close(result.sequence_fig)
