@@ -291,3 +291,18 @@ def test_transforms_command_shows_arguments_and_valid_values():
     lines = seqlstm.describe_sequences((3, 32, 32), 10)
     assert "              order = 'raster'  one of ['raster', 'snake', 'permuted']" in lines
     assert "              patch = 4" in lines and "              seq_len = report parameter seq_len" in lines
+
+
+def test_time_left_follows_the_recent_pace(monkeypatch, capsys):
+    from types import SimpleNamespace
+    clock = iter([0.0, 30.0, 60.0, 63.0, 66.0, 69.0])  # two slow epochs (another job ran), three fast ones
+    monkeypatch.setattr(seqlstm.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=25)
+    module = SimpleNamespace(history=[{"epoch": 1, "train_loss": 1.0}])
+    log = seqlstm.EpochLog(recent=3)
+    log.on_train_start(trainer, module)
+    for epoch in range(5):
+        trainer.current_epoch = epoch
+        log.on_train_epoch_end(trainer, module)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "3.0 s/epoch, 1.0 min left" in last  # the cumulative average would say 13.8 s/epoch
