@@ -63,7 +63,8 @@ def test_forward_and_backward_at_the_default_input(name):
     assert any(p.grad.abs().sum() > 0 for p in trainable(model).values())
 
 
-FIT_LR = {"trellisnet": 1e-2}  # its gated levels learn slowly at 3e-3 here (its authors: 4e-3, with weight norm)
+FIT_LR = {"trellisnet": 1e-2,  # its gated levels learn slowly at 3e-3 here (its authors: 4e-3, with weight norm)
+          "s4d": 1e-2}  # its authors' lr; at 3e-3 the loss fell only to 0.9x its start in 40 steps
 
 
 @pytest.mark.parametrize("name", ALL)
