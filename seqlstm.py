@@ -1903,6 +1903,19 @@ import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+def param_groups(model, lr, weight_decay):
+    """The optimizer's parameter groups: every trainable parameter at (lr, weight_decay), except those
+    that declare their own in a `_optim` dict (the S4 authors' convention: S4D's A and dt train at a
+    smaller lr with no weight decay). One group per distinct setting; pass the groups' lr to schedules
+    that set their own (OneCycleLR's max_lr)."""
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            setting = {"lr": lr, "weight_decay": weight_decay, **getattr(p, "_optim", {})}
+            groups.setdefault(tuple(sorted(setting.items())), []).append(p)
+    return [{"params": params, **dict(setting)} for setting, params in groups.items()]
+
+
 class SeqClassifier(pl.LightningModule):
     """Wraps a sequence model; turns uint8 image batches into normalised sequences on the device."""
 
@@ -1956,7 +1969,7 @@ class SeqClassifier(pl.LightningModule):
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
         if hp.optimizer not in optimizers:
             raise ValueError(f"unknown optimizer '{hp.optimizer}': valid values are {sorted(optimizers)}")
-        opt = optimizers[hp.optimizer]([p for p in self.parameters() if p.requires_grad],
+        opt = optimizers[hp.optimizer](param_groups(self, hp.lr, hp.weight_decay),
                                        lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "none":
             return opt
@@ -1964,7 +1977,8 @@ class SeqClassifier(pl.LightningModule):
             raise ValueError(f"unknown schedule '{hp.schedule}': valid values are ['onecycle', 'none']")
         steps = self.trainer.estimated_stepping_batches
         return {"optimizer": opt, "lr_scheduler": {
-            "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, hp.lr, total_steps=steps, pct_start=0.15),
+            "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups],
+                                                              total_steps=steps, pct_start=0.15),
             "interval": "step"}}
 
 

@@ -1,5 +1,6 @@
 """S4D: the FFT convolution is the discretised state-space recurrence, the layer is causal unless
-bidirectional, and bad arguments are refused. (The zoo's generic tests, parametrized over the registry, cover forward, backward,
+bidirectional, bad arguments are refused, and A and dt reach the optimizer with their own lr and no
+weight decay. (The zoo's generic tests, parametrized over the registry, cover forward, backward,
 finite values and a falling loss.)"""
 import pytest
 import torch
@@ -109,3 +110,42 @@ def test_bad_arguments_raise_value_error(kw, says):
     with pytest.raises(ValueError) as e:
         seqlstm.create_model("s4d", in_features=1, num_classes=10, **kw)
     assert says in str(e.value)
+
+
+def test_param_groups_give_a_and_dt_their_own_lr_and_no_weight_decay():
+    model = seqlstm.create_model("s4d", in_features=1, num_classes=10, layers=2, ssm_lr=1e-3)
+    groups = seqlstm.param_groups(model, lr=0.01, weight_decay=0.05)
+    ssm = {id(p) for layer in model.layers for p in (layer.log_dt, layer.log_A_real, layer.A_imag)}
+    assert len(groups) == 2
+    for g in groups:
+        in_ssm = {id(p) in ssm for p in g["params"]}
+        assert len(in_ssm) == 1  # a group holds SSM parameters only, or none
+        expected = (1e-3, 0.0) if in_ssm.pop() else (0.01, 0.05)
+        assert (g["lr"], g["weight_decay"]) == expected
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    lstm = seqlstm.create_model("lstm", in_features=3, num_classes=2)
+    assert [(g["lr"], g["weight_decay"]) for g in seqlstm.param_groups(lstm, 0.1, 0.2)] == [(0.1, 0.2)]
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "none"])
+def test_lightning_trains_a_and_dt_at_their_own_lr(schedule):
+    """Through SeqClassifier and a real Trainer: the optimizer holds both groups, and the one-cycle
+    schedule peaks each group at its own lr."""
+    import pytorch_lightning as pl
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8)
+    y = torch.randint(0, 3, (16,))
+    model = seqlstm.create_model("s4d", in_features=1, num_classes=3, dim=8, layers=1, state=4)
+    module = seqlstm.SeqClassifier(model, to_seq=seqlstm.make_sequence("pixels"), mean=[0.5], std=[0.25],
+                                   augment="none", lr=0.01, weight_decay=0.05, optimizer="adamw",
+                                   schedule=schedule)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, seqlstm.Batches(x, y, 8, shuffle=True))
+    groups = trainer.optimizers[0].param_groups
+    ssm = {id(model.layers[0].log_dt), id(model.layers[0].log_A_real), id(model.layers[0].A_imag)}
+    settings = {}
+    for g in groups:
+        key = "ssm" if id(g["params"][0]) in ssm else "rest"
+        settings[key] = (g.get("max_lr", g["lr"]), g["weight_decay"])
+    assert settings == {"ssm": (1e-3, 0.0), "rest": (0.01, 0.05)}
