@@ -1427,37 +1427,49 @@ def _positions(pos, T):
     return pos[:, :T]
 
 
-class PixelTransformer(nn.Module):
+class PixelTransformer(VisionTransformer):
     """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than 16x16
-    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel
-    a token: a linear projection of its values plus a learned position, a pre-norm transformer
-    encoder (nn.TransformerEncoder, GELU), a CLS token read by the head (readout "cls"; "mean":
-    average over tokens). Adapted: the Long Range Arena image-task size (Tay et al., ICLR 2021, as in
-    the Nystromformer authors' config: width 64, 2 layers, 2 heads, MLP 128) instead of ViT-S, for CPU.
-    seq_len: the number of learned positions (the longest sequence; 1,024 for 32x32)."""
+    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel a
+    token. timm's `VisionTransformer` with `patch_size=1`, behind the pixel input of this project: the
+    sequence (B, H*W, C) is folded back into the (B, C, H, W) image it came from (a square of seq_len
+    pixels) and embedded by timm's 1x1 patch convolution (a linear projection of each pixel's values)
+    plus learned positions, then pre-norm blocks (GELU MLP), a final LayerNorm and a CLS token read by
+    the head (readout "cls"; "mean": average over tokens, no CLS). Adapted: the Long Range Arena
+    image-task size (Tay et al., ICLR 2021, as in the Nystromformer authors' config: width 64, 2 layers,
+    2 heads, MLP 128) instead of ViT-S, for CPU; no position for the CLS token (timm's no_embed_class).
+    seq_len: the number of learned positions (1,024 for 32x32); a shorter square sequence (784 MNIST
+    pixels) gets them resampled to its grid (timm's dynamic image size)."""
 
     input_form = "pixels"
 
     def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
                  dropout=0.0, readout="cls"):
-        super().__init__()
         _check_choice("readout", readout, ["cls", "mean"])
-        _check_sizes(layers=layers, heads=heads, mlp=mlp)
+        _check_sizes(in_features=in_features, seq_len=seq_len, dim=dim, layers=layers, heads=heads, mlp=mlp)
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            raise ValueError(f"seq_len={seq_len} is not a square number of pixels (H*W with H = W)")
         if dim % heads:
             raise ValueError(f"heads={heads} does not divide dim={dim}")
-        self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if readout == "cls" else None
-        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-        self.head = nn.Linear(dim, num_classes)
+        super().__init__(img_size=side, patch_size=1, in_chans=in_features, num_classes=num_classes,
+                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
+                         no_embed_class=True, embed_dim=dim, depth=layers, num_heads=heads,
+                         mlp_ratio=mlp / dim, proj_drop_rate=dropout, attn_drop_rate=dropout,
+                         dynamic_img_size=True)
+        self.seq_len = seq_len
+        # PyTorch's default init would start a 1x1 projection of one grey value (fan-in 1) 30x larger
+        # than timm's positions (std 0.02) and drown them: initialise it like them.
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
+        nn.init.zeros_(self.patch_embed.proj.bias)
 
-    def forward(self, x):  # (B, T, F)
-        z = self.embed(x) + _positions(self.pos, x.shape[1])
-        if self.cls is not None:
-            z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1)
-        z = self.encoder(z)
-        return self.head(z[:, 0] if self.cls is not None else z.mean(1))
+    def forward(self, x):  # (B, T, C), T = H*W pixels in raster order
+        B, T, C = x.shape
+        side = math.isqrt(T)
+        if T > self.seq_len or side * side != T:
+            raise ValueError(f"PiT reads square images of at most seq_len={self.seq_len} pixels, got a sequence "
+                             f"of {T} steps")
+        image = x.reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return super().forward(image)
 
 
 def iterative_pinv(a, iterations=6):

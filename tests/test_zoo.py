@@ -192,6 +192,19 @@ def test_timm_models_are_timm_classes():
     assert isinstance(vit, timm.models.vision_transformer.VisionTransformer)
 
 
+def test_pit_is_timm_vit_on_the_folded_pixel_sequence():
+    pit = seqlstm.create_model("pit", in_features=1, num_classes=10).eval()
+    assert isinstance(pit, timm.models.vision_transformer.VisionTransformer)
+    assert pit.patch_embed.patch_size == (1, 1) and pit.pos_embed.shape == (1, 1024, 64)  # no position for CLS
+    assert len(pit.blocks) == 2 and pit.blocks[0].attn.num_heads == 2 and pit.blocks[0].mlp.fc1.out_features == 128
+    images = torch.randn(2, 1, 32, 32)
+    vit_forward = timm.models.vision_transformer.VisionTransformer.forward
+    torch.testing.assert_close(pit(seqlstm.pixels(images)), vit_forward(pit, images))  # raster order folds back
+    assert seqlstm.count_params(pit) == 133_450  # the hand-written encoder's size
+    with pytest.raises(ValueError, match="square"):
+        pit(torch.randn(1, 1000, 1))
+
+
 def test_sequencer_token_grids_for_32x32():
     model = seqlstm.create_model("sequencer2d_s", in_features=96, num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
