@@ -1466,37 +1466,49 @@ def _positions(pos, T):
     return pos[:, :T]
 
 
-class PixelTransformer(nn.Module):
+class PixelTransformer(VisionTransformer):
     """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than 16x16
-    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel
-    a token: a linear projection of its values plus a learned position, a pre-norm transformer
-    encoder (nn.TransformerEncoder, GELU), a CLS token read by the head (readout "cls"; "mean":
-    average over tokens). Adapted: the Long Range Arena image-task size (Tay et al., ICLR 2021, as in
-    the Nystromformer authors' config: width 64, 2 layers, 2 heads, MLP 128) instead of ViT-S, for CPU.
-    seq_len: the number of learned positions (the longest sequence; 1,024 for 32x32)."""
+    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel a
+    token. timm's `VisionTransformer` with `patch_size=1`, behind the pixel input of this project: the
+    sequence (B, H*W, C) is folded back into the (B, C, H, W) image it came from (a square of seq_len
+    pixels) and embedded by timm's 1x1 patch convolution (a linear projection of each pixel's values)
+    plus learned positions, then pre-norm blocks (GELU MLP), a final LayerNorm and a CLS token read by
+    the head (readout "cls"; "mean": average over tokens, no CLS). Adapted: the Long Range Arena
+    image-task size (Tay et al., ICLR 2021, as in the Nystromformer authors' config: width 64, 2 layers,
+    2 heads, MLP 128) instead of ViT-S, for CPU; no position for the CLS token (timm's no_embed_class).
+    seq_len: the number of learned positions (1,024 for 32x32); a shorter square sequence (784 MNIST
+    pixels) gets them resampled to its grid (timm's dynamic image size)."""
 
     input_form = "pixels"
 
     def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
                  dropout=0.0, readout="cls"):
-        super().__init__()
         _check_choice("readout", readout, ["cls", "mean"])
-        _check_sizes(layers=layers, heads=heads, mlp=mlp)
+        _check_sizes(in_features=in_features, seq_len=seq_len, dim=dim, layers=layers, heads=heads, mlp=mlp)
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            raise ValueError(f"seq_len={seq_len} is not a square number of pixels (H*W with H = W)")
         if dim % heads:
             raise ValueError(f"heads={heads} does not divide dim={dim}")
-        self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if readout == "cls" else None
-        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-        self.head = nn.Linear(dim, num_classes)
+        super().__init__(img_size=side, patch_size=1, in_chans=in_features, num_classes=num_classes,
+                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
+                         no_embed_class=True, embed_dim=dim, depth=layers, num_heads=heads,
+                         mlp_ratio=mlp / dim, proj_drop_rate=dropout, attn_drop_rate=dropout,
+                         dynamic_img_size=True)
+        self.seq_len = seq_len
+        # PyTorch's default init would start a 1x1 projection of one grey value (fan-in 1) 30x larger
+        # than timm's positions (std 0.02) and drown them: initialise it like them.
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
+        nn.init.zeros_(self.patch_embed.proj.bias)
 
-    def forward(self, x):  # (B, T, F)
-        z = self.embed(x) + _positions(self.pos, x.shape[1])
-        if self.cls is not None:
-            z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1)
-        z = self.encoder(z)
-        return self.head(z[:, 0] if self.cls is not None else z.mean(1))
+    def forward(self, x):  # (B, T, C), T = H*W pixels in raster order
+        B, T, C = x.shape
+        side = math.isqrt(T)
+        if T > self.seq_len or side * side != T:
+            raise ValueError(f"PiT reads square images of at most seq_len={self.seq_len} pixels, got a "
+                             f"sequence of {T} steps")
+        image = x.reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return super().forward(image)
 
 
 def iterative_pinv(a, iterations=6):
@@ -1644,6 +1656,129 @@ class FNet(nn.Module):
         return self.head(z.mean(1) if self.readout == "mean" else z[:, 0])
 
 
+def s4d_kernel(dt, A, C, L):
+    """The convolution kernel of diagonal state-space models, zero-order hold: per channel and mode
+
+        A_bar = exp(dt A),   B_bar = (A_bar - 1) / A * B   (B = 1: S4D learns C only),
+        K[l] = 2 Re(sum_n C_n B_bar_n A_bar_n^l),   l = 0 .. L-1,
+
+    a Vandermonde product. dt (..., H) step sizes, A and C (..., H, N/2) complex -> K (..., H, L). Each
+    mode stands for itself and its complex conjugate (the real system has state size N): hence 2 Re."""
+    dtA = dt.unsqueeze(-1) * A  # (..., H, N/2)
+    steps = torch.arange(L, device=A.device, dtype=dt.dtype)
+    powers = torch.exp(dtA.unsqueeze(-1) * steps)  # (..., H, N/2, L): A_bar^l
+    return 2 * torch.einsum("...hn,...hnl->...hl", C * torch.expm1(dtA) / A, powers).real
+
+
+class S4DLayer(nn.Module):
+    """One S4D layer on (B, L, H) sequences: per channel a diagonal state-space model (A, B = 1, C, D,
+    step size dt) applied as a length-L convolution by FFT, then GELU, dropout and a position-wise
+    GLU output layer (Linear H -> 2H, GLU). S4D-Lin initialisation: A_n = -1/2 + i pi n; log dt uniform
+    in [log dt_min, log dt_max]; C complex standard normal. A and dt carry `_optim` (their own lr, no
+    weight decay), the S4 authors' convention that `param_groups` reads.
+
+    bidirectional: a second kernel (a second set of A, C, dt) reads the sequence backwards; both are
+    laid into one kernel of length 2L, the backward one flipped into the second half, so one FFT
+    convolution of size 2L applies both: step t sees steps <= t through the first and steps > t through
+    the second (as in the authors' code). Dropout masks are shared by all steps of a channel (the
+    authors' DropoutNd)."""
+
+    def __init__(self, dim, *, state=64, bidirectional=False, dropout=0.0, ssm_lr=1e-3, dt_min=1e-3,
+                 dt_max=1e-1):
+        super().__init__()
+        c, n = 1 + bidirectional, state // 2  # kernels (one per direction); modes (conjugate pairs)
+        self.bidirectional, self.dropout = bidirectional, dropout
+        self.log_dt = nn.Parameter(torch.rand(c, dim) * math.log(dt_max / dt_min) + math.log(dt_min))
+        self.log_A_real = nn.Parameter(torch.full((c, dim, n), math.log(0.5)))
+        self.A_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32).repeat(c, dim, 1))
+        C = torch.randn(c, dim, n, dtype=torch.cfloat)
+        self.C = nn.Parameter(torch.view_as_real(C))  # (c, H, N/2, 2): real and imaginary parts
+        self.D = nn.Parameter(torch.randn(dim))
+        for p in (self.log_dt, self.log_A_real, self.A_imag):
+            p._optim = {"lr": ssm_lr, "weight_decay": 0.0}
+        self.out = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GLU(-1))
+
+    def ssm(self):
+        """The continuous-time parameters: dt (c, H), A and C (c, H, N/2) complex; c = 2 if bidirectional."""
+        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
+        return torch.exp(self.log_dt), A, torch.view_as_complex(self.C)
+
+    def kernel(self, L):
+        """(H, L), or bidirectional (H, 2L): [forward kernel, backward kernel flipped]."""
+        k = s4d_kernel(*self.ssm(), L)  # (c, H, L)
+        if not self.bidirectional:
+            return k[0]
+        return F.pad(k[0], (0, L)) + F.pad(k[1].flip(-1), (L, 0))
+
+    def conv(self, u):
+        """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L keeps
+        the circular convolution from wrapping around (linear convolution of the first L outputs). The
+        FFTs run along the last, contiguous dimension: 25% faster than along dim 1 (forward + backward)."""
+        L = u.shape[1]
+        k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L+1)
+        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
+        return y.transpose(1, 2) + u * self.D  # (B, L, H)
+
+    def forward(self, u):  # (B, L, H)
+        y = F.gelu(self.conv(u)).transpose(1, 2)  # (B, H, L): dropout1d drops whole channels
+        return self.out(F.dropout1d(y, self.dropout, self.training).transpose(1, 2))
+
+
+def _check_flag(**flags):
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be True or False, got {value!r}")
+
+
+class S4D(nn.Module):
+    """S4D (Gu, Gupta, Goel & Re, "On the Parameterization and Initialization of Diagonal State Space
+    Models", NeurIPS 2022): a linear encoder of each step's values (no 0..255 tokens), `layers` S4DLayers
+    of `dim` channels with state size `state` (N: N/2 complex modes and their conjugates), each in a
+    residual block with LayerNorm (post-norm: x = LN(x + drop(S4D(x))); prenorm: x = x + drop(S4D(LN(x))))
+    and channel dropout, mean pooling over steps and a linear head. `ssm_lr` is the learning rate of A
+    and dt (their weight decay 0): the authors' training recipe, honoured by `param_groups`.
+
+    Adapted for a CPU: 4 layers x 64 channels (the authors' LRA Image model: 6 x 512, bidirectional, a
+    200-epoch schedule), unidirectional by default; the minimal S4D of the authors' code (B fixed at 1,
+    C learned; no bottleneck or gating options). Causal unless bidirectional: `features(x)[:, t]`
+    depends on x[:, :t+1] only (tests/test_s4d.py)."""
+
+    input_form = "pixels"
+
+    def __init__(self, *, in_features, num_classes, dim=64, layers=4, state=64, dropout=0.1, prenorm=False,
+                 bidirectional=False, ssm_lr=1e-3, dt_min=1e-3, dt_max=1e-1):
+        super().__init__()
+        _check_sizes(in_features=in_features, dim=dim, layers=layers, state=state)
+        if state % 2:
+            raise ValueError(f"state must be even (N/2 complex modes and their conjugates), got {state!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not ssm_lr >= 0:
+            raise ValueError(f"ssm_lr must be >= 0, got {ssm_lr!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
+        _check_flag(prenorm=prenorm, bidirectional=bidirectional)
+        self.prenorm, self.dropout = prenorm, dropout
+        self.encoder = nn.Linear(in_features, dim)
+        layer = partial(S4DLayer, dim, state=state, bidirectional=bidirectional, dropout=dropout,
+                        ssm_lr=ssm_lr, dt_min=dt_min, dt_max=dt_max)
+        self.layers = nn.ModuleList(layer() for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x):
+        """(B, L, F) -> (B, L, dim): the top layer's output at every step."""
+        x = self.encoder(x)
+        for layer, norm in zip(self.layers, self.norms):
+            z = layer(norm(x) if self.prenorm else x).transpose(1, 2)  # (B, H, L)
+            x = x + F.dropout1d(z, self.dropout, self.training).transpose(1, 2)
+            x = x if self.prenorm else norm(x)
+        return x
+
+    def forward(self, x):  # (B, L, F)
+        return self.head(self.features(x).mean(1))
+
+
 # ---- the registry
 
 @dataclass(frozen=True)
@@ -1653,8 +1788,8 @@ class ModelEntry:
     `transform` (with `transform_args`), plus the `model_args` that input needs; `test_input` a tiny
     one for fast tests (8x8 images; 64-step pixel sequences, for which the pixel models' position
     tables shrink to 64, TrellisNet keeps the 7 levels whose receptive field (65 steps) covers them
-    and the Lipschitz RNN's step eps grows to 0.1, so that 64 steps integrate over a time comparable
-    to the 1,024 steps of the default)."""
+    and the Lipschitz RNN's step eps grows to 0.1 and S4D's step sizes 16x, so that 64 steps integrate
+    over a time comparable to the 1,024 steps of the default)."""
     factory: object
     cfg: dict
     input_form: str
@@ -1731,6 +1866,11 @@ MODELS = {
     "fnet": ModelEntry(
         FNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
         "Lee-Thorp et al., FNet: Mixing Tokens with Fourier Transforms, NAACL 2022"),
+    "s4d": ModelEntry(
+        S4D, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"),
+        _input((1, 8, 8), "pixels", dim=32, state=8, dropout=0.0, dt_min=0.016, dt_max=1.6),
+        "Gu, Gupta, Goel & Re, On the Parameterization and Initialization of Diagonal State Space Models, "
+        "NeurIPS 2022 (S4D)"),
 }
 
 MODEL_INFO = {name: {"input_form": e.input_form, "sequence": e.sequence, "input": e.input,
@@ -1823,10 +1963,17 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient: the run stops at once (going on only spreads NaN)."""
 
 
-def _sync(device):
-    """Wait for queued GPU work, so that a clock read after it measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def param_groups(model, lr, weight_decay):
+    """The optimizer's parameter groups: every trainable parameter at (lr, weight_decay), except those
+    that declare their own in a `_optim` dict (the S4 authors' convention: S4D's A and dt train at a
+    smaller lr with no weight decay). One group per distinct setting; pass the groups' lr to schedules
+    that set their own (OneCycleLR's max_lr)."""
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            setting = {"lr": lr, "weight_decay": weight_decay, **getattr(p, "_optim", {})}
+            groups.setdefault(tuple(sorted(setting.items())), []).append(p)
+    return [{"params": params, **dict(setting)} for setting, params in groups.items()]
 
 
 class SeqClassifier(pl.LightningModule):
@@ -1921,13 +2068,14 @@ class SeqClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = OPTIMIZERS[hp.optimizer]([p for p in self.parameters() if p.requires_grad],
+        opt = OPTIMIZERS[hp.optimizer](param_groups(self, hp.lr, hp.weight_decay),
                                        lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "none":
             return opt
         steps = self.trainer.estimated_stepping_batches
         return {"optimizer": opt, "lr_scheduler": {
-            "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, hp.lr, total_steps=steps, pct_start=0.15),
+            "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups],
+                                                              total_steps=steps, pct_start=0.15),
             "interval": "step"}}
 
 
@@ -1965,13 +2113,16 @@ class TrainTimer(pl.Callback):
     def on_train_start(self, trainer, module):
         self._mark = time.perf_counter()
 
+    def _now(self, module):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
     def on_train_batch_start(self, trainer, module, batch, i):
-        _sync(module.device)
-        self._t = time.perf_counter()
+        self._t = self._now(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, i):
-        _sync(module.device)
-        self.seconds += time.perf_counter() - self._t
+        self.seconds += self._now(module) - self._t
         self.images += len(batch[1])
 
     def on_validation_end(self, trainer, module):  # before ModelCheckpoint saves (Lightning runs it last)
@@ -2788,34 +2939,87 @@ def to_html(notebook: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------
-# Benchmark: speed as ratios measured in one run
+# Benchmark: speed as ratios and fractions of the matmul peak, measured in one run
+#
+# Every figure is the median of repeated timings by torch.utils.benchmark (adaptive_autorange: its
+# block-size estimate runs the statement first, a warm-up that is not measured; then at least 4 timed
+# blocks, until the interquartile range is within 10% of the median or the time is up), with the
+# spread (IQR) printed beside it. `--quick` only measures for less time. (blocked_autorange, with its
+# larger blocks, timed most slow figures once: no median, no spread.)
 
-def _train_images_per_s(model, make_batch, steps, warmup=2):
+
+def measure(fn, min_run_time):
+    """torch.utils.benchmark's Measurement of fn() (median, iqr, times) on all of torch's threads
+    (Timer's default is one thread), measured for min_run_time to 5x that seconds."""
+    import torch.utils.benchmark  # imported here: it logs a CUDA note at import on CPU-only machines
+    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.adaptive_autorange(threshold=0.1, min_run_time=min_run_time, max_run_time=5 * min_run_time)
+
+
+def _rate(items, m):
+    """items per second at the median time, and the spread: the IQR in % of the median."""
+    return {"per_s": items / m.median, "iqr_pct": round(100 * m.iqr / m.median, 1), "runs": len(m.times)}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_step(model, make_batch, device="cpu"):
+    """One Adam training step on make_batch()'s (x, y), as a function; waits for the device."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
-    for i in range(warmup + steps):
-        if i == warmup:
-            t = time.perf_counter()
+
+    def step():
         x, y = make_batch()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return steps * len(y) / (time.perf_counter() - t)
+        _sync(device)
+    return step
 
 
-def matmul_gflops(n=2048, reps=10, device="cpu"):
+def matmul_gflops(n=2048, min_run_time=1.0, device="cpu"):
+    """float32 matrix-multiply peak: GFLOP/s of an n x n product at the median time."""
     a = torch.randn(n, n, device=device)
-    a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
+
+    def product():
         a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+        _sync(device)
+    return 2 * n ** 3 / measure(product, min_run_time).median / 1e9
+
+
+def _fft_flops(x_shape, dim, *args, out_shape=None, **kwargs):
+    """5 n log2 n FLOPs per complex transform of n points (Cooley-Tukey), half for a real one."""
+    n = math.prod(max(x_shape[d], out_shape[d]) for d in dim)
+    transforms = math.prod(x_shape) // math.prod(x_shape[d] for d in dim)
+    return transforms * 5 * n * math.log2(max(n, 2))
+
+
+def _lstm_layer_flops(x_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
+    """One LSTM layer on oneDNN (nn.LSTM on CPU): the gates' products, 2 T B (|W_ih| + |W_hh|) FLOPs."""
+    return 2 * x_shape[0] * x_shape[1] * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
+
+
+# What FlopCounterMode does not count by itself: FFTs (S4D, FNet) and nn.LSTM's CPU kernel
+# (its backward: the input and the weight gradients, two products per forward one).
+EXTRA_FLOPS = {torch.ops.aten._fft_c2c: _fft_flops,
+               torch.ops.aten._fft_r2c: lambda *a, **k: _fft_flops(*a, **k) / 2,
+               torch.ops.aten._fft_c2r: lambda *a, **k: _fft_flops(*a, **k) / 2,
+               torch.ops.aten.mkldnn_rnn_layer: _lstm_layer_flops,
+               torch.ops.aten.mkldnn_rnn_layer_backward: lambda *a, **k: 2 * _lstm_layer_flops(*a, **k)}
+
+
+def train_flops(model, x, y):
+    """Training FLOPs per image: forward + backward of one batch as FlopCounterMode counts them
+    (matrix products, convolutions, attention; FFTs and nn.LSTM by EXTRA_FLOPS; no element-wise work)
+    / batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(y)
 
 
 def bilstm_train_flops(in_features, seq_len, hidden=32, fc=100, classes=10, dirs=2):
@@ -2825,85 +3029,111 @@ def bilstm_train_flops(in_features, seq_len, hidden=32, fc=100, classes=10, dirs
     return 3 * forward
 
 
-def lightning_epoch_seconds(device, n_train=45_000, n_val=5_000, seq_len=20):
-    """Wall time of one real training epoch of the test task (Lightning, fast path, flips,
+def lightning_epoch(device, n_train=45_000, n_val=5_000, seq_len=20):
+    """A function that runs one real training epoch of the test task (Lightning, fast path, flips,
     validation included) on CIFAR-10-shaped uint8 data."""
     x = torch.randint(0, 256, (n_train + n_val, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (n_train + n_val,))
-    module = SeqClassifier(BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
-                           to_seq=make_sequence("identity", seq_len=seq_len),
-                           mean=torch.full((3,), 0.47), std=torch.full((3,), 0.25), augment="flip")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no start-up notes inside the table
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, accelerator=device, devices=1)
-    t = time.perf_counter()
-    trainer.fit(module, Batches(x[:n_train], y[:n_train], 256, shuffle=True), Batches(x[n_train:], y[n_train:], 1024))
-    return {"seconds": round(time.perf_counter() - t, 2), "train_images": n_train, "val_images": n_val,
-            "seq_len": seq_len}
+
+    def epoch():
+        module = SeqClassifier(BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
+                               to_seq=make_sequence("identity", seq_len=seq_len),
+                               mean=torch.full((3,), 0.47), std=torch.full((3,), 0.25), augment="flip")
+        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             accelerator=device, devices=1)
+        trainer.fit(module, Batches(x[:n_train], y[:n_train], 256, shuffle=True),
+                    Batches(x[n_train:], y[n_train:], 1024))
+    return epoch
+
+
+def _cifar_batches(device, B=256, n=2048):
+    """uint8 CIFAR-10-shaped images and labels, and make(seq_len, materialise) -> a batch maker of
+    normalised identity sequences (materialise: the repeated sequence copied, for nn.LSTM)."""
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    mean, std = torch.full((3,), 0.47, device=device), torch.full((3,), 0.25, device=device)
+
+    def make(seq_len, materialise=False):
+        def batch():
+            idx = torch.randint(0, n, (B,))
+            x = identity(normalize(images[idx].to(device), mean, std), seq_len=seq_len)
+            return (x.contiguous() if materialise else x), labels[idx].to(device)
+        return batch
+    return images, labels, make
+
+
+def bench_identity(device, min_run_time, B=256):
+    """The test task's training images/s: naive nn.LSTM, the fast (loop) and the hoisted+fused path."""
+    _, _, batches = _cifar_batches(device, B)
+    out = {}
+    for L in (5, 10, 20):
+        model = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10).to(device)
+        naive = _rate(B, measure(_train_step(ReferenceBiLSTMFC(model).to(device), batches(L, True), device),
+                                 min_run_time))
+        fast = _rate(B, measure(_train_step(model, batches(L), device), min_run_time))  # the default path
+        fused_model = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10, recurrence="fused").to(device)
+        fused = _rate(B, measure(_train_step(fused_model, batches(L), device), min_run_time))
+        out[str(L)] = {"naive": naive, "fast": fast, "fused": fused, "ratio": fast["per_s"] / naive["per_s"],
+                       "fast_gflops": fast["per_s"] * bilstm_train_flops(3 * 32 * 32, L) / 1e9}
+    return out
+
+
+def bench_data(min_run_time, B=256):
+    """Images/s of the torchvision per-sample pipeline and of the batched fast path (flip, crop, L=20)."""
+    images, labels, _ = _cifar_batches("cpu", B)
+    mean, std = torch.full((3,), 0.47), torch.full((3,), 0.25)
+    per_sample = TensorImages(images, labels, per_sample_pipeline(mean, std, sequence_transform(
+        "identity", seq_len=20), augment="flip_crop"))
+    loader = torch.utils.data.DataLoader(per_sample, batch_size=B, shuffle=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def torchvision_pass():
+        for _ in loader:
+            pass
+
+    def fast_pass():
+        for x, _ in Batches(images, labels, B, shuffle=True):
+            identity(normalize(augment_batch(x, "flip_crop", gen), mean, std), seq_len=20)
+    tv = _rate(len(images), measure(torchvision_pass, min_run_time))
+    fast = _rate(len(images), measure(fast_pass, min_run_time))
+    return {"torchvision": tv, "fast": fast, "ratio": fast["per_s"] / tv["per_s"]}
+
+
+def bench_models(device, min_run_time, peak_gflops, B=64, K=10):
+    """Every registered model at its default input, batch B: training images/s, training FLOPs per
+    image and the GFLOP/s they make, in % of the matmul peak of the same run."""
+    out = {}
+    for name in list_models():
+        x, n_in, args = model_input(name, B)
+        x, y = x.to(device), torch.randint(0, K, (B,), device=device)
+        model = create_model(name, in_features=n_in, num_classes=K, **args).to(device)
+        flops = train_flops(model, x, y)
+        rate = _rate(B, measure(_train_step(model, lambda: (x, y), device), min_run_time))
+        gflops = rate["per_s"] * flops / 1e9
+        info = MODEL_INFO[name]["input"]
+        out[name] = {"params": count_params(model), "train": rate, "train_gflop_per_img": flops / 1e9,
+                     "input": f"{info['transform']} of {'x'.join(map(str, info['image']))}",
+                     "gflops": gflops, "pct_peak": 100 * gflops / peak_gflops}
+    return out
 
 
 def bench(quick=False, json_path=None, device=None, threads=0):
-    """Training throughput of the fast path against the naive one, and of the data paths."""
+    """Training throughput of the fast path against the naive one, of the data paths and of every
+    model, each as the median of repeated timings with its spread, against the matmul peak."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = set_threads(threads)
     torch.manual_seed(0)
-    B, steps = 256, 4 if quick else 12
-    C, H, W, K = 3, 32, 32, 10
-    n_feat = C * H * W
-    images = torch.randint(0, 256, (B * 8, C, H, W), dtype=torch.uint8)
-    labels = torch.randint(0, K, (B * 8,))
-    mean, std = torch.full((C,), 0.47), torch.full((C,), 0.25)
-
-    def batch_of(seq_len, materialise=False):
-        def make():
-            idx = torch.randint(0, len(labels), (B,))
-            x = identity(normalize(images[idx].to(device), mean.to(device), std.to(device)), seq_len=seq_len)
-            return (x.contiguous() if materialise else x), labels[idx].to(device)
-        return make
-
+    t = 1.0 if quick else 3.0  # seconds of measurement per figure (at least one run each)
+    peak = matmul_gflops(min_run_time=t, device=device)
     result = {"threads": threads, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "matmul_gflops": round(matmul_gflops(device=device), 1), "identity": {}, "data": {}, "models": {}}
-    for L in (5, 10, 20):
-        model = BiLSTMFC(in_features=n_feat, num_classes=K).to(device)
-        naive = _train_images_per_s(ReferenceBiLSTMFC(model).to(device), batch_of(L, True), max(2, steps // 2))
-        fast = _train_images_per_s(model, batch_of(L), steps)  # hoisted projection, loop recurrence (default)
-        model.recurrence = "fused"  # hoisted projection, nn.LSTM's fused kernel with W_ih = I
-        fused = _train_images_per_s(model, batch_of(L), steps)
-        gflops = fast * bilstm_train_flops(n_feat, L) / 1e9
-        result["identity"][str(L)] = {"naive_img_s": round(naive), "fast_img_s": round(fast),
-                                      "ratio": round(fast / naive, 1), "fast_gflops": round(gflops, 1),
-                                      "fused_img_s": round(fused)}
-
-    seq = sequence_transform("identity", seq_len=20)
-    per_sample = TensorImages(images, labels, per_sample_pipeline(mean, std, seq, augment="flip_crop"))
-    loader = torch.utils.data.DataLoader(per_sample, batch_size=B, shuffle=True)
-    n = 0
-    t = time.perf_counter()
-    for x, y in loader:
-        n += len(y)
-    tv = n / (time.perf_counter() - t)
-    gen = torch.Generator().manual_seed(0)
-    t = time.perf_counter()
-    n = 0
-    for _ in range(2 if quick else 5):
-        for x, y in Batches(images, labels, B, shuffle=True):
-            x = identity(normalize(augment_batch(x, "flip_crop", gen), mean, std), seq_len=20)
-            n += len(y)
-    fast = n / (time.perf_counter() - t)
-    result["data"] = {"torchvision_img_s": round(tv), "fast_img_s": round(fast), "ratio": round(fast / tv, 1)}
-
-    result["epoch"] = lightning_epoch_seconds(device)
-
-    for name in list_models():  # each at its own default input (MODEL_INFO), batch 64
-        x, n_in, args = model_input(name, 64)
-        model = create_model(name, in_features=n_in, num_classes=K, **args).to(device)
-        y = torch.randint(0, K, (64,), device=device)
-        info = MODEL_INFO[name]["input"]
-        result["models"][name] = {"params": count_params(model),
-                                  "input": f"{info['transform']} of {'x'.join(map(str, info['image']))}",
-                                  "train_img_s": round(_train_images_per_s(model, lambda: (x.to(device), y),
-                                                                           max(2, steps // 4), warmup=1))}
-
+              "quick": quick, "matmul_gflops": peak, "identity": bench_identity(device, t),
+              "data": bench_data(t)}
+    epoch = measure(lightning_epoch(device), 2 * t)
+    result["epoch"] = {"seconds": epoch.median, "iqr_pct": round(100 * epoch.iqr / epoch.median, 1),
+                       "runs": len(epoch.times), "train_images": 45_000, "val_images": 5_000, "seq_len": 20}
+    result["models"] = bench_models(device, 2 * t, peak)
     print(format_bench(result))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -2911,22 +3141,39 @@ def bench(quick=False, json_path=None, device=None, threads=0):
     return result
 
 
+def _cell(rate, width=12, digits=0):
+    """A rate and its spread: '   1,234 ±5%' (± half the interquartile range, in % of the median)."""
+    return f"{rate['per_s']:>{width},.{digits}f} {'±%.0f%%' % (rate['iqr_pct'] / 2):>5}"
+
+
 def format_bench(r):
-    lines = [f"device {r['device']}, {r['threads']} threads, float32 matmul peak {r['matmul_gflops']:.0f} GFLOP/s", "",
+    lines = [f"device {r['device']}, {r['threads']} threads, float32 matmul peak {r['matmul_gflops']:.0f} "
+             f"GFLOP/s; medians of repeated timings, ± half the interquartile range", "",
              "identity sequence, BiLSTM(32)+FC(100), CIFAR-10 shapes, batch 256, training images/s",
-             f"{'L':>4} {'naive nn.LSTM':>14} {'fast (loop)':>12} {'ratio':>6} {'GFLOP/s':>8} {'hoisted+fused':>14}"]
+             f"{'L':>4} {'naive nn.LSTM':>18} {'fast (loop)':>18} {'ratio':>6} {'GFLOP/s':>8} "
+             f"{'hoisted+fused':>18}"]
     for L, v in r["identity"].items():
-        lines.append(f"{L:>4} {v['naive_img_s']:>14,} {v['fast_img_s']:>12,} {v['ratio']:>5.1f}x "
-                     f"{v['fast_gflops']:>8.1f} {v['fused_img_s']:>14,}")
-    d = r["data"]
+        lines.append(f"{L:>4} {_cell(v['naive'])} {_cell(v['fast'])} {v['ratio']:>5.1f}x "
+                     f"{v['fast_gflops']:>8.1f} {_cell(v['fused'])}")
+    d, e = r["data"], r["epoch"]
     lines += ["", "data pipeline (normalise + flip + crop + identity L=20), images/s",
-              f"{'torchvision per-sample':>24} {d['torchvision_img_s']:>10,}",
-              f"{'batched fast path':>24} {d['fast_img_s']:>10,}   ({d['ratio']:.1f}x)",
-              "", f"one Lightning epoch of the test task at L={r['epoch']['seq_len']} ({r['epoch']['train_images']:,} "
-              f"training + {r['epoch']['val_images']:,} validation images): {r['epoch']['seconds']:.1f} s",
-              "", f"{'model':<18} {'params':>10} {'train img/s':>12}   default input (batch 64)"]
-    lines += [f"{k:<18} {v['params']:>10,} {v['train_img_s']:>12,}   {v['input']}" for k, v in r["models"].items()]
-    return "\n".join(lines)
+              f"{'torchvision per-sample':>24} {_cell(d['torchvision'])}",
+              f"{'batched fast path':>24} {_cell(d['fast'])}   ({d['ratio']:.1f}x)", "",
+              f"one Lightning epoch of the test task at L={e['seq_len']} ({e['train_images']:,} training + "
+              f"{e['val_images']:,} validation images): {e['seconds']:.1f} s ±{e['iqr_pct'] / 2:.0f}% "
+              f"({e['runs']} runs)", ""]
+    return "\n".join(lines + format_models(r["models"]))
+
+
+def format_models(models):
+    lines = ["every model at its default input, batch 64: training images/s; training GFLOP per image",
+             "(FlopCounterMode: products, convolutions, attention, FFTs), achieved GFLOP/s, % of the peak",
+             f"{'model':<18} {'params':>10} {'train img/s':>16} {'GFLOP/img':>10} {'GFLOP/s':>8} "
+             f"{'% peak':>7}   default input"]
+    for k, v in models.items():
+        lines.append(f"{k:<18} {v['params']:>10,} {_cell(v['train'], 10, 1)} "
+                     f"{v['train_gflop_per_img']:>10.3f} {v['gflops']:>8.2f} {v['pct_peak']:>6.1f}%   {v['input']}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""S4D: the FFT convolution is the discretised state-space recurrence, the layer is causal unless
+bidirectional, bad arguments are refused, and A and dt reach the optimizer with their own lr and no
+weight decay. (The zoo's generic tests, parametrized over the registry, cover forward, backward,
+finite values and a falling loss.)"""
+import pytest
+import torch
+
+import seqlstm
+
+
+def layer64(bidirectional=False, dim=3, state=8, seed=0):
+    """A float64 S4DLayer whose A, dt and D are moved off their initial values, so that the test does
+    not depend on S4D-Lin's particular numbers."""
+    torch.manual_seed(seed)
+    layer = seqlstm.S4DLayer(dim, state=state, bidirectional=bidirectional).double()
+    with torch.no_grad():
+        layer.log_dt.copy_(torch.empty_like(layer.log_dt).uniform_(-3, -1))  # dt in [0.05, 0.37]
+        layer.log_A_real.add_(0.3 * torch.randn_like(layer.log_A_real))
+        layer.A_imag.add_(torch.randn_like(layer.A_imag))
+    return layer
+
+
+def zoh(layer, c):
+    """A_bar, B_bar and C of kernel set c from the raw parameters: zero-order hold with B = 1."""
+    dt = torch.exp(layer.log_dt[c]).unsqueeze(-1)  # (H, 1)
+    A = -torch.exp(layer.log_A_real[c]) + 1j * layer.A_imag[c]  # (H, N/2)
+    A_bar = torch.exp(dt * A)
+    return A_bar, (A_bar - 1) / A, torch.view_as_complex(layer.C[c])
+
+
+def recurrence(u, A_bar, B_bar, C, reverse=False):
+    """x_k = A_bar x_{k-1} + B_bar u_k, y_k = Re(C x_k) + Re(conj(C) conj(x_k)) = 2 Re(C x_k), step by
+    step; reverse: the state runs from the end and step t reads u[t+1:] only."""
+    B, L, H = u.shape
+    x = torch.zeros(B, H, A_bar.shape[-1], dtype=A_bar.dtype)
+    y = torch.zeros(B, L, H, dtype=u.dtype)
+    for t in (range(L - 1, -1, -1) if reverse else range(L)):
+        if reverse:  # y_t sees x built from u_{t+1} .. u_{L-1}
+            y[:, t] = 2 * (C * x).sum(-1).real
+            x = A_bar * x + B_bar * u[:, t, :, None]
+        else:
+            x = A_bar * x + B_bar * u[:, t, :, None]
+            y[:, t] = 2 * (C * x).sum(-1).real
+    return y
+
+
+def test_fft_convolution_equals_the_recurrence():
+    layer = layer64()
+    u = torch.randn(2, 50, 3, dtype=torch.float64)
+    expected = recurrence(u, *zoh(layer, 0)) + layer.D * u
+    torch.testing.assert_close(layer.conv(u), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_bidirectional_fft_convolution_equals_two_recurrences():
+    layer = layer64(bidirectional=True)
+    u = torch.randn(2, 40, 3, dtype=torch.float64)
+    expected = recurrence(u, *zoh(layer, 0)) + recurrence(u, *zoh(layer, 1), reverse=True) + layer.D * u
+    torch.testing.assert_close(layer.conv(u), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_kernel_is_the_impulse_response():
+    layer = layer64()
+    u = torch.zeros(1, 30, 3, dtype=torch.float64)
+    u[:, 0] = 1.0
+    expected = layer.kernel(30).clone()  # (H, L)
+    expected[:, 0] += layer.D  # the skip term answers at step 0 only
+    torch.testing.assert_close(layer.conv(u)[0].T, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_unidirectional_s4d_is_causal_and_bidirectional_is_not(prenorm):
+    x = torch.randn(2, 64, 1, dtype=torch.float64)
+    for bidirectional in (False, True):
+        torch.manual_seed(0)
+        model = seqlstm.create_model("s4d", in_features=1, num_classes=3, dim=8, layers=2, state=8,
+                                     prenorm=prenorm, bidirectional=bidirectional).double().eval()
+        for t in (0, 30, 62):
+            y = x.clone()
+            y[:, t + 1:] += torch.randn_like(y[:, t + 1:])
+            past = (model.features(x)[:, :t + 1] - model.features(y)[:, :t + 1]).abs().max()
+            future = (model.features(x)[:, t + 1:] - model.features(y)[:, t + 1:]).abs().max()
+            assert future > 1e-3
+            if bidirectional:
+                assert past > 1e-3  # the backward kernel reads the later steps
+            else:
+                assert past < 1e-10  # FFT rounding only: the past never sees the future
+
+
+def test_s4d_defaults_and_s4d_lin_initialisation():
+    model = seqlstm.create_model("s4d", in_features=1, num_classes=10)
+    assert len(model.layers) == 4 and model.encoder.out_features == 64 and not model.prenorm
+    layer = model.layers[0]
+    assert layer.C.shape == (1, 64, 32, 2)  # state 64: 32 complex modes and their conjugates
+    dt, A, _ = layer.ssm()
+    torch.testing.assert_close(A[0, 5], torch.complex(torch.full((32,), -0.5), torch.pi * torch.arange(32.0)))
+    assert 1e-3 <= dt.min() and dt.max() <= 1e-1
+    assert seqlstm.create_model("s4d", in_features=1, num_classes=10, bidirectional=True).layers[0].C.shape[0] == 2
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(state=0), "state must be >= 1"), (dict(state=3), "state must be even"),
+    (dict(dim=0), "dim must be >= 1"), (dict(layers=0), "layers must be >= 1"),
+    (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
+    (dict(bidirectional="yes"), "bidirectional must be True or False, got 'yes'"),
+    (dict(bidirectional=1), "bidirectional must be True or False, got 1"),
+    (dict(prenorm=None), "prenorm must be True or False, got None"),
+    (dict(dt_min=0.2, dt_max=0.1), "dt_min=0.2"),
+])
+def test_bad_arguments_raise_value_error(kw, says):
+    with pytest.raises(ValueError) as e:
+        seqlstm.create_model("s4d", in_features=1, num_classes=10, **kw)
+    assert says in str(e.value)
+
+
+def test_param_groups_give_a_and_dt_their_own_lr_and_no_weight_decay():
+    model = seqlstm.create_model("s4d", in_features=1, num_classes=10, layers=2, ssm_lr=1e-3)
+    groups = seqlstm.param_groups(model, lr=0.01, weight_decay=0.05)
+    ssm = {id(p) for layer in model.layers for p in (layer.log_dt, layer.log_A_real, layer.A_imag)}
+    assert len(groups) == 2
+    for g in groups:
+        in_ssm = {id(p) in ssm for p in g["params"]}
+        assert len(in_ssm) == 1  # a group holds SSM parameters only, or none
+        expected = (1e-3, 0.0) if in_ssm.pop() else (0.01, 0.05)
+        assert (g["lr"], g["weight_decay"]) == expected
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    lstm = seqlstm.create_model("lstm", in_features=3, num_classes=2)
+    assert [(g["lr"], g["weight_decay"]) for g in seqlstm.param_groups(lstm, 0.1, 0.2)] == [(0.1, 0.2)]
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "none"])
+def test_lightning_trains_a_and_dt_at_their_own_lr(schedule):
+    """Through SeqClassifier and a real Trainer: the optimizer holds both groups, and the one-cycle
+    schedule peaks each group at its own lr."""
+    import pytorch_lightning as pl
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8)
+    y = torch.randint(0, 3, (16,))
+    model = seqlstm.create_model("s4d", in_features=1, num_classes=3, dim=8, layers=1, state=4)
+    module = seqlstm.SeqClassifier(model, to_seq=seqlstm.make_sequence("pixels"), mean=[0.5], std=[0.25],
+                                   augment="none", lr=0.01, weight_decay=0.05, optimizer="adamw",
+                                   schedule=schedule)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, seqlstm.Batches(x, y, 8, shuffle=True))
+    groups = trainer.optimizers[0].param_groups
+    ssm = {id(model.layers[0].log_dt), id(model.layers[0].log_A_real), id(model.layers[0].A_imag)}
+    settings = {}
+    for g in groups:
+        key = "ssm" if id(g["params"][0]) in ssm else "rest"
+        settings[key] = (g.get("max_lr", g["lr"]), g["weight_decay"])
+    assert settings == {"ssm": (1e-3, 0.0), "rest": (0.01, 0.05)}
