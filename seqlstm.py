@@ -1796,12 +1796,16 @@ def count_params(model):
 # ----------------------------------------------------------------------------------------
 # Distillation loss
 
-def distillation_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperature=4.0):
-    """Hinton et al. (2015): (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T).
+def distillation_loss(student_logits, teacher_logits, labels, *, alpha, temperature, hard=False):
+    """Hinton et al. (2015): (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T),
+    batch means; with `hard`, DeiT's hard-label variant (Touvron et al. 2021): (1 - alpha) * CE(student,
+    labels) + alpha * CE(student, teacher's argmax), where the temperature plays no part.
 
     Run the teacher under torch.no_grad(); its logits are detached here all the same."""
     teacher_logits = teacher_logits.detach()
     ce = F.cross_entropy(student_logits, labels)
+    if hard:
+        return (1 - alpha) * ce + alpha * F.cross_entropy(student_logits, teacher_logits.argmax(-1))
     kl = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
                   reduction="batchmean", log_target=True)
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
