@@ -213,8 +213,8 @@ def test_distillation_alpha_0_is_cross_entropy():
 
 def test_distillation_alpha_1_is_zero_when_student_matches_teacher():
     s, y = logits(0), torch.arange(6) % K
-    assert seqlstm.distillation_loss(s, s.clone(), y, alpha=1.0).abs() < 1e-6
-    assert seqlstm.distillation_loss(s, logits(1), y, alpha=1.0) > 1e-2
+    assert seqlstm.distillation_loss(s, s.clone(), y, alpha=1.0, temperature=4.0).abs() < 1e-6
+    assert seqlstm.distillation_loss(s, logits(1), y, alpha=1.0, temperature=4.0) > 1e-2
 
 
 def test_distillation_mixes_cross_entropy_and_scaled_kl():
@@ -223,6 +223,15 @@ def test_distillation_mixes_cross_entropy_and_scaled_kl():
     kl = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean()  # KL(teacher || student), per sample
     expected = (1 - a) * F.cross_entropy(s, y) + a * T ** 2 * kl
     torch.testing.assert_close(seqlstm.distillation_loss(s, t, y, alpha=a, temperature=T), expected)
+
+
+def test_hard_distillation_is_cross_entropy_against_the_teachers_argmax():
+    s, t, y, a = logits(0), logits(1), torch.arange(6) % K, 0.3
+    expected = (1 - a) * F.cross_entropy(s, y) + a * F.cross_entropy(s, t.argmax(1))
+    for temperature in (1.0, 8.0):  # no part in the hard variant
+        loss = seqlstm.distillation_loss(s, t, y, alpha=a, temperature=temperature, hard=True)
+        torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(expected, seqlstm.distillation_loss(s, t, y, alpha=a, temperature=1.0))
 
 
 def test_distillation_gradient_flows_to_student_only():
@@ -245,7 +254,7 @@ def test_distillation_never_trains_the_teacher_even_without_no_grad():
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, K), torch.nn.Linear(4, K)
     x, y = torch.randn(6, 4), torch.arange(6) % K
-    seqlstm.distillation_loss(student(x), teacher(x), y, alpha=0.5).backward()
+    seqlstm.distillation_loss(student(x), teacher(x), y, alpha=0.5, temperature=4.0).backward()
     assert all(p.grad is None for p in teacher.parameters())
 
 

@@ -1,0 +1,209 @@
+"""Knowledge distillation: a teacher trained once and cached, its logits looked up or computed live
+for the very batch the student sees, the teacher untouched by the student's steps, the undistilled
+twin planned beside each student, and a distillation report end to end."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+import seqlstm
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01, "threads": 1,
+         "overview_per_class": 0, "experiment": "distill", "teacher": "fast_cnn", "teacher_epochs": 1}
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    """A fresh outputs/ (MLflow store, summary.csv) and teacher cache for this test."""
+    monkeypatch.setattr(seqlstm, "OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setenv("SEQLSTM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def plan(**overrides):
+    params = {**seqlstm.report_defaults(), **QUICK, **overrides}
+    return seqlstm.prepare_report(params, seqlstm.report_types())
+
+
+def images(n=24, shape=(3, 8, 8), seed=0):
+    return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def teacher(shape=(3, 8, 8), seed=0):
+    """An untrained fast_cnn whose batch-norm statistics are those of `images()` (fresh ones would
+    give nearly the same logits for every image) and whose logits spread over a few units."""
+    torch.manual_seed(seed)
+    model, to_input = seqlstm.build_teacher("fast_cnn", {}, shape, K)
+    mean, std = torch.full((shape[0],), 0.4), torch.full((shape[0],), 0.3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        model.train()(seqlstm.normalize(images(shape=shape, seed=9), mean, std))
+        model.head.weight *= 20
+    return seqlstm.Teacher(model, to_input, mean, std)
+
+
+# ---- the batch the student sees, and the teacher's logits for it
+
+@pytest.mark.parametrize("augment", seqlstm.AUGMENTS)
+def test_flip_flags_say_which_images_were_mirrored(augment):
+    x = images()
+    out, flip = seqlstm.augment_with_flips(x, augment, torch.Generator().manual_seed(1))
+    assert torch.equal(out, seqlstm.augment_batch(x, augment, torch.Generator().manual_seed(1)))
+    if augment == "flip":
+        assert 0 < flip.sum() < len(x)
+        assert torch.equal(out[flip], x[flip].flip(3)) and torch.equal(out[~flip], x[~flip])
+    assert (flip is None) == ("flip" not in augment)
+
+
+def test_batches_carry_their_indices():
+    x, y = images(), torch.arange(24)
+    for xb, yb, idx in seqlstm.Batches(x, y, 5, shuffle=True, seed=2, with_index=True):
+        assert torch.equal(xb, x[idx]) and torch.equal(yb, idx)
+
+
+def test_cached_logits_equal_the_live_teachers_for_flipped_and_unflipped_images():
+    live, x = teacher(), images()
+    table = seqlstm.logits_table(live, x, batch=7)
+    assert table.shape == (24, 2, K) and table.dtype == torch.float16
+    assert table.float().std(0).mean() > 0.5  # logits that tell images apart
+    cached = seqlstm.Teacher(live.model, live.to_input, live.mean, live.std, table=table)
+    idx = torch.randperm(24)[:16]
+    seen, flip = seqlstm.augment_with_flips(x[idx], "flip", torch.Generator().manual_seed(0))
+    assert 0 < flip.sum() < 16
+    torch.testing.assert_close(cached.logits(seen, idx, flip), live.logits(seen), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(cached.logits(x[idx], idx, None), live.logits(x[idx]), atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(cached.logits(seen, idx, ~flip), live.logits(seen), atol=2e-2, rtol=1e-2)
+
+
+def test_a_student_step_leaves_the_teacher_untouched():
+    t = teacher()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}  # weights and batch-norm statistics
+    student = seqlstm.create_model("bilstm_fc", in_features=3 * 8 * 8, num_classes=K)
+    module = seqlstm.SeqClassifier(student, to_seq=seqlstm.make_sequence("identity", seq_len=3), mean=t.mean,
+                                   std=t.std, augment="flip_crop", teacher=t, distill_alpha=0.5, distill_T=2.0)
+    module.train()  # what Lightning does before each training epoch
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    x, y = images(), torch.arange(24) % K
+    for _ in range(2):
+        loss, _ = module.train_loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not t.model.training
+    assert all(p.grad is None for p in t.model.parameters())
+    after = t.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # not saved with the student
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+# ---- planning: the undistilled twin, the sweep, bad input
+
+def test_each_student_is_planned_beside_its_undistilled_twin_once():
+    types = seqlstm.report_types()
+    params = {**seqlstm.report_defaults(), **QUICK, "seq_len": [4, 8], "distill_T": [2, 4],
+              "extra_runs": [{"seq_len": 8, "distill_hard": True, "distill_T": [2, 4]}]}
+    runs = seqlstm.plan_report(params, types)
+    settings = [(r.seq_len, r.params["teacher"], r.params["distill_T"], r.params["distill_hard"]) for r in runs]
+    assert settings == [(4, "", 2.0, False), (4, "fast_cnn", 2.0, False), (4, "fast_cnn", 4.0, False),
+                        (8, "", 2.0, False), (8, "fast_cnn", 2.0, False), (8, "fast_cnn", 4.0, False),
+                        (8, "fast_cnn", 2.0, True)]  # the twin of L = 8 and the hard run (no T) once each
+    data = seqlstm.load_dataset("digits")
+    twin, distilled = runs[0].params, runs[1].params
+    assert seqlstm.run_key(twin, data) == seqlstm.run_key({**twin, "distill_alpha": 0.1}, data)
+    assert seqlstm.run_key(distilled, data) != seqlstm.run_key({**distilled, "distill_alpha": 0.1}, data)
+
+
+BAD = [
+    ({"teacher": "resnet"}, r"parameter teacher = 'resnet': valid values are \['', 'bilstm_fc'.*'fast_cnn'"),
+    ({"distill_alpha": 1.5}, r"parameter distill_alpha = 1.5: must be between 0 and 1"),
+    ({"distill_alpha": [0.5, -0.1]}, r"parameter distill_alpha = -0.1: must be between 0 and 1"),
+    ({"distill_T": 0}, r"parameter distill_T = 0.0: must be > 0"),
+    ({"teacher_epochs": 0}, r"parameter teacher_epochs = 0: must be >= 1"),
+    ({"model": []}, r"teacher = 'fast_cnn' is set but model names no student"),
+    ({"teacher_args": {"width": 8}}, r"teacher_args \{'width': 8\} for teacher 'fast_cnn' on 1x8x8 images"),
+    ({"extra_runs": [{"distill_T": -1}]}, r"extra_runs\[0\]: parameter distill_T = -1.0: must be > 0"),
+    ({"extra_runs": [{"seq_lenn": 3}]}, r"extra_runs\[0\]: unknown parameter\(s\) \['seq_lenn'\]"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_distillation_input_fails_before_any_run(outputs, monkeypatch, overrides, message):
+    monkeypatch.setattr(seqlstm, "train_teacher", lambda *a, **k: pytest.fail("a teacher trained"))
+    monkeypatch.setattr(seqlstm, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match=message):
+        plan(**overrides)
+
+
+# ---- the teacher: trained once, cached, found again
+
+def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys):
+    runs, loaded = plan()
+    p, data = runs[1].params, loaded[seqlstm.data_key(runs[1].params)]
+    fits = []
+    fit = seqlstm._fit_teacher
+    monkeypatch.setattr(seqlstm, "_fit_teacher", lambda *a: fits.append(1) or fit(*a))
+    first = seqlstm.teacher_for(p, data)
+    again = seqlstm.teacher_for(p, data)  # from the cache folder
+    assert len(fits) == 1 and again.info["key"] == first.info["key"]
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    assert torch.equal(again.table, first.table)
+    cached = next((outputs / "cache" / "teachers").iterdir())
+    cached.unlink()  # another machine: an empty cache, the same tracking server
+    fetched = seqlstm.teacher_for(p, data)
+    assert len(fits) == 1 and torch.equal(fetched.table, first.table) and cached.exists()
+
+    saved = torch.load(cached, weights_only=False)  # a cache entry made for other classes
+    saved["info"]["classes"] = saved["info"]["classes"][:5]
+    torch.save(saved, cached)
+    seqlstm.teacher_for(p, data)  # said, and fetched again from MLflow
+    assert len(fits) == 1 and "training it again" in capsys.readouterr().out
+    assert torch.load(cached, weights_only=False)["info"]["classes"] == data.classes
+    torch.save(saved, cached)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{outputs / 'other.db'}")  # and no MLflow copy either
+    seqlstm.teacher_for(p, data)
+    assert len(fits) == 2 and "training it again" in capsys.readouterr().out
+
+
+def test_distilled_run_tags_its_teachers_key_and_differs_from_its_twin(outputs):
+    runs, loaded = plan(augment="flip_crop")  # crops: the teacher runs live
+    results = [seqlstm.run_experiment(r, loaded[seqlstm.data_key(r.params)]) for r in runs]
+    assert [r.status for r in results] == ["ok", "ok"]
+    twin, distilled = results
+    client, _ = seqlstm.tracking_experiment("distill")
+    tags = client.get_run(distilled.row["mlflow_run_id"]).data.tags
+    assert tags["seqlstm.teacher_key"] == distilled.teacher["key"] and len(distilled.teacher["preds"]) == 360
+    assert "seqlstm.teacher_key" not in client.get_run(twin.row["mlflow_run_id"]).data.tags
+    assert twin.history[0]["train_loss"] != distilled.history[0]["train_loss"]
+    table = seqlstm.distillation_table(results)
+    assert list(table["without"]) == [twin.row["test_acc"]] and len(table) == 1
+
+
+@pytest.mark.slow
+def test_distillation_report_end_to_end(tmp_path):
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(tmp_path / "outputs"), "SEQLSTM_CACHE": str(tmp_path / "cache"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "seqlstm.py", "report", "params/smoke.yaml", "-p", "teacher", "fast_cnn",
+           "-p", "teacher_epochs", "4", "-p", "seq_len", "[2]", "-p", "distill_alpha", "[0.5, 0.9]",
+           "-p", "overview_per_class", "0", "-p", "threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
+    assert [r["teacher"] for r in rows] == ["", "fast_cnn (α = 0.5, T = 4)", "fast_cnn (α = 0.9, T = 4)"]
+    nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "distillation_table" in c.source)
+    shown = json.dumps(cell.outputs)
+    assert "Teacher `fast_cnn` on digits: test accuracy" in shown and "precision" in shown  # its per-class report
+    assert any("image/png" in o.get("data", {}) for o in cell.outputs)  # and its confusion matrix
+    assert "gain (points)" in shown and "agreement" in shown and "classes up" in shown
