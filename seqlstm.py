@@ -2077,8 +2077,8 @@ import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.15 deprecates, once per batch transfer.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-              "sgd_nesterov": partial(torch.optim.SGD, momentum=0.9, nesterov=True)}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+              "sgd": partial(torch.optim.SGD, momentum=0.9, nesterov=True)}  # (params, lr=, weight_decay=)
 SCHEDULES = ("onecycle", "none")
 
 
@@ -2981,7 +2981,7 @@ def _mlflow_param(key, value):
 
 TEACHER_RECIPE = {  # how every teacher trains, teacher_epochs long; part of its cache key
     "batch_size": 512,  # images per step
-    "optimizer": "sgd_nesterov",  # SGD, Nesterov momentum 0.9
+    "optimizer": "sgd",  # SGD, Nesterov momentum 0.9
     "lr": 0.2,  # peak of the one-cycle schedule (15% warm-up, then cosine decay)
     "schedule": "onecycle",
     "weight_decay": 5e-4,  # L2 penalty, as torch's SGD couples it to the lr
