@@ -957,6 +957,19 @@ class Batches:
 #               override `channels` = C (default 3; 1 for MNIST). The runner can keep `transform:
 #               rows` unchanged, or skip the transform and pass the normalised images themselves.
 
+def _check_choice(what, value, valid):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}: valid values are {list(valid)}")
+
+
+def _check_sizes(**sizes):
+    """Every size an integer >= 1 (a tuple: each of its entries)."""
+    for key, value in sizes.items():
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+            raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
+
+
 def lstm_loop(gates_x, w_hh, steps):
     """LSTM recurrence over `steps` steps whose input gate pre-activations are the same at
     every step: gates_x (D, B, 4H) per direction (W_ih x + b_ih + b_hh), w_hh (D, 4H, H).
@@ -976,72 +989,120 @@ def lstm_loop(gates_x, w_hh, steps):
     return h, torch.stack(outs)
 
 
-class BiLSTMFC(nn.Module):
-    """Bidirectional LSTM reading the final hidden state of both directions, then two fully
-    connected layers: 2H -> fc -> ReLU -> classes (the test task: H = 32, fc = 100).
+def gru_loop(gates_x, w_hh, b_hh, steps):
+    """GRU recurrence as lstm_loop: gates_x (D, B, 3H) = W_ih x + b_ih, the same at every step;
+    b_hh (D, 1, 3H) stays apart, since the reset gate scales the hidden part of the new gate."""
+    D, B, G = gates_x.shape
+    x_r, x_z, x_n = gates_x.chunk(3, -1)
+    h = gates_x.new_zeros(D, B, G // 3)
+    outs = []
+    for _ in range(steps):
+        h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh.transpose(1, 2)).chunk(3, -1)  # PyTorch's gate order
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+        outs.append(h)
+    return h, torch.stack(outs)
 
-    The first layer's input projection W_ih x is pulled out of the LSTM (`in_proj`), so that
-    over the identity sequence, where every step is the same vector, it is computed once per
-    image instead of once per step (`hoist`). Only layer 1 can be hoisted: its outputs differ
-    from step to step, so layers 2+ are a plain nn.LSTM. The recurrence of layer 1 is an
-    nn.LSTM per direction whose input weight is a fixed identity matrix, so precomputed gate
-    pre-activations run on the fused kernel (`recurrence="fused"`); on the hoisted path a
-    small loop advancing both directions in one batched matmul per step (`"loop"`) measured
-    faster on CPU (`python seqlstm.py bench`) and is the default. Either way the results
-    equal nn.LSTM on the repeated sequence (tests/test_models.py)."""
 
-    def __init__(self, *, in_features, num_classes, hidden=32, layers=1, fc=100, dropout=0.0,
-                 bidirectional=True, hoist=True, recurrence="loop"):
+READOUTS = ("last", "mean", "attention")
+
+
+class AttentionPool(nn.Module):
+    """A learned attention pooling over steps: softmax over t of a linear score of each output."""
+    def __init__(self, dim):
         super().__init__()
-        if layers < 1 or hidden < 1 or fc < 1:
-            raise ValueError(f"layers, hidden and fc must be >= 1, got {layers}, {hidden}, {fc}")
-        if recurrence not in ("loop", "fused"):
-            raise ValueError(f"unknown recurrence '{recurrence}': valid values are ['fused', 'loop']")
-        self.hidden, self.dirs, self.hoist, self.recurrence = hidden, 2 if bidirectional else 1, hoist, recurrence
-        D, H = self.dirs, hidden
-        self.in_proj = nn.Linear(in_features, D * 4 * H)  # layer-1 W_ih and b_ih of every direction
-        self.recur = nn.ModuleList(nn.LSTM(4 * H, H, batch_first=True) for _ in range(D))
-        for lstm in self.recur:  # input weight fixed to I: gate pre-activations pass straight through
-            lstm.weight_ih_l0 = nn.Parameter(torch.eye(4 * H), requires_grad=False)
-            lstm.bias_ih_l0 = nn.Parameter(torch.zeros(4 * H), requires_grad=False)
-        self.upper = nn.LSTM(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
-                             dropout=dropout if layers > 2 else 0.0) if layers > 1 else None  # self.drop before it
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, seq):  # (B, T, C) -> (B, C)
+        weights = torch.softmax(self.score(seq), dim=1)  # (B, T, 1)
+        return (weights * seq).sum(1)
+
+
+def readout_features(readout, seq, h_last, pool=None):
+    """The features a head reads: "last" the final states h_last (D, B, H) side by side, "mean"
+    the top layer's outputs seq (B, T, D*H) averaged over steps, "attention" pooled by `pool`."""
+    if readout == "mean":
+        return seq.mean(1)
+    if readout == "attention":
+        return pool(seq)
+    return h_last.transpose(0, 1).reshape(h_last.shape[1], -1)  # (B, D*H): [forward final, backward final]
+
+
+class BiLSTMFC(nn.Module):
+    """Bidirectional LSTM (or GRU, `cell`) reading the final hidden state of both directions
+    (or, `readout`, the outputs' mean or attention pooling over steps), then two fully
+    connected layers: 2H -> fc -> ReLU -> classes (the test task: LSTM, H = 32, fc = 100).
+
+    The first layer's input projection W_ih x is pulled out of the recurrence (`in_proj`), so
+    that over the identity sequence, where every step is the same vector, it is computed once
+    per image instead of once per step (`hoist`); for both cells the input enters the gates
+    only through W_ih x + b_ih, so this holds for the GRU too. Only layer 1 can be hoisted: its
+    outputs differ from step to step, so layers 2+ are a plain nn.LSTM / nn.GRU. The recurrence
+    of layer 1 is an nn.LSTM / nn.GRU per direction whose input weight is a fixed identity
+    matrix, so precomputed gate pre-activations run on the fused kernel (`recurrence="fused"`);
+    on the hoisted path a small loop advancing both directions in one batched matmul per step
+    (`"loop"`) measured faster on CPU (`python seqlstm.py bench`) and is the default. Either
+    way the results equal nn.LSTM / nn.GRU on the repeated sequence (tests/test_models.py)."""
+
+    CELLS = {"lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}  # class, gates
+
+    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=32, layers=1, fc=100, dropout=0.0,
+                 bidirectional=True, readout="last", hoist=True, recurrence="loop"):
+        super().__init__()
+        _check_sizes(layers=layers, hidden=hidden, fc=fc)
+        _check_choice("cell", cell, list(self.CELLS))
+        _check_choice("readout", readout, READOUTS)
+        _check_choice("recurrence", recurrence, ["fused", "loop"])
+        self.cell, self.readout, self.hoist, self.recurrence = cell, readout, hoist, recurrence
+        self.hidden, self.dirs = hidden, 2 if bidirectional else 1
+        rnn, gates = self.CELLS[cell]
+        D, H, G = self.dirs, hidden, gates * hidden
+        self.in_proj = nn.Linear(in_features, D * G)  # layer-1 W_ih and b_ih of every direction
+        self.recur = nn.ModuleList(rnn(G, H, batch_first=True) for _ in range(D))
+        for r in self.recur:  # input weight fixed to I: gate pre-activations pass straight through
+            r.weight_ih_l0 = nn.Parameter(torch.eye(G), requires_grad=False)
+            r.bias_ih_l0 = nn.Parameter(torch.zeros(G), requires_grad=False)
+        self.upper = rnn(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
+                         dropout=dropout if layers > 2 else 0.0) if layers > 1 else None  # self.drop before it
+        self.pool = AttentionPool(D * H) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
         self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc, num_classes))
 
     def forward(self, x):  # x: (B, T, F)
         B, T, _ = x.shape
         if self.hoist and T > 1 and x.stride(1) == 0:  # every step is the same vector (identity sequence)
-            gates = self.in_proj(x[:, 0])  # (B, D*4H): once per image, not once per step
+            gates = self.in_proj(x[:, 0])  # (B, D*G): once per image, not once per step
             seq, h_last = (self._loop if self.recurrence == "loop" else self._fused)(gates, T)
         else:
-            seq, h_last = self._fused(self.in_proj(x), T)  # (B, T, D*4H)
+            seq, h_last = self._fused(self.in_proj(x), T)  # (B, T, D*G)
         if self.upper is not None:
-            _, (h_n, _) = self.upper(self.drop(seq))
-            h_last = h_n[-self.dirs:]
-        feats = h_last.transpose(0, 1).reshape(B, -1)  # (B, D*H): [forward final, backward final]
-        return self.head(self.drop(feats))
+            seq, h_n = self.upper(self.drop(seq))
+            h_last = (h_n[0] if isinstance(h_n, tuple) else h_n)[-self.dirs:]  # the LSTM's (h, c)
+        return self.head(self.drop(readout_features(self.readout, seq, h_last, self.pool)))
 
     def _fused(self, gates, T):
-        """Layer 1 on nn.LSTM's fused kernel: gates (B, T, D*4H), or (B, D*4H) for every step."""
+        """Layer 1 on the fused kernel: gates (B, T, D*G), or (B, D*G) for every step."""
         if gates.ndim == 2:
             gates = gates.unsqueeze(1).expand(-1, T, -1)
-        gates = gates.chunk(self.dirs, -1)  # D x (B, T, 4H)
-        out_f, (h_f, _) = self.recur[0](gates[0])
-        outs, h_last = [out_f], [h_f[0]]
-        if self.dirs == 2:
-            out_b, (h_b, _) = self.recur[1](gates[1].flip(1))
-            outs.append(out_b.flip(1))  # back to input positions
-            h_last.append(h_b[0])
+        gates = gates.chunk(self.dirs, -1)  # D x (B, T, G)
+        outs, h_last = [], []
+        for d, r in enumerate(self.recur):
+            out, h_n = r(gates[d].flip(1) if d else gates[d])
+            outs.append(out.flip(1) if d else out)  # the backward direction back to input positions
+            h_last.append((h_n[0] if isinstance(h_n, tuple) else h_n)[0])
         return torch.cat(outs, -1), torch.stack(h_last)  # (B, T, D*H), (D, B, H)
 
     def _loop(self, gates, T):
-        """Layer 1 as a Python loop over steps for gates (B, D*4H) that are the same at every step."""
+        """Layer 1 as a Python loop over steps for gates (B, D*G) that are the same at every step."""
         B, D, H = gates.shape[0], self.dirs, self.hidden
-        w_hh = torch.stack([lstm.weight_hh_l0 for lstm in self.recur])  # (D, 4H, H)
-        b_hh = torch.stack([lstm.bias_hh_l0 for lstm in self.recur]).unsqueeze(1)  # (D, 1, 4H)
-        h_last, outs = lstm_loop(gates.view(B, D, 4 * H).transpose(0, 1) + b_hh, w_hh, T)  # (D,B,H), (T,D,B,H)
-        if self.upper is None:
+        w_hh = torch.stack([r.weight_hh_l0 for r in self.recur])  # (D, G, H)
+        b_hh = torch.stack([r.bias_hh_l0 for r in self.recur]).unsqueeze(1)  # (D, 1, G)
+        gates = gates.view(B, D, -1).transpose(0, 1)  # (D, B, G)
+        if self.cell == "lstm":
+            h_last, outs = lstm_loop(gates + b_hh, w_hh, T)  # (D, B, H), (T, D, B, H)
+        else:
+            h_last, outs = gru_loop(gates, w_hh, b_hh, T)
+        if self.upper is None and self.readout == "last":
             return None, h_last
         seq = outs.permute(2, 0, 1, 3)  # (B, T, D, H)
         if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: reverse it to input positions
@@ -1049,13 +1110,13 @@ class BiLSTMFC(nn.Module):
         return seq.reshape(B, T, D * H), h_last
 
 
-def reference_lstm(model: BiLSTMFC) -> nn.LSTM:
-    """A plain nn.LSTM holding the same weights as `model`'s LSTM layers (for the equivalence
-    tests and the naive baseline of the benchmark)."""
+def reference_rnn(model: BiLSTMFC) -> nn.RNNBase:
+    """A plain nn.LSTM / nn.GRU holding the same weights as `model`'s recurrent layers (for the
+    equivalence tests and the naive baseline of the benchmark)."""
     D, H = model.dirs, model.hidden
     layers = 1 + (model.upper.num_layers if model.upper else 0)
-    ref = nn.LSTM(model.in_proj.in_features, H, layers, batch_first=True, bidirectional=D == 2,
-                  dropout=model.upper.dropout if model.upper else 0.0)
+    ref = BiLSTMFC.CELLS[model.cell][0](model.in_proj.in_features, H, layers, batch_first=True,
+                                        bidirectional=D == 2, dropout=model.upper.dropout if model.upper else 0.0)
     w_ih, b_ih = model.in_proj.weight.chunk(D), model.in_proj.bias.chunk(D)
     with torch.no_grad():
         for d, suffix in enumerate(["", "_reverse"][:D]):
@@ -1071,31 +1132,17 @@ def reference_lstm(model: BiLSTMFC) -> nn.LSTM:
 
 
 class ReferenceBiLSTMFC(nn.Module):
-    """The same network on a plain nn.LSTM over the explicitly repeated sequence: the naive baseline."""
+    """The same network on a plain nn.LSTM / nn.GRU over the explicitly repeated sequence: the naive baseline."""
     def __init__(self, model: BiLSTMFC):
         super().__init__()
         import copy
-        self.lstm, self.head, self.dirs = reference_lstm(model), copy.deepcopy(model.head), model.dirs
+        self.rnn, self.head, self.dirs = reference_rnn(model), copy.deepcopy(model.head), model.dirs
+        self.readout, self.pool = model.readout, copy.deepcopy(model.pool)
 
     def forward(self, x):  # (B, T, F), materialised
-        _, (h_n, _) = self.lstm(x.contiguous())
-        return self.head(h_n[-self.dirs:].transpose(0, 1).flatten(1))
-
-
-def _check_choice(what, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}: valid values are {list(valid)}")
-
-
-def _check_sizes(**sizes):
-    """Every size an integer >= 1 (a tuple: each of its entries)."""
-    for key, value in sizes.items():
-        values = value if isinstance(value, (tuple, list)) else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
-            raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
-
-
-READOUTS = ("last", "mean")
+        seq, h_n = self.rnn(x.contiguous())
+        h_n = h_n[0] if isinstance(h_n, tuple) else h_n
+        return self.head(readout_features(self.readout, seq, h_n[-self.dirs:], self.pool))
 
 
 class RNNClassifier(nn.Module):
@@ -1106,9 +1153,10 @@ class RNNClassifier(nn.Module):
 
     readout "last": the top layer's final hidden state (both directions' when bidirectional: the
     forward one after step T, the backward one after step 1); "mean": the top layer's outputs
-    averaged over steps. The presets lstm_rows_mnist and lstm_pixels_mnist are the classic
-    sequential-MNIST LSTM (3 layers x 128, unidirectional, last state): rows read 28 steps of 28
-    pixels, pixels 784 steps of 1 (Le, Jaitly & Hinton, 2015, "A simple way to initialize recurrent
+    averaged over steps; "attention": a learned attention pooling of them (readout_features).
+    The presets lstm_rows_mnist and lstm_pixels_mnist are the classic sequential-MNIST LSTM
+    (3 layers x 128, unidirectional, last state): rows read 28 steps of 28 pixels, pixels 784
+    steps of 1 (Le, Jaitly & Hinton, 2015, "A simple way to initialize recurrent
     networks of rectified linear units", introduced pixel-by-pixel MNIST)."""
 
     input_form = "sequence"
@@ -1124,17 +1172,14 @@ class RNNClassifier(nn.Module):
         self.dirs = 2 if bidirectional else 1
         self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True, bidirectional=bidirectional,
                                     dropout=dropout if layers > 1 else 0.0)
+        self.pool = AttentionPool(self.dirs * hidden) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.dirs * hidden, num_classes)
 
     def forward(self, x):  # (B, T, F)
         out, h_n = self.rnn(x.contiguous())  # identity sequences arrive as stride-0 views
-        if self.readout == "mean":
-            feats = out.mean(1)
-        else:
-            h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
-            feats = h_n[-self.dirs:].transpose(0, 1).reshape(x.shape[0], -1)  # (B, D*H)
-        return self.head(self.drop(feats))
+        h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
+        return self.head(self.drop(readout_features(self.readout, out, h_n[-self.dirs:], self.pool)))
 
 
 # ---- image models: (B, C, H, W), or the rows layout (B, H, W*C) folded back into the image
