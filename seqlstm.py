@@ -838,6 +838,8 @@ def per_sample_pipeline(mean, std, seq, augment="none", size=32):
     from torchvision.transforms import v2
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
+    if "cutout" in augment:
+        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only (augment_batch)")
     steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
     steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
@@ -891,16 +893,35 @@ def batch_flip(x, generator=None):
     return torch.where(_coin(x.shape[0], generator, x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
-AUGMENTS = ("none", "flip", "crop", "flip_crop")
+def batch_cutout(x, fill, generator=None):
+    """Cutout (DeVries & Taylor, 2017): in each image one square of half the image's side set to
+    `fill` (uint8 per channel: the mean pixel, which normalises to zero); its centre falls anywhere
+    in the image, so the square may lie partly outside, as in the paper. One masked select, on uint8."""
+    B, C, H, W = x.shape
+    side = max(1, H // 2)
+    top = torch.randint(0, H, (B, 1), generator=generator).to(x.device) - side // 2
+    left = torch.randint(0, W, (B, 1), generator=generator).to(x.device) - side // 2
+    r, c = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows, cols = (r >= top) & (r < top + side), (c >= left) & (c < left + side)  # (B, H), (B, W)
+    mask = rows[:, None, :, None] & cols[:, None, None, :]  # (B, 1, H, W)
+    return torch.where(mask, fill.to(x).view(1, C, 1, 1), x)
 
 
-def augment_batch(x, augment, generator=None):
+AUGMENTS = ("none", "flip", "crop", "flip_crop", "cutout", "flip_crop_cutout")
+
+
+def augment_batch(x, augment, generator=None, fill=None):
+    """Batch augmentation on uint8 images; cutout fills with `fill` (uint8 per channel, default 0)."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
     if "crop" in augment:  # flip_crop: both in the one gather
         flip = _coin(x.shape[0], generator, x.device) if "flip" in augment else None
-        return batch_crop(x, padding=max(1, x.shape[-1] // 8), generator=generator, flip=flip)
-    return batch_flip(x, generator) if augment == "flip" else x
+        x = batch_crop(x, padding=max(1, x.shape[-1] // 8), generator=generator, flip=flip)
+    elif "flip" in augment:
+        x = batch_flip(x, generator)
+    if "cutout" in augment:
+        x = batch_cutout(x, torch.zeros(x.shape[1], dtype=x.dtype) if fill is None else fill, generator)
+    return x
 
 
 class Batches:
@@ -1809,6 +1830,42 @@ def create_model(name: str, *, in_features: int, num_classes: int, **overrides) 
     return model
 
 
+def _orthogonal_rnn(rnn: nn.RNNBase, gates: int):
+    """Per gate: orthogonal W_hh, Xavier W_ih, zero biases, and an LSTM's forget-gate bias 1 (on b_hh,
+    so that b_ih + b_hh is 1). A frozen weight (BiLSTMFC's identity W_ih) keeps its value."""
+    for name, p in rnn.named_parameters():
+        if not p.requires_grad:
+            continue
+        with torch.no_grad():
+            for g, chunk in enumerate(p.chunk(gates)):  # one (H, ...) block per gate
+                if name.startswith("weight_hh"):
+                    nn.init.orthogonal_(chunk)
+                elif name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(chunk)
+                else:
+                    chunk.fill_(1.0 if gates == 4 and g == 1 and name.startswith("bias_hh") else 0.0)
+
+
+def orthogonal_init(model):
+    """Orthogonal hidden-to-hidden weights (Saxe et al., 2014), forget-gate bias 1 (Jozefowicz et al.,
+    2015), Xavier input weights (Glorot & Bengio, 2010) in every recurrent layer of `model`."""
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    if not rnns:
+        raise ValueError(f"init 'orthogonal' is for recurrent models; {type(model).__name__} has no "
+                         f"recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
+    for rnn in rnns:
+        _orthogonal_rnn(rnn, {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1))
+    if isinstance(model, BiLSTMFC):  # layer 1's input weights and biases live in in_proj
+        with torch.no_grad():
+            for chunk in model.in_proj.weight.chunk(model.in_proj.out_features // model.hidden):
+                nn.init.xavier_uniform_(chunk)
+            model.in_proj.bias.zero_()
+    return model
+
+
+INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}  # PyTorch's, or orthogonal_init
+
+
 def describe_models():
     """One line per model: its parameters at its default input, that input, its input form and paper."""
     lines = []
@@ -1860,8 +1917,25 @@ import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.15 deprecates, once per batch transfer.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULES = ("onecycle", "none")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
+              "sgd": partial(torch.optim.SGD, momentum=0.9, nesterov=True)}  # (params, lr=, weight_decay=)
+
+
+def _warmup_cosine(opt, lr, steps, warmup_steps):
+    """Linear warm-up from lr / (warmup_steps + 1) to lr, then cosine decay to 0 over the other steps."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    warmup = LinearLR(opt, start_factor=1 / (warmup_steps + 1), total_iters=warmup_steps)
+    return SequentialLR(opt, [warmup, CosineAnnealingLR(opt, T_max=steps - warmup_steps)], [warmup_steps])
+
+
+SCHEDULES = {  # (optimizer, peak lr, total steps, warm-up steps) -> a per-step scheduler, or None
+    "onecycle": lambda opt, lr, steps, warmup: torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps,
+                                                                                  pct_start=0.15),
+    "none": lambda opt, lr, steps, warmup: None,
+    "cosine": lambda opt, lr, steps, warmup: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+    "warmup_cosine": _warmup_cosine,
+}
+PRECISIONS = ("32", "bf16-mixed")  # Lightning's precision
 
 
 class NonFiniteError(FloatingPointError):
@@ -1882,7 +1956,7 @@ class SeqClassifier(pl.LightningModule):
     per-epoch history), so that a resumed run continues exactly where it stopped."""
 
     def __init__(self, model, *, to_seq, mean, std, augment="none", lr=1e-3, weight_decay=0.0,
-                 optimizer="adam", schedule="onecycle", seed=0):
+                 optimizer="adam", schedule="onecycle", warmup_epochs=0, label_smoothing=0.0, seed=0):
         super().__init__()
         self.model, self.to_seq = model, to_seq
         self.save_hyperparameters(ignore=["model", "to_seq", "mean", "std"])
@@ -1893,20 +1967,22 @@ class SeqClassifier(pl.LightningModule):
         self._grad_norms, self._step_in_epoch = [], 0
 
     def sequences(self, x_uint8, train=False):
-        if train:  # flips and crops on uint8, before normalisation: a quarter of the bytes
-            x_uint8 = augment_batch(x_uint8, self.hparams.augment, self.augment_gen)
+        if train:  # flips, crops and cutout on uint8, before normalisation: a quarter of the bytes
+            fill = (self.mean * 255).round().to(torch.uint8)  # cutout's mean pixel: zero once normalised
+            x_uint8 = augment_batch(x_uint8, self.hparams.augment, self.augment_gen, fill)
         return self.to_seq(normalize(x_uint8, self.mean, self.std))  # (B, T, F)
 
     def forward(self, x_uint8):
         return self.model(self.sequences(x_uint8))
 
     def _step(self, stage, logits, y):
-        loss = F.cross_entropy(logits, y)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0  # validation: the plain loss
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         correct = (logits.argmax(1) == y).sum()
         sums = torch.stack([loss.detach() * len(y), correct, y.new_tensor(len(y))])
         self._sums[stage] = self._sums.get(stage, 0) + sums
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{stage}_acc", correct / len(y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}_acc", correct / len(y), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def _non_finite(self, what, value):
@@ -1944,14 +2020,17 @@ class SeqClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):  # runs after the epoch's last training batch
         record = {"epoch": self.current_epoch + 1}
-        for stage, (loss, correct, n) in self._sums.items():
+        for stage, sums in self._sums.items():  # summed over ranks under DDP
+            loss, correct, n = self.trainer.strategy.reduce(sums, reduce_op="sum")
             record.update({f"{stage}_loss": float(loss / n), f"{stage}_acc": float(correct / n)})
-        if self._grad_norms:
+        if self._grad_norms:  # the ranks' gradients are all-reduced: every rank sees the same norms
             norms = torch.stack(self._grad_norms)
             record.update(grad_norm_mean=float(norms.mean()), grad_norm_max=float(norms.max()))
+        record["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]  # where the schedule stands
         self._sums, self._grad_norms = {}, []
         if not self.trainer.sanity_checking:
             self.history.append(record)
+            self.log_dict({k: v for k, v in record.items() if k.startswith(("grad_norm", "lr"))})
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["seqlstm"] = {"augment_gen": self.augment_gen.get_state(), "history": self.history,
@@ -1968,12 +2047,12 @@ class SeqClassifier(pl.LightningModule):
         hp = self.hparams
         opt = OPTIMIZERS[hp.optimizer]([p for p in self.parameters() if p.requires_grad],
                                        lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "none":
+        steps = int(self.trainer.estimated_stepping_batches)
+        warmup = min(steps - 1, hp.warmup_epochs * steps // max(1, self.trainer.max_epochs))
+        scheduler = SCHEDULES[hp.schedule](opt, hp.lr, steps, warmup)
+        if scheduler is None:
             return opt
-        steps = self.trainer.estimated_stepping_batches
-        return {"optimizer": opt, "lr_scheduler": {
-            "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, hp.lr, total_steps=steps, pct_start=0.15),
-            "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class EpochLog(pl.Callback):
@@ -2147,7 +2226,8 @@ PARAM_RANGES = {  # what each numeric parameter accepts, written as its error me
     "seq_len": (lambda v: v >= 1, ">= 1"), "epochs": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"), "eval_batch_size": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "image_size": (lambda v: v >= 0, ">= 0 (0: keep the dataset's size)"),
     "channels": (lambda v: v in (0, 1, 3), "0 (keep), 1 or 3"),
     "overview_per_class": (lambda v: v >= 0, ">= 0"),
@@ -2161,13 +2241,14 @@ PARAM_RANGES = {  # what each numeric parameter accepts, written as its error me
 def param_choices():
     """The named parameters and their valid values, one registry each."""
     return {"model": list_models(), "transform": list_sequences(), "augment": list(AUGMENTS),
-            "optimizer": sorted(OPTIMIZERS), "schedule": list(SCHEDULES)}
+            "optimizer": sorted(OPTIMIZERS), "schedule": list(SCHEDULES), "init": list(INITS),
+            "precision": list(PRECISIONS)}
 
 
 def _check_names(p):
     for name, valid in param_choices().items():
         for value in as_list(p[name]):
-            if value not in valid:
+            if str(value) not in valid:  # precision 32 as YAML's int
                 raise ParamError(f"parameter {name} = {value!r}: valid values are {valid}")
     for ds in as_list(p["dataset"]):
         if ds not in DATASETS and not _is_image_folder(Path(ds)):
@@ -2184,6 +2265,9 @@ def check_values(params: dict, types: dict) -> dict:
             if not ok(value):
                 raise ParamError(f"parameter {name} = {value!r}: must be {valid}")
     _check_names(p)
+    if p.get("schedule") == "warmup_cosine" and not p["warmup_epochs"] < p["epochs"]:
+        raise ParamError(f"parameter warmup_epochs = {p['warmup_epochs']}: must be below epochs "
+                         f"({p['epochs']}) for schedule warmup_cosine")
     return p
 
 
@@ -2195,10 +2279,11 @@ class Run:
     transform: str
     seq_len: object  # int, or None for the transforms whose length the image fixes
     params: dict
+    variant: str = ""  # the name of its entry in `variants`, if any
 
     def title(self, with_model=True):
         return ", ".join([self.dataset] + [self.model] * with_model + [self.transform]
-                         + [f"L = {self.seq_len}"] * bool(self.seq_len))
+                         + [f"L = {self.seq_len}"] * bool(self.seq_len) + [self.variant] * bool(self.variant))
 
 
 def takes_seq_len(transform):
@@ -2213,30 +2298,39 @@ def plan_runs(datasets, transforms, seq_lens, models=(None,)):
             for L in (seq_lens if takes_seq_len(tr) else [None])]
 
 
-PLANNED = ("dataset", "transform", "seq_len", "model", "per_model", "experiment")  # fixed for a report
+PLANNED = ("dataset", "model", "per_model", "variants", "experiment")  # fixed for a report
+PER_RUN = ("transform", "seq_len")  # per_model may set them; a variant may not (it compares at equal input)
+
+
+def _override(p, over, where, fixed, types):
+    """`p` updated by the mapping `over` of parameters (not in `fixed`), checked again as a whole."""
+    over = over or {}
+    if not isinstance(over, dict):
+        raise ParamError(f"{where} = {over!r}: expected a mapping of parameter: value")
+    check_params(over, [k for k in types if k not in fixed], where=f"{where}: ")
+    try:
+        return check_values({**p, **over}, types)
+    except ParamError as e:
+        raise ParamError(f"{where}: {e}") from None
 
 
 def plan_report(params: dict, types: dict) -> list:
-    """Every run of a report, each with its parameters checked, `per_model` overrides (e.g.
-    {"pit": {"epochs": 1}}) included, so that a bad value in the last run fails before the first."""
+    """Every run of a report, each with its parameters checked, so that a bad value in the last run
+    fails before the first: dataset x model x variant x transform x seq_len, with `per_model`
+    overrides (e.g. {"pit": {"epochs": 1}}) and then each `variants` entry's applied."""
     check_params(params, types)
     p = check_values(params, types)
     unknown = sorted(set(p["per_model"]) - set(MODELS))  # registered models the report does not run may stay
     if unknown:
         raise ParamError(f"per_model names {unknown}, which are not models: valid names are {list_models()}")
-    per_model = {}
+    planned = {}  # (model, variant) -> parameters
     for m in as_list(p["model"]):
-        over = p["per_model"].get(m) or {}
-        if not isinstance(over, dict):
-            raise ParamError(f"per_model[{m!r}] = {over!r}: expected a mapping of parameter: value")
-        check_params(over, [k for k in types if k not in PLANNED], where=f"per_model[{m!r}]: ")
-        try:
-            per_model[m] = check_values({**p, **over, "model": m}, types)
-        except ParamError as e:
-            raise ParamError(f"per_model[{m!r}]: {e}") from None
-    return [Run(ds, m, tr, L, {**per_model[m], "dataset": ds, "transform": tr, "seq_len": L})
-            for ds, m, tr, L in plan_runs(as_list(p["dataset"]), as_list(p["transform"]),
-                                          as_list(p["seq_len"]), as_list(p["model"]))]
+        base = _override({**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types)
+        for v, over in (p["variants"] or {"": {}}).items():
+            planned[m, v] = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
+    return [Run(ds, m, tr, L, {**q, "dataset": ds, "transform": tr, "seq_len": L, "variant": v}, v)
+            for ds in as_list(p["dataset"]) for (m, v), q in planned.items()
+            for _, _, tr, L in plan_runs([ds], as_list(q["transform"]), as_list(q["seq_len"]))]
 
 
 def data_options(p: dict) -> dict:
@@ -2272,6 +2366,19 @@ def transform_args(p: dict) -> dict:
     return dict(targs)
 
 
+def _check_model(p, T, n_feat, n_classes):
+    """The run's model built with its model_args and initialised with its init."""
+    try:
+        model = create_model(p["model"], in_features=n_feat, num_classes=n_classes, **p["model_args"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ParamError(f"model_args {p['model_args']} for model {p['model']!r} on {T} steps "
+                         f"of {n_feat} features: {e}") from None
+    try:
+        INITS[p["init"]](model)
+    except ValueError as e:
+        raise ParamError(f"parameter init = {p['init']!r} for model {p['model']!r}: {e}") from None
+
+
 def check_run_inputs(runs, loaded):
     """Each run's transform and model arguments against its images: a patch that does not fit or
     a bad model argument fails now, not after the runs before it have trained."""
@@ -2284,13 +2391,9 @@ def check_run_inputs(runs, loaded):
         except (ValueError, TypeError, RuntimeError) as e:
             raise ParamError(f"transform_args {targs} for transform {run.transform!r} on "
                              f"{'x'.join(map(str, data.image_shape))} images: {e}") from None
-        key = (run.model, n_feat, len(data.classes), repr(p["model_args"]))
+        key = (run.model, n_feat, len(data.classes), repr(p["model_args"]), p["init"])
         if key not in built:
-            try:
-                create_model(run.model, in_features=n_feat, num_classes=len(data.classes), **p["model_args"])
-            except (ValueError, TypeError, RuntimeError) as e:
-                raise ParamError(f"model_args {p['model_args']} for model {run.model!r} on {T} steps "
-                                 f"of {n_feat} features: {e}") from None
+            _check_model(p, T, n_feat, len(data.classes))
             built.add(key)
 
 
@@ -2395,7 +2498,7 @@ def data_fingerprint(data: ImageData) -> str:
     return data._fingerprint
 
 
-NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "experiment", "data_dir")
+NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "variants", "variant", "experiment", "data_dir")
 
 
 def run_key(p: dict, data: ImageData) -> str:
@@ -2406,7 +2509,7 @@ def run_key(p: dict, data: ImageData) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-SUMMARY_FIELDS = ["report", "status", "dataset", "model", "transform", "seq_len", "epochs", "test_acc",
+SUMMARY_FIELDS = ["report", "status", "dataset", "model", "variant", "transform", "seq_len", "epochs", "test_acc",
                   "macro_f1", "n_params", "train_seconds", "train_images_per_s", "mlflow_run_id", "error"]
 
 
@@ -2562,9 +2665,11 @@ def build_run(p: dict, data: ImageData):
     example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]  # (T, F): what the model sees
     model = create_model(p["model"], in_features=example.shape[1], num_classes=len(data.classes),
                          **p["model_args"])
+    INITS[p["init"]](model)
     module = SeqClassifier(model, to_seq=to_seq, mean=data.mean, std=data.std, augment=p["augment"],
                            lr=p["lr"], weight_decay=p["weight_decay"], optimizer=p["optimizer"],
-                           schedule=p["schedule"], seed=p["seed"])
+                           schedule=p["schedule"], warmup_epochs=p["warmup_epochs"],
+                           label_smoothing=p["label_smoothing"], seed=p["seed"])
     return to_seq, example, module
 
 
@@ -2592,6 +2697,7 @@ def make_trainer(p, client, run_id, steps_per_epoch):
     timer = TrainTimer()
     on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, one line per epoch
     trainer = pl.Trainer(max_epochs=p["epochs"], gradient_clip_val=p["grad_clip"] or None, logger=logger,
+                         precision=str(p["precision"]),
                          num_sanity_val_steps=0, log_every_n_steps=steps_per_epoch,
                          callbacks=[checkpoint, timer, EpochLog(), MarkEpoch(client, run_id)]
                          + [TQDMProgressBar()] * on_terminal, enable_progress_bar=on_terminal,
@@ -2615,7 +2721,7 @@ def evaluate(trainer, module, data, eval_batch):
 
 def summary_row(p, status, run_id="", **values):
     return {"report": p["experiment"], "status": status, "dataset": p["dataset"], "model": p["model"],
-            "transform": p["transform"], "seq_len": values.pop("seq_len", p["seq_len"]),
+            "variant": p.get("variant", ""), "transform": p["transform"], "seq_len": values.pop("seq_len", p["seq_len"]),
             "epochs": p["epochs"], "mlflow_run_id": run_id, **values}
 
 
@@ -2678,7 +2784,7 @@ def reuse_run(client, found, run: Run, data: ImageData) -> RunResult:
         saved = json.loads(Path(client.download_artifacts(found.info.run_id, "result.json", tmp)).read_text())
     print(f"reused MLflow run {found.info.run_id}: it finished with the same parameters, data and code",
           flush=True)
-    row = {**saved["row"], "status": "reused", "report": run.params["experiment"]}
+    row = {**saved["row"], "status": "reused", "report": run.params["experiment"], "variant": run.variant}
     append_summary(row)
     to_seq = make_sequence(run.transform, seq_len=run.seq_len, **transform_args(run.params))
     example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]
