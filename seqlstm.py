@@ -4,21 +4,24 @@ Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas e
 rows, pixels, patches, crops, series of transformed views), sequence models (MODELS: BiLSTM + FC,
 RNNs, Sequencer2D, ViT, the LRA pixel models) read them, Lightning trains them and MLflow tracks
 every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
-Other commands: `python seqlstm.py bench [--quick]`, `python seqlstm.py datasets|transforms|models`.
+Search: `python seqlstm.py tune params/tune.yaml --trials 30`; runs without the notebook (DDP):
+`python seqlstm.py train params/X.yaml`. Others: `bench [--quick]`, `datasets|transforms|models`.
 
 Contents, in reading order (each section uses only what comes before it):
   Data                 DATASETS, load_dataset: every dataset as in-memory uint8 tensors, cached
   Sequence transforms  SEQUENCES, make_sequence; the batched fast path (normalize, augment, Batches)
-  Models               MODELS, create_model: BiLSTM + FC, RNNs, image models, LRA pixel models
+  Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel models
   Distillation loss    distillation_loss
-  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES), EpochLog, TrainTimer, MarkEpoch
-  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run], check_run_inputs
+  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES, PRECISIONS, STRATEGIES), EpochLog, TrainTimer
+  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run] (per_model, variants)
   Tracking             tracking_experiment (locked), code_version, run_key, append_summary (locked)
   Experiment runner    run_experiment: reuse | resume | new -> build -> fit -> evaluate -> track,
-                       failures contained (fail_run), interrupts marked KILLED
-  Report               prepare_report (all checks, each dataset loaded once), render_report
+                       failures contained (fail_run), interrupts marked KILLED; DDP ranks (rank_run)
+  Report               prepare_report (all checks, each dataset loaded once), variant_table, render_report
+  Tuning               tune: read_tune_file -> study (SQLite | journal | PostgreSQL) -> claim_trial ->
+                       run_trial (the runner, PruneOnValAcc, nested MLflow run) -> write_best
   Benchmark            bench: speed as ratios measured in one run
-  Command line         main: report, bench, datasets, transforms, models
+  Command line         main: report, train, tune, bench, datasets, transforms, models
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -929,16 +933,23 @@ class Batches:
 
     No per-sample indexing or collation. Epoch e's order is a function of (seed, e) alone, so a
     run resumed at epoch e sees the batches an uninterrupted one would have seen: SeqClassifier calls
-    `set_epoch(e)` before each training epoch; used alone, each pass is the next epoch."""
-    def __init__(self, x, y, batch_size, shuffle=False, seed=0):
+    `set_epoch(e)` before each training epoch; used alone, each pass is the next epoch.
+
+    Under DDP (`world` processes) each `rank` reads its share of every epoch (`indices`): shuffled,
+    rank r takes the r-th of `world` equal, disjoint blocks of the epoch's permutation, so the ranks
+    take equal steps and together see every image once (when N is not a multiple of `world`, the
+    permutation's last N % world images sit that epoch out, as with DistributedSampler's
+    drop_last); ordered (evaluation), rank r takes every world-th image from r on: all of them, once."""
+    def __init__(self, x, y, batch_size, shuffle=False, seed=0, rank=0, world=1):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.rank, self.world = seed, 0, rank, world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return -(-len(self.y) // self.batch_size)
+        n = len(self.y) // self.world if self.shuffle else len(range(self.rank, len(self.y), self.world))
+        return -(-n // self.batch_size)
 
     def order(self, epoch):
         """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same stream
@@ -948,11 +959,17 @@ class Batches:
             order = torch.randperm(len(self.y), generator=generator)
         return order
 
+    def indices(self):
+        """This rank's images of the current epoch, in the order it reads them."""
+        if not self.shuffle:
+            return torch.arange(self.rank, len(self.y), self.world)
+        share = len(self.y) // self.world
+        return self.order(self.epoch)[self.rank * share:(self.rank + 1) * share]
+
     def __iter__(self):
-        n = len(self.y)
-        order = self.order(self.epoch) if self.shuffle else torch.arange(n)
+        order = self.indices()
         self.epoch += 1
-        for i in range(0, n, self.batch_size):
+        for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.x[idx], self.y[idx]
 
@@ -1936,6 +1953,7 @@ SCHEDULES = {  # (optimizer, peak lr, total steps, warm-up steps) -> a per-step 
     "warmup_cosine": _warmup_cosine,
 }
 PRECISIONS = ("32", "bf16-mixed")  # Lightning's precision
+STRATEGIES = ("auto", "ddp")  # Lightning's strategy: ddp launches one process per device (a script, not a notebook)
 
 
 class NonFiniteError(FloatingPointError):
@@ -2067,7 +2085,7 @@ class EpochLog(pl.Callback):
         self._ends = [time.perf_counter()]
 
     def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
-        if not module.history:
+        if not module.history or not trainer.is_global_zero:
             return
         self._ends.append(time.perf_counter())
         ends = self._ends[-self.recent - 1:]
@@ -2235,6 +2253,7 @@ PARAM_RANGES = {  # what each numeric parameter accepts, written as its error me
                                          "checkpoint is the one tested)"),
     "limit_train": (lambda v: v >= 0, ">= 0 (0: all training images)"), "seed": (lambda v: v >= 0, ">= 0"),
     "threads": (lambda v: v >= 0, ">= 0 (0: all cores)"),
+    "devices": (lambda v: v >= 1, ">= 1"), "num_nodes": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -2242,7 +2261,7 @@ def param_choices():
     """The named parameters and their valid values, one registry each."""
     return {"model": list_models(), "transform": list_sequences(), "augment": list(AUGMENTS),
             "optimizer": sorted(OPTIMIZERS), "schedule": list(SCHEDULES), "init": list(INITS),
-            "precision": list(PRECISIONS)}
+            "precision": list(PRECISIONS), "strategy": list(STRATEGIES)}
 
 
 def _check_names(p):
@@ -2498,7 +2517,8 @@ def data_fingerprint(data: ImageData) -> str:
     return data._fingerprint
 
 
-NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "variants", "variant", "experiment", "data_dir")
+NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "variants", "variant", "experiment", "data_dir",
+              "tune_study", "tune_storage")
 
 
 def run_key(p: dict, data: ImageData) -> str:
@@ -2631,10 +2651,11 @@ def eval_batch_size(steps: int) -> int:
     return max(16, min(1024, 2 ** 17 // steps))
 
 
-def open_run(client, experiment_id, key, run, resume):
+def open_run(client, experiment_id, key, run, resume, tags=None):
     """(MLflow run id, checkpoint to resume from or None). The caller holds the key's lock, so a
     run of this key still RUNNING died without a word (SIGKILL, a lost kernel): it is marked
-    KILLED. With `resume`, the newest killed run that left a last checkpoint continues."""
+    KILLED. With `resume`, the newest killed run that left a last checkpoint continues. `tags`
+    go with a new run (a tuning trial's parent run and trial number)."""
     previous = client.search_runs([experiment_id], f"tags.`seqlstm.key` = '{key}'",
                                   order_by=["attributes.start_time DESC"])
     for r in previous:
@@ -2648,7 +2669,8 @@ def open_run(client, experiment_id, key, run, resume):
             print(f"resuming MLflow run {r.info.run_id} after epoch {done} from its last checkpoint", flush=True)
             return r.info.run_id, last
     code = {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
-    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code})
+    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code,
+                                                                          **(tags or {})})
     return created.info.run_id, None
 
 
@@ -2682,8 +2704,20 @@ def run_facts(p, data, module, example, threads):
             "code": code_version()}
 
 
-def make_trainer(p, client, run_id, steps_per_epoch):
-    """A Trainer logging into MLflow run `run_id`, keeping best.ckpt and last.ckpt only."""
+def world_size(p):
+    return p["devices"] * p["num_nodes"]
+
+
+def process_rank(p):
+    """This process's global rank under DDP, from the launcher's environment (0 before a launch)."""
+    if "RANK" in os.environ:  # torchrun, SLURM through Lightning
+        return int(os.environ["RANK"])
+    return int(os.environ.get("NODE_RANK", 0)) * p["devices"] + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def make_trainer(p, client, run_id, steps_per_epoch, callbacks=()):
+    """A Trainer logging into MLflow run `run_id` (none on ranks > 0: client None), keeping
+    best.ckpt and last.ckpt only; `devices`, `num_nodes` and `strategy` go to Lightning."""
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import MLFlowLogger
 
@@ -2691,27 +2725,35 @@ def make_trainer(p, client, run_id, steps_per_epoch):
         def finalize(self, status="success"):  # the runner sets the run's status, results logged
             pass
 
-    logger = RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri())
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id), filename="best", monitor="val_acc",
-                                 mode="max", save_top_k=1, save_last=True)
+    logger = RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri()) if client else False
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id or "rank0"), filename="best", monitor="val_acc",
+                                 mode="max", save_top_k=1, save_last=True)  # DDP: rank 0's dirpath, broadcast
     timer = TrainTimer()
     on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, one line per epoch
     trainer = pl.Trainer(max_epochs=p["epochs"], gradient_clip_val=p["grad_clip"] or None, logger=logger,
-                         precision=str(p["precision"]),
-                         num_sanity_val_steps=0, log_every_n_steps=steps_per_epoch,
-                         callbacks=[checkpoint, timer, EpochLog(), MarkEpoch(client, run_id)]
+                         precision=str(p["precision"]), num_sanity_val_steps=0, log_every_n_steps=steps_per_epoch,
+                         callbacks=[checkpoint, timer, EpochLog(), *callbacks] + [MarkEpoch(client, run_id)] * bool(client)
                          + [TQDMProgressBar()] * on_terminal, enable_progress_bar=on_terminal,
-                         deterministic=True if not torch.cuda.is_available() else "warn",
-                         enable_model_summary=False, accelerator="auto", devices=1)
+                         deterministic=True if not torch.cuda.is_available() else "warn", enable_model_summary=False,
+                         accelerator="auto", devices=p["devices"], num_nodes=p["num_nodes"], strategy=p["strategy"])
     return trainer, timer
+
+
+def predict_best(trainer, module, batches):
+    """Class predictions of the best-validation checkpoint, in this process alone: after a DDP fit,
+    rank 0 tests once instead of every rank predicting the whole test split."""
+    state = torch.load(trainer.checkpoint_callback.best_model_path, map_location=module.device, weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    with torch.inference_mode(), trainer.precision_plugin.predict_step_context():
+        return torch.cat([module(x.to(module.device)).argmax(1).cpu() for x, _ in batches])
 
 
 def evaluate(trainer, module, data, eval_batch):
     """The best-validation checkpoint on the test split: (metrics, classification report, confusion)."""
     import numpy as np
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
-    batches = Batches(data.test_x, data.test_y, eval_batch)
-    preds = torch.cat(trainer.predict(module, batches, ckpt_path="best")).numpy()
+    preds = predict_best(trainer, module, Batches(data.test_x, data.test_y, eval_batch)).numpy()
     y, labels = data.test_y.numpy(), list(range(len(data.classes)))
     report = classification_report(y, preds, labels=labels, target_names=data.classes, output_dict=True,
                                    zero_division=0)
@@ -2748,24 +2790,35 @@ def track_run(client, run_id, p, result: RunResult, metrics: dict):
     append_summary(m)
 
 
-def train_run(run: Run, data: ImageData, client, run_id, resume_from=None) -> RunResult:
-    """Build, fit (from `resume_from` if given), evaluate and track one run."""
+def fit_run(run: Run, data: ImageData, client, run_id, resume_from=None, callbacks=()):
+    """Build and fit one run (from `resume_from` if given): (trainer, timer, module, example, facts).
+    Every DDP rank runs this; rank 0 alone has a client and logs the parameters."""
     p = run.params
     threads = set_threads(p["threads"])
     pl.seed_everything(p["seed"], workers=True, verbose=False)
     to_seq, example, module = build_run(p, data)
     facts = {**p, **run_facts(p, data, module, example, threads)}
-    if resume_from is None:
+    if client and resume_from is None:
         client.log_batch(run_id, params=[_mlflow_param(k, v) for k, v in facts.items()])
-    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"])
     eval_batch = p["eval_batch_size"] or eval_batch_size(example.shape[0])
-    trainer, timer = make_trainer(p, client, run_id, len(train))
-    trainer.fit(module, train, Batches(data.val_x, data.val_y, eval_batch), ckpt_path=resume_from)
-    metrics, report, cm = evaluate(trainer, module, data, eval_batch)
+    steps = -(-len(data.train_y) // world_size(p) // p["batch_size"])
+    trainer, timer = make_trainer(p, client, run_id, steps, callbacks)
+    rank, world = trainer.global_rank, trainer.world_size  # each rank reads its share (Batches)
+    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"], rank=rank, world=world)
+    val = Batches(data.val_x, data.val_y, eval_batch, rank=rank, world=world)
+    trainer.fit(module, train, val, ckpt_path=resume_from)
+    return trainer, timer, module, example, {**facts, "eval_batch": eval_batch, "world_size": world}
+
+
+def train_run(run: Run, data: ImageData, client, run_id, resume_from=None, callbacks=()) -> RunResult:
+    """Fit (fit_run), evaluate and track one run."""
+    p = run.params
+    trainer, timer, module, example, facts = fit_run(run, data, client, run_id, resume_from, callbacks)
+    metrics, report, cm = evaluate(trainer, module, data, facts.pop("eval_batch"))
     row = summary_row(p, "ok", run_id, seq_len=example.shape[0], n_params=facts["n_params"],
                       test_acc=round(metrics["test_acc"], 4), macro_f1=round(metrics["macro_f1"], 4),
-                      train_seconds=round(timer.wall, 1),
-                      train_images_per_s=round(timer.images / max(timer.seconds, 1e-9)))
+                      train_seconds=round(timer.wall, 1),  # every rank's images: they train at once
+                      train_images_per_s=round(timer.images * facts["world_size"] / max(timer.seconds, 1e-9)))
     fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
     result = RunResult(row, module.history, report, cm, data.classes, facts, fig)
     track_run(client, run_id, p, result, metrics)
@@ -2809,23 +2862,36 @@ def fail_run(client, run_id, run: Run, error: BaseException) -> RunResult:
     return RunResult(row, [], {}, None, [], dict(run.params), None, status="failed", error=message)
 
 
-def run_experiment(run: Run, data: ImageData = None) -> RunResult:
+def rank_run(run: Run, data: ImageData):
+    """A DDP rank > 0: the same decision as rank 0 (reuse a finished run, else train), read from
+    MLflow; it trains its share and leaves tracking, testing and summary.csv to rank 0."""
+    p = run.params
+    client, experiment_id = tracking_experiment(p["experiment"])
+    if not (p["resume"] and finished_run(client, experiment_id, run_key(p, data))):
+        fit_run(run, data, None, None)
+
+
+def run_experiment(run: Run, data: ImageData = None, *, callbacks=(), tags=None) -> RunResult:
     """Train one planned run (see plan_report) on its loaded data and track it in MLflow.
 
     With resume (the default) a run that finished with the same parameters, data and code is
-    reused, and a killed one continues from its last checkpoint in the same MLflow run. An error
-    inside the run is contained (status "failed"); an interrupt marks the run KILLED and goes on."""
+    reused, and a killed one continues from its last checkpoint in the same MLflow run (on one
+    process; a DDP run starts afresh). An error inside the run is contained (status "failed"); an
+    interrupt marks the run KILLED and goes on. `callbacks` join the Trainer's, `tags` a new
+    MLflow run's. On a DDP rank > 0 it trains its share and returns None (rank_run)."""
     p = run.params
     data = data if data is not None else load_dataset(run.dataset, **data_options(p))
+    if process_rank(p) > 0:
+        return rank_run(run, data)
     client, experiment_id = tracking_experiment(p["experiment"])
     key = run_key(p, data)
     with lock(f"run-{key}"):  # the same run started twice at once: the second waits, then reuses
         found = finished_run(client, experiment_id, key) if p["resume"] else None
         if found is not None:
             return reuse_run(client, found, run, data)
-        run_id, resume_from = open_run(client, experiment_id, key, run, p["resume"])
+        run_id, resume_from = open_run(client, experiment_id, key, run, p["resume"] and world_size(p) == 1, tags)
         try:
-            return train_run(run, data, client, run_id, resume_from)
+            return train_run(run, data, client, run_id, resume_from, callbacks)
         except Exception as e:  # noqa: BLE001 (contained: recorded, and the report goes on)
             return fail_run(client, run_id, run, e)
         except BaseException:  # Ctrl-C, SIGTERM (Lightning's SystemExit), a kernel shutdown
@@ -2840,6 +2906,17 @@ class RunsFailed(RuntimeError):
     """Some runs of a report failed; the report rendered all the others."""
 
 
+def check_study(name, storage=""):
+    """A report's tune_study must be in its storage (the Tuning section reads it)."""
+    if not name:
+        return
+    import optuna
+    names = optuna.study.get_all_study_names(open_storage(storage_url(storage)))
+    if name not in names:
+        raise ParamError(f"parameter tune_study = {name!r}: no such study in {storage_url(storage)}; "
+                         f"the studies there are {names}")
+
+
 def prepare_report(params: dict, types: dict):
     """Everything a report checks before its first run, for the command line and the notebook
     alike: parameters of every planned run, the outputs folder, the tracking store, then each
@@ -2848,6 +2925,7 @@ def prepare_report(params: dict, types: dict):
     runs = plan_report(params, types)
     check_outputs()
     check_tracking()
+    check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
     loaded = load_report_data(runs)
     check_run_inputs(runs, loaded)
     return runs, loaded
@@ -2878,6 +2956,59 @@ def end_report(results):
         raise RunsFailed("failed runs:\n" + "\n".join(
             f"- {r.params['dataset']}, {r.params['model']}, {r.params['transform']}, L = {r.params['seq_len']}: "
             f"{r.error}" for r in failed))
+
+
+def variant_table(results):
+    """One row per finished run of a report with variants: test accuracy, final training loss, the
+    range of the per-epoch gradient norms (before clipping: the lowest epoch mean to the highest
+    step), training time."""
+    import pandas as pd
+    rows = []
+    for r in results:
+        if r.status == "failed" or not r.history:
+            continue
+        h = r.history
+        rows.append({"model": r.row["model"], "variant": r.row.get("variant", ""), "test_acc": float(r.row["test_acc"]),
+                     "final_train_loss": h[-1].get("train_loss"), "grad_norm_min": min(e.get("grad_norm_mean", 0) for e in h),
+                     "grad_norm_max": max(e.get("grad_norm_max", 0) for e in h), "train_seconds": float(r.row["train_seconds"])})
+    return pd.DataFrame(rows)
+
+
+def plot_variants(table):
+    """Bars per (model, variant): test accuracy, final training loss, gradient-norm range (log scale), time."""
+    import matplotlib.pyplot as plt
+    labels = [f"{m}: {v}" for m, v in zip(table["model"], table["variant"])]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 0.32 * len(table) + 1.4), sharey=True)
+    axes[0].barh(labels, 100 * table["test_acc"]), axes[0].set(xlabel="test accuracy %")
+    axes[1].barh(labels, table["final_train_loss"]), axes[1].set(xlabel="final training loss")
+    axes[2].barh(labels, table["grad_norm_max"] - table["grad_norm_min"], left=table["grad_norm_min"])
+    axes[2].set(xlabel="gradient norm, min epoch mean .. max step", xscale="log")
+    axes[3].barh(labels, table["train_seconds"]), axes[3].set(xlabel="training seconds")
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(results):
+    """Learning curves of every variant overlaid, one row of panels per model: validation accuracy,
+    training loss and the gradient norm (epoch mean) against the epoch."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    done = [r for r in results if r.status != "failed" and r.history]
+    models = list(dict.fromkeys(r.row["model"] for r in done))
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3 * len(models)), squeeze=False)
+    for row, m in zip(axes, models):
+        for r in (r for r in done if r.row["model"] == m):
+            h = pd.DataFrame(r.history).set_index("epoch")
+            for ax, col in zip(row, ("val_acc", "train_loss", "grad_norm_mean")):
+                if col in h:
+                    ax.plot(h.index, h[col], label=r.row.get("variant") or m)
+        for ax, col in zip(row, ("validation accuracy", "training loss", "gradient norm (epoch mean)")):
+            ax.set(title=f"{m}: {col}", xlabel="epoch")
+        row[2].set_yscale("log")
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def read_report_params(params_file=None, overrides=()):
@@ -2936,6 +3067,382 @@ def to_html(notebook: Path) -> Path:
     html = notebook.with_suffix(".html")
     html.write_text(body)
     return html
+
+
+# ----------------------------------------------------------------------------------------
+# Tuning: an Optuna study over report parameters; each trial is one run of the runner, nested
+# under the study's MLflow parent run; workers share a study through its storage
+
+TUNE_KEYS = ("search", "pruner")  # a tune file's keys besides report parameters
+NOT_SEARCHED = PLANNED + PER_RUN + (  # what one study holds fixed: its run, its data, how it runs
+    "resume", "threads", "data_dir", "val_fraction", "seed", "limit_train", "image_size", "grayscale", "channels",
+    "dataset_args", "overview_per_class", "tune_study", "tune_storage", "devices", "num_nodes", "strategy")
+PRUNERS = {"median": lambda: __import__("optuna").pruners.MedianPruner(n_startup_trials=2),
+           "hyperband": lambda: __import__("optuna").pruners.HyperbandPruner(min_resource=1)}
+
+
+@dataclass
+class TuneSpec:
+    """A checked tune file: the report parameters (defaults included), the search space
+    (name -> Optuna distribution), which names are model_args keys, and the pruner."""
+    params: dict
+    given: dict  # the fixed parameters as the file gives them (for the best-parameters file)
+    space: dict
+    model_keys: set
+    pruner: str
+
+
+def _distribution(name, spec):
+    """A list is categorical; {low, high[, log][, step]} a float range, an int range when low
+    and high are both integers."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    where = f"search.{name} = {spec!r}"
+    if isinstance(spec, list):
+        if not spec or not all(v is None or isinstance(v, (bool, int, float, str)) for v in spec):
+            raise ParamError(f"{where}: a categorical search is a non-empty list of numbers, strings or booleans")
+        return CategoricalDistribution(spec)
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - {"low", "high", "log", "step"}:
+        raise ParamError(f"{where}: expected a list of values or {{low: .., high: .., log: true|false, step: ..}}")
+    low, high = spec["low"], spec["high"]
+    if not all(_KINDS["float"](v) for v in (low, high)) or not low < high:
+        raise ParamError(f"{where}: low and high must be numbers with low < high")
+    kind = IntDistribution if all(_KINDS["int"](v) for v in (low, high)) else FloatDistribution
+    try:
+        return kind(low, high, log=bool(spec.get("log", False)), step=spec.get("step"))
+    except ValueError as e:
+        raise ParamError(f"{where}: {e}") from None
+
+
+def apply_trial(spec: TuneSpec, values: dict) -> dict:
+    """The report parameters of one trial: the fixed ones updated by `values` (model_args keys merged)."""
+    p = {**spec.params, "model_args": dict(spec.params["model_args"])}
+    for name, value in values.items():
+        (p["model_args"] if name in spec.model_keys else p)[name] = value
+    return p
+
+
+def _search_names(search, p, types):
+    """Which search names are model_args keys; a name that is neither a searchable report parameter
+    nor a model argument fails, listing both."""
+    searchable = [k for k in types if k not in NOT_SEARCHED]
+    model_args = model_options(p["model"])
+    bad = sorted(set(search) - set(searchable) - set(model_args))
+    if bad:
+        raise ParamError(f"search: {bad} not a report parameter or model argument that a study may vary: "
+                         f"report parameters {searchable}, model arguments of {p['model']!r} {model_args}")
+    return {k for k in search if k not in types}
+
+
+def read_tune_file(path) -> TuneSpec:
+    """A tune file checked as far as it can be without data: fixed parameters as a report's, one
+    run, a well-formed search space whose every bound and choice passes plan_report."""
+    given = read_params_file(path)
+    search, pruner = given.pop("search", None), given.pop("pruner", "median")
+    types = report_types()
+    check_params(given, types, where=f"{path}: ")
+    if not isinstance(search, dict) or not search:
+        raise ParamError(f"{path}: `search` must map parameters to ranges or lists, e.g. "
+                         f"search: {{lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}, hidden: [32, 64]}}")
+    _check_choice("pruner", pruner, list(PRUNERS))
+    p = {**report_defaults(), **given}
+    runs = plan_report(p, types)
+    if len(runs) != 1:
+        raise ParamError(f"{path}: a study tunes one run, this file plans {len(runs)}: give one dataset, "
+                         f"model, transform and seq_len, and no variants")
+    fixed = {k: v for k, v in runs[0].params.items() if k != "variant"}  # the run's, as parameters
+    spec = TuneSpec(fixed, given, {k: _distribution(k, v) for k, v in search.items()},
+                    _search_names(search, fixed, types), pruner)
+    for name, dist in spec.space.items():  # every bound and choice is a valid value
+        for value in getattr(dist, "choices", None) or (dist.low, dist.high):
+            try:
+                plan_report(apply_trial(spec, {name: value}), types)
+            except ParamError as e:
+                raise ParamError(f"search.{name} = {value!r}: {e}") from None
+    return spec
+
+
+def prepare_tune(spec: TuneSpec):
+    """prepare_report for the study's run, and the model built at every model_args bound and choice."""
+    runs, loaded = prepare_report(spec.params, report_types())
+    for name in spec.model_keys:
+        dist = spec.space[name]
+        for value in getattr(dist, "choices", None) or (dist.low, dist.high):
+            check_run_inputs(plan_report(apply_trial(spec, {name: value}), report_types()), loaded)
+    return loaded[data_key(runs[0].params)]
+
+
+def storage_url(storage="", workers=1):
+    """The study's storage: given, else an SQLite file under outputs/ for one worker and a journal
+    file for several on this machine."""
+    if storage:
+        return storage
+    return str(OUTPUTS / "optuna.journal") if workers > 1 else f"sqlite:///{(OUTPUTS / 'optuna.db').resolve()}"
+
+
+def _is_url(storage):
+    return "://" in storage
+
+
+def _engine_kwargs(storage):
+    """A PostgreSQL server that does not answer fails in seconds, not after the OS's TCP timeout."""
+    return {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
+
+
+@contextmanager
+def study_lock(storage, study_name):
+    """One worker at a time claims a trial: a PostgreSQL advisory lock for a database that workers
+    on several machines share, else a file lock beside the SQLite or journal file."""
+    if storage.startswith("postgresql"):
+        import sqlalchemy
+        key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)  # fits PostgreSQL's bigint
+        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(storage))
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        return
+    if _is_url(storage) and not storage.startswith("sqlite:///"):
+        raise SetupError(f"tune coordinates workers through PostgreSQL, SQLite or a journal file, not {storage}")
+    from filelock import FileLock
+    with FileLock(f"{storage.removeprefix('sqlite:///')}.{study_name}.lock"):
+        yield
+
+
+def open_storage(storage):
+    """Optuna's storage for `storage`: an SQLAlchemy URL (RDBStorage), else a journal file
+    (JournalStorage on a JournalFileBackend). A database that does not answer fails here."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+    if not _is_url(storage):
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    if storage.startswith("sqlite:///"):
+        check_outputs(Path(storage.removeprefix("sqlite:///")).parent)
+    try:
+        with study_lock(storage, "(tables)"):  # the first workers on a new database would race creating them
+            return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+    except (SQLAlchemyError, ImportError, ValueError) as e:
+        raise SetupError(f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}") from None
+
+
+def _worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _counts(trial):
+    """A trial that counts towards --trials: finished, pruned, failed in training, or running.
+    A trial failed without a training error is one its worker died in; it is tried again."""
+    from optuna.trial import TrialState
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
+        trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
+
+
+def _fail_dead_trials(study, trials):
+    """RUNNING trials of workers on this machine that no longer exist are marked FAIL."""
+    from optuna.trial import TrialState
+    host = socket.gethostname()
+    for t in trials:
+        worker = t.user_attrs.get("worker", "")
+        if t.state == TrialState.RUNNING and worker.startswith(f"{host}:"):
+            try:
+                os.kill(int(worker.split(":")[1]), 0)
+            except ProcessLookupError:
+                study.tell(t.number, state=TrialState.FAIL)
+
+
+def _suggest(trial, name, dist):
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    suggest = trial.suggest_int if isinstance(dist, IntDistribution) else trial.suggest_float
+    return suggest(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def claim_trial(study, spec: TuneSpec, n_trials, storage):
+    """(trial, its report parameters), or None when the study holds n_trials trials that count.
+    Under the study lock, so that workers together start exactly n_trials; the sampler is seeded
+    by (seed, trial count), so a study is reproducible and workers never draw the same stream."""
+    import optuna
+    with study_lock(storage, study.study_name):
+        trials = study.get_trials(deepcopy=False)
+        _fail_dead_trials(study, trials)
+        if sum(_counts(t) for t in study.get_trials(deepcopy=False)) >= n_trials:
+            return None
+        study.sampler = optuna.samplers.TPESampler(seed=spec.params["seed"] * 100_003 + len(trials))
+        trial = study.ask()
+        trial.set_user_attr("worker", _worker_id())
+        return trial, apply_trial(spec, {name: _suggest(trial, name, d) for name, d in spec.space.items()})
+
+
+class PruneOnValAcc(pl.Callback):
+    """Reports each epoch's validation accuracy to an Optuna trial and stops the run (Lightning's
+    should_stop, after this epoch) when the pruner says so. Written on pytorch_lightning.Callback:
+    optuna-integration's callback subclasses the separate `lightning` package."""
+    def __init__(self, trial):
+        self.trial, self.pruned_at = trial, None
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking or not module.history:
+            return
+        record = module.history[-1]
+        self.trial.report(record["val_acc"], record["epoch"])
+        if self.trial.should_prune():
+            self.pruned_at, trainer.should_stop = record["epoch"], True
+
+
+def parent_run(study, storage, client, experiment_id):
+    """The study's MLflow parent run: created once (under the study lock), its id kept in the study."""
+    with study_lock(storage, study.study_name):
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is None:
+            run_id = client.create_run(experiment_id, run_name=f"study {study.study_name}",
+                                       tags={"optuna.study": study.study_name}).info.run_id
+            study.set_user_attr("mlflow_parent_run_id", run_id)
+        else:
+            client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def run_trial(trial, p, data, parent, client):
+    """One trial: the runner's run of `p`, pruned on validation accuracy, as an MLflow run nested
+    under `parent` and tagged with the trial's state. Returns (state, value, pruned epoch or None)."""
+    from optuna.trial import TrialState
+    prune = PruneOnValAcc(trial)
+    tags = {"mlflow.parentRunId": parent, "optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+    result = run_experiment(plan_report(p, report_types())[0], data, callbacks=[prune], tags=tags)
+    run_id = result.row["mlflow_run_id"]
+    trial.set_user_attr("mlflow_run_id", run_id)
+    if result.status == "failed":
+        trial.set_user_attr("failure", result.error[:500])
+        state, value = TrialState.FAIL, None
+    else:
+        state = TrialState.PRUNED if prune.pruned_at else TrialState.COMPLETE
+        value = max(h["val_acc"] for h in result.history)  # selection on validation, never on test
+        trial.set_user_attr("test_acc", result.row["test_acc"])
+    if run_id:
+        client.set_tag(run_id, "optuna.state", state.name)
+        if prune.pruned_at:  # a finished run, not a reusable result of these parameters
+            client.set_tag(run_id, "seqlstm.status", "pruned")
+            client.set_tag(run_id, "optuna.pruned_epoch", str(prune.pruned_at))
+    return state, value, prune.pruned_at
+
+
+def progress_line(study, trial, state, value, pruned_at, n_trials):
+    """One line per trial: its value or pruned epoch, trials done / pruned / left, best so far."""
+    from optuna.trial import TrialState
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state.is_finished() and _counts(t) for t in trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    what = {TrialState.COMPLETE: f"val_acc {value}", TrialState.PRUNED: f"pruned at epoch {pruned_at}",
+            TrialState.FAIL: f"failed ({trial.user_attrs.get('failure', '')[:80]})"}[state]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return (f"trial {trial.number}: {what}  ({shown}) | {done}/{n_trials} done, {pruned} pruned, "
+            f"{max(0, n_trials - done)} left | best "
+            + (f"{best.value:.4f} (trial {best.number})" if best else "-"))
+
+
+def tune_worker(study, spec: TuneSpec, data, n_trials, storage):
+    """Claim trials until the study holds n_trials, run each, tell the study, print a line."""
+    from optuna.trial import TrialState
+    client, experiment_id = tracking_experiment(spec.params["experiment"])
+    parent = parent_run(study, storage, client, experiment_id)
+    while (claimed := claim_trial(study, spec, n_trials, storage)) is not None:
+        trial, p = claimed
+        try:
+            state, value, pruned_at = run_trial(trial, p, data, parent, client)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)  # an interrupt: the trial is tried again on resume
+            raise
+        study.tell(trial, value if state == TrialState.COMPLETE else None,
+                   state=None if state == TrialState.COMPLETE else state)
+        print(progress_line(study, trial, state, value, pruned_at, n_trials), flush=True)
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        client.set_terminated(parent, "FINISHED")
+
+
+def write_best(study, spec: TuneSpec, path, storage):
+    """params/best_<study>.yaml: the tune file's fixed parameters and the best trial's, a params file
+    that `report` and papermill's -f take as they are; it names the study for the Tuning section."""
+    best = study.best_trial
+    p = {k: v for k, v in spec.given.items() if k != "experiment"}
+    args = dict(p.get("model_args") or {})
+    for name, value in best.params.items():
+        (args if name in spec.model_keys else p)[name] = value
+    p.update({"model_args": args} if args else {}, tune_study=study.study_name)
+    if storage != storage_url():
+        p["tune_storage"] = storage
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(f"# Best trial {best.number} of the Optuna study {study.study_name} (validation accuracy "
+                   f"{best.value:.4f}), written by `python seqlstm.py tune`.\n# Report it with: "
+                   f"python seqlstm.py report {path}\n" + yaml.safe_dump(p, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def spawn_workers(path, n_trials, workers, storage, name, best):
+    """`workers` tune processes on this machine, one study in one storage; exits with the worst."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "tune", str(path), "--trials", str(n_trials),
+           "--storage", storage, "--study", name, "--best", str(best)]
+    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
+
+
+def tune(path, n_trials=20, workers=1, storage="", study_name=None, best=None):
+    """Search the tune file's space: create (or continue) the study, run trials until it holds
+    n_trials, write the best parameters. Every input is checked before the first trial."""
+    import optuna
+    if n_trials < 1 or workers < 1:
+        raise ParamError(f"--trials and --workers must be >= 1, got --trials {n_trials} --workers {workers}")
+    spec = read_tune_file(path)
+    name = study_name or Path(path).stem
+    spec.params["experiment"] = name
+    storage = storage_url(storage, workers)
+    best = best or ROOT / "params" / f"best_{name}.yaml"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial of our own instead
+    study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
+                                pruner=PRUNERS[spec.pruner](), load_if_exists=True)
+    print(f"study {name} in {storage}: {len(study.trials)} trial(s) so far, {n_trials} wanted, "
+          f"{workers} worker(s); search {sorted(spec.space)}", flush=True)
+    if workers > 1:
+        check_outputs(), check_tracking()
+        code = spawn_workers(path, n_trials, workers, storage, name, best)
+    else:
+        tune_worker(study, spec, prepare_tune(spec), n_trials, storage)
+        code = 0
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        print(f"best parameters: {write_best(study, spec, best, storage)}", flush=True)
+    return code
+
+
+def tuning_figures(study_name, storage=""):
+    """The Tuning section of a report: Optuna's optimisation history, parameter importances and
+    parallel coordinates (matplotlib), and the best trial as a table."""
+    import optuna
+    import pandas as pd
+    from optuna.visualization import matplotlib as plots
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url(storage)))
+    figs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for its matplotlib plots
+        for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate):
+            try:
+                axes = plot(study)
+                figs.append((axes.flat[0] if hasattr(axes, "flat") else axes).figure)
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few finished trials for it
+                print(f"{plot.__name__}: {e}")
+    best = study.best_trial
+    table = pd.DataFrame({"best trial": {"trial": best.number, "validation accuracy": round(best.value, 4),
+                                         "test accuracy": best.user_attrs.get("test_acc"), **best.params,
+                                         "MLflow run": best.user_attrs.get("mlflow_run_id")}})
+    states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+    return figs, table, states
 
 
 # ----------------------------------------------------------------------------------------
@@ -3139,6 +3646,40 @@ def report_command(args):
     print(f"executed notebook: {executed}\nHTML report:       {html}")
 
 
+def train_command(args):
+    """`train`: a report's runs without the notebook, one line per epoch and a summary, for DDP:
+    Lightning's launcher starts this same command once per further device. The report of the same
+    parameters then reuses the finished runs. A bad input exits 2, failed runs exit 1."""
+    try:
+        params = read_report_params(args.params, args.param)
+        check_params(params, report_defaults())
+        params.setdefault("experiment", args.name or (Path(args.params).stem if args.params else "report"))
+        runs, loaded = prepare_report({**report_defaults(), **params}, report_types())
+    except (ValueError, SetupError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    results = [run_experiment(r, loaded[data_key(r.params)]) for r in runs]
+    if process_rank(runs[0].params) == 0:
+        for run, r in zip(runs, results):
+            print(f"{r.status:<7} test_acc {r.row.get('test_acc', '-'):<7} MLflow run {r.row['mlflow_run_id']}  "
+                  f"{run.title()}")
+        try:
+            end_report(results)
+        except RunsFailed as e:
+            print(e, file=sys.stderr)
+            sys.exit(1)
+
+
+def tune_command(args):
+    """`tune`: a bad input or an unusable storage is one line on stderr (exit 2) before any trial."""
+    try:
+        code = tune(args.params, args.trials, args.workers, args.storage, args.study, args.best)
+    except (ValueError, SetupError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="seqlstm.py", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -3147,6 +3688,19 @@ def main(argv=None):
     rep.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="override one parameter (VALUE is YAML: 20, [5, 10], cifar10)")
     rep.add_argument("--name", help="output name and default MLflow experiment (default: the params file's name)")
+    t = sub.add_parser("train", help="a report's runs without the notebook (DDP: devices, num_nodes, strategy)")
+    t.add_argument("params", nargs="?", help="params/NAME.yaml")
+    t.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="override one parameter (VALUE is YAML)")
+    t.add_argument("--name", help="default MLflow experiment (default: the params file's name)")
+    tu = sub.add_parser("tune", help="Optuna search over a tune file's space (params/tune.yaml)")
+    tu.add_argument("params", help="a params file with a `search` space (and optionally `pruner`)")
+    tu.add_argument("--trials", type=int, default=20, help="trials the study should hold, all workers together")
+    tu.add_argument("--workers", type=int, default=1, help="worker processes on this machine (a journal file)")
+    tu.add_argument("--storage", default="", help="an SQLAlchemy URL (postgresql://...) or a journal file "
+                                                  "(default: outputs/optuna.db, with --workers outputs/optuna.journal)")
+    tu.add_argument("--study", help="study name (default: the file's name); the same name continues the study")
+    tu.add_argument("--best", help="where to write the best parameters (default: params/best_<study>.yaml)")
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
     b.add_argument("--quick", action="store_true", help="fewer steps (under 2 minutes on 2 CPU cores)")
     b.add_argument("--json", help="also write the results as JSON to this path")
@@ -3159,6 +3713,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "report":
         report_command(args)
+    elif args.cmd == "train":
+        train_command(args)
+    elif args.cmd == "tune":
+        tune_command(args)
     elif args.cmd == "bench":
         bench(quick=args.quick, json_path=args.json, threads=args.threads)
     elif args.cmd == "datasets":
