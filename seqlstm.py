@@ -3108,8 +3108,8 @@ def _distribution(name, spec):
         raise ParamError(f"{where}: low and high must be numbers with low < high")
     kind = IntDistribution if all(_KINDS["int"](v) for v in (low, high)) else FloatDistribution
     try:
-        return kind(low, high, log=bool(spec.get("log", False)), step=spec.get("step"))
-    except ValueError as e:
+        return kind(low, high, log=bool(spec.get("log", False)), **{k: spec[k] for k in ["step"] if k in spec})
+    except (ValueError, TypeError) as e:
         raise ParamError(f"{where}: {e}") from None
 
 

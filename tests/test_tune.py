@@ -17,13 +17,15 @@ import seqlstm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dataset": "digits", "seq_len": 4, "epochs": 2, "batch_size": 64, "threads": 1, "overview_per_class": 0,
-        "search": {"lr": {"low": 1.0e-3, "high": 5.0e-2, "log": True}, "hidden": [8, 16]}}
+        "search": {"lr": {"low": 1.0e-3, "high": 5.0e-2, "log": True}, "hidden": [8, 16],
+                   "warmup_epochs": {"low": 0, "high": 1}}}
 
 
 @pytest.fixture
 def outputs(tmp_path, monkeypatch):
     out = tmp_path / "outputs"
     monkeypatch.setattr(seqlstm, "OUTPUTS", out)
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(out))  # the same for a report's kernel
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return out
 
@@ -93,6 +95,24 @@ def test_tiny_study_writes_best_parameters_that_a_report_accepts_and_resumes(tmp
 
     figs, table, states = seqlstm.tuning_figures("tiny")  # the report's Tuning section
     assert len(figs) == 3 and table.loc["trial", "best trial"] == study.best_trial.number
+
+
+def images_of(notebook, starts):
+    import nbformat
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if c.source.startswith(starts))
+    return sum("image/png" in o.get("data", {}) for o in cell.outputs)
+
+
+@pytest.mark.slow
+def test_report_of_the_best_parameters_renders_tuning_and_variants(tmp_path, outputs):
+    best = tmp_path / "best_tiny.yaml"
+    seqlstm.tune(tune_file(tmp_path, epochs=1), n_trials=2, best=best)
+    variants = '{"adam": {}, "sgd": {"optimizer": "sgd", "lr": 0.05}}'
+    executed, html = seqlstm.render_report(best, [("variants", variants)], out_dir=outputs)
+    assert images_of(executed, "if variants:") == 2  # the bars, the overlaid learning curves
+    assert images_of(executed, "if tune_study:") == 3  # history, importances, parallel coordinates
+    text = html.read_text()
+    assert "final_train_loss" in text and "sgd" in text and "Study <code>tiny</code>" in text
 
 
 def test_a_bad_trial_is_pruned_and_tagged_pruned_not_failed(tmp_path, outputs):
