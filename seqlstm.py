@@ -843,7 +843,7 @@ def per_sample_pipeline(mean, std, seq, augment="none", size=32):
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
     if "cutout" in augment:
-        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only (augment_batch)")
+        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
     steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
     steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
@@ -948,7 +948,7 @@ class Batches:
         self.epoch = epoch
 
     def __len__(self):
-        n = len(self.y) // self.world if self.shuffle else len(range(self.rank, len(self.y), self.world))
+        n = len(self.y) // self.world if self.shuffle else len(self.y[self.rank::self.world])
         return -(-n // self.batch_size)
 
     def order(self, epoch):
@@ -1084,8 +1084,8 @@ class BiLSTMFC(nn.Module):
 
     CELLS = {"lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}  # class, gates
 
-    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=32, layers=1, fc=100, dropout=0.0,
-                 bidirectional=True, readout="last", hoist=True, recurrence="loop"):
+    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=32, layers=1, fc=100,
+                 dropout=0.0, bidirectional=True, readout="last", hoist=True, recurrence="loop"):
         super().__init__()
         _check_sizes(layers=layers, hidden=hidden, fc=fc)
         _check_choice("cell", cell, list(self.CELLS))
@@ -1100,8 +1100,9 @@ class BiLSTMFC(nn.Module):
         for r in self.recur:  # input weight fixed to I: gate pre-activations pass straight through
             r.weight_ih_l0 = nn.Parameter(torch.eye(G), requires_grad=False)
             r.bias_ih_l0 = nn.Parameter(torch.zeros(G), requires_grad=False)
-        self.upper = rnn(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
-                         dropout=dropout if layers > 2 else 0.0) if layers > 1 else None  # self.drop before it
+        self.upper = (rnn(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
+                          dropout=dropout if layers > 2 else 0.0)
+                      if layers > 1 else None)  # self.drop before it
         self.pool = AttentionPool(D * H) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
         self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc, num_classes))
@@ -1153,8 +1154,9 @@ def reference_rnn(model: BiLSTMFC) -> nn.RNNBase:
     equivalence tests and the naive baseline of the benchmark)."""
     D, H = model.dirs, model.hidden
     layers = 1 + (model.upper.num_layers if model.upper else 0)
-    ref = BiLSTMFC.CELLS[model.cell][0](model.in_proj.in_features, H, layers, batch_first=True,
-                                        bidirectional=D == 2, dropout=model.upper.dropout if model.upper else 0.0)
+    rnn = BiLSTMFC.CELLS[model.cell][0]
+    ref = rnn(model.in_proj.in_features, H, layers, batch_first=True, bidirectional=D == 2,
+              dropout=model.upper.dropout if model.upper else 0.0)
     w_ih, b_ih = model.in_proj.weight.chunk(D), model.in_proj.bias.chunk(D)
     with torch.no_grad():
         for d, suffix in enumerate(["", "_reverse"][:D]):
@@ -1170,7 +1172,8 @@ def reference_rnn(model: BiLSTMFC) -> nn.RNNBase:
 
 
 class ReferenceBiLSTMFC(nn.Module):
-    """The same network on a plain nn.LSTM / nn.GRU over the explicitly repeated sequence: the naive baseline."""
+    """The same network on a plain nn.LSTM / nn.GRU over the explicitly repeated sequence (the
+    naive baseline)."""
     def __init__(self, model: BiLSTMFC):
         super().__init__()
         import copy
@@ -1934,26 +1937,27 @@ import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.15 deprecates, once per batch transfer.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR  # noqa: E402
+
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
               "sgd": partial(torch.optim.SGD, momentum=0.9, nesterov=True)}  # (params, lr=, weight_decay=)
 
 
 def _warmup_cosine(opt, lr, steps, warmup_steps):
-    """Linear warm-up from lr / (warmup_steps + 1) to lr, then cosine decay to 0 over the other steps."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    """Linear warm-up from lr / (warmup_steps + 1) to lr, then cosine decay to 0 over the rest."""
     warmup = LinearLR(opt, start_factor=1 / (warmup_steps + 1), total_iters=warmup_steps)
-    return SequentialLR(opt, [warmup, CosineAnnealingLR(opt, T_max=steps - warmup_steps)], [warmup_steps])
+    decay = CosineAnnealingLR(opt, T_max=steps - warmup_steps)
+    return SequentialLR(opt, [warmup, decay], [warmup_steps])
 
 
 SCHEDULES = {  # (optimizer, peak lr, total steps, warm-up steps) -> a per-step scheduler, or None
-    "onecycle": lambda opt, lr, steps, warmup: torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps,
-                                                                                  pct_start=0.15),
+    "onecycle": lambda opt, lr, steps, warmup: OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15),
     "none": lambda opt, lr, steps, warmup: None,
-    "cosine": lambda opt, lr, steps, warmup: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+    "cosine": lambda opt, lr, steps, warmup: CosineAnnealingLR(opt, T_max=steps),
     "warmup_cosine": _warmup_cosine,
 }
 PRECISIONS = ("32", "bf16-mixed")  # Lightning's precision
-STRATEGIES = ("auto", "ddp")  # Lightning's strategy: ddp launches one process per device (a script, not a notebook)
+STRATEGIES = ("auto", "ddp")  # Lightning's; ddp: one process per device (a script, not a notebook)
 
 
 class NonFiniteError(FloatingPointError):
@@ -2725,24 +2729,29 @@ def make_trainer(p, client, run_id, steps_per_epoch, callbacks=()):
         def finalize(self, status="success"):  # the runner sets the run's status, results logged
             pass
 
-    logger = RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri()) if client else False
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id or "rank0"), filename="best", monitor="val_acc",
-                                 mode="max", save_top_k=1, save_last=True)  # DDP: rank 0's dirpath, broadcast
+    logger = (RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri())
+              if client else False)
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id or "rank0"), filename="best",
+                                 monitor="val_acc", mode="max", save_top_k=1,
+                                 save_last=True)  # under DDP, rank 0's dirpath is broadcast to all
     timer = TrainTimer()
     on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, one line per epoch
+    callbacks = [checkpoint, timer, EpochLog(), *callbacks] + [MarkEpoch(client, run_id)] * bool(client)
     trainer = pl.Trainer(max_epochs=p["epochs"], gradient_clip_val=p["grad_clip"] or None, logger=logger,
-                         precision=str(p["precision"]), num_sanity_val_steps=0, log_every_n_steps=steps_per_epoch,
-                         callbacks=[checkpoint, timer, EpochLog(), *callbacks] + [MarkEpoch(client, run_id)] * bool(client)
-                         + [TQDMProgressBar()] * on_terminal, enable_progress_bar=on_terminal,
-                         deterministic=True if not torch.cuda.is_available() else "warn", enable_model_summary=False,
-                         accelerator="auto", devices=p["devices"], num_nodes=p["num_nodes"], strategy=p["strategy"])
+                         precision=str(p["precision"]), num_sanity_val_steps=0,
+                         log_every_n_steps=steps_per_epoch, enable_progress_bar=on_terminal,
+                         callbacks=callbacks + [TQDMProgressBar()] * on_terminal,
+                         deterministic=True if not torch.cuda.is_available() else "warn",
+                         enable_model_summary=False, accelerator="auto", devices=p["devices"],
+                         num_nodes=p["num_nodes"], strategy=p["strategy"])
     return trainer, timer
 
 
 def predict_best(trainer, module, batches):
     """Class predictions of the best-validation checkpoint, in this process alone: after a DDP fit,
     rank 0 tests once instead of every rank predicting the whole test split."""
-    state = torch.load(trainer.checkpoint_callback.best_model_path, map_location=module.device, weights_only=False)
+    state = torch.load(trainer.checkpoint_callback.best_model_path, map_location=module.device,
+                       weights_only=False)
     module.load_state_dict(state["state_dict"])
     module.eval()
     with torch.inference_mode(), trainer.precision_plugin.predict_step_context():
@@ -2763,7 +2772,8 @@ def evaluate(trainer, module, data, eval_batch):
 
 def summary_row(p, status, run_id="", **values):
     return {"report": p["experiment"], "status": status, "dataset": p["dataset"], "model": p["model"],
-            "variant": p.get("variant", ""), "transform": p["transform"], "seq_len": values.pop("seq_len", p["seq_len"]),
+            "variant": p.get("variant", ""), "transform": p["transform"],
+            "seq_len": values.pop("seq_len", p["seq_len"]),
             "epochs": p["epochs"], "mlflow_run_id": run_id, **values}
 
 
@@ -2804,7 +2814,8 @@ def fit_run(run: Run, data: ImageData, client, run_id, resume_from=None, callbac
     steps = -(-len(data.train_y) // world_size(p) // p["batch_size"])
     trainer, timer = make_trainer(p, client, run_id, steps, callbacks)
     rank, world = trainer.global_rank, trainer.world_size  # each rank reads its share (Batches)
-    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"], rank=rank, world=world)
+    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"], rank=rank,
+                    world=world)
     val = Batches(data.val_x, data.val_y, eval_batch, rank=rank, world=world)
     trainer.fit(module, train, val, ckpt_path=resume_from)
     return trainer, timer, module, example, {**facts, "eval_batch": eval_batch, "world_size": world}
@@ -2818,7 +2829,8 @@ def train_run(run: Run, data: ImageData, client, run_id, resume_from=None, callb
     row = summary_row(p, "ok", run_id, seq_len=example.shape[0], n_params=facts["n_params"],
                       test_acc=round(metrics["test_acc"], 4), macro_f1=round(metrics["macro_f1"], 4),
                       train_seconds=round(timer.wall, 1),  # every rank's images: they train at once
-                      train_images_per_s=round(timer.images * facts["world_size"] / max(timer.seconds, 1e-9)))
+                      train_images_per_s=round(timer.images * facts["world_size"]
+                                               / max(timer.seconds, 1e-9)))
     fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
     result = RunResult(row, module.history, report, cm, data.classes, facts, fig)
     track_run(client, run_id, p, result, metrics)
@@ -2889,7 +2901,8 @@ def run_experiment(run: Run, data: ImageData = None, *, callbacks=(), tags=None)
         found = finished_run(client, experiment_id, key) if p["resume"] else None
         if found is not None:
             return reuse_run(client, found, run, data)
-        run_id, resume_from = open_run(client, experiment_id, key, run, p["resume"] and world_size(p) == 1, tags)
+        resume = p["resume"] and world_size(p) == 1  # a DDP run starts afresh
+        run_id, resume_from = open_run(client, experiment_id, key, run, resume, tags)
         try:
             return train_run(run, data, client, run_id, resume_from, callbacks)
         except Exception as e:  # noqa: BLE001 (contained: recorded, and the report goes on)
@@ -2968,9 +2981,11 @@ def variant_table(results):
         if r.status == "failed" or not r.history:
             continue
         h = r.history
-        rows.append({"model": r.row["model"], "variant": r.row.get("variant", ""), "test_acc": float(r.row["test_acc"]),
-                     "final_train_loss": h[-1].get("train_loss"), "grad_norm_min": min(e.get("grad_norm_mean", 0) for e in h),
-                     "grad_norm_max": max(e.get("grad_norm_max", 0) for e in h), "train_seconds": float(r.row["train_seconds"])})
+        rows.append({"model": r.row["model"], "variant": r.row.get("variant", ""),
+                     "test_acc": float(r.row["test_acc"]), "final_train_loss": h[-1].get("train_loss"),
+                     "grad_norm_min": min(e.get("grad_norm_mean", 0) for e in h),
+                     "grad_norm_max": max(e.get("grad_norm_max", 0) for e in h),
+                     "train_seconds": float(r.row["train_seconds"])})
     return pd.DataFrame(rows)
 
 
@@ -3075,8 +3090,8 @@ def to_html(notebook: Path) -> Path:
 
 TUNE_KEYS = ("search", "pruner")  # a tune file's keys besides report parameters
 NOT_SEARCHED = PLANNED + PER_RUN + (  # what one study holds fixed: its run, its data, how it runs
-    "resume", "threads", "data_dir", "val_fraction", "seed", "limit_train", "image_size", "grayscale", "channels",
-    "dataset_args", "overview_per_class", "tune_study", "tune_storage", "devices", "num_nodes", "strategy")
+    "resume", "threads", "data_dir", "val_fraction", "seed", "limit_train", "image_size", "grayscale",
+    "channels", "dataset_args", "overview_per_class", "tune_study", "tune_storage", "devices", "num_nodes", "strategy")
 PRUNERS = {"median": lambda: __import__("optuna").pruners.MedianPruner(n_startup_trials=2),
            "hyperband": lambda: __import__("optuna").pruners.HyperbandPruner(min_resource=1)}
 
@@ -3099,16 +3114,20 @@ def _distribution(name, spec):
     where = f"search.{name} = {spec!r}"
     if isinstance(spec, list):
         if not spec or not all(v is None or isinstance(v, (bool, int, float, str)) for v in spec):
-            raise ParamError(f"{where}: a categorical search is a non-empty list of numbers, strings or booleans")
+            raise ParamError(f"{where}: a categorical search is a non-empty list of numbers, strings "
+                             f"or booleans")
         return CategoricalDistribution(spec)
-    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - {"low", "high", "log", "step"}:
-        raise ParamError(f"{where}: expected a list of values or {{low: .., high: .., log: true|false, step: ..}}")
+    keys = {"low", "high", "log", "step"}
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - keys:
+        raise ParamError(f"{where}: expected a list of values or "
+                         f"{{low: .., high: .., log: true|false, step: ..}}")
     low, high = spec["low"], spec["high"]
     if not all(_KINDS["float"](v) for v in (low, high)) or not low < high:
         raise ParamError(f"{where}: low and high must be numbers with low < high")
     kind = IntDistribution if all(_KINDS["int"](v) for v in (low, high)) else FloatDistribution
     try:
-        return kind(low, high, log=bool(spec.get("log", False)), **{k: spec[k] for k in ["step"] if k in spec})
+        step = {"step": spec["step"]} if "step" in spec else {}  # Optuna's default otherwise
+        return kind(low, high, log=bool(spec.get("log", False)), **step)
     except (ValueError, TypeError) as e:
         raise ParamError(f"{where}: {e}") from None
 
@@ -3176,7 +3195,9 @@ def storage_url(storage="", workers=1):
     file for several on this machine."""
     if storage:
         return storage
-    return str(OUTPUTS / "optuna.journal") if workers > 1 else f"sqlite:///{(OUTPUTS / 'optuna.db').resolve()}"
+    if workers > 1:
+        return str(OUTPUTS / "optuna.journal")
+    return f"sqlite:///{(OUTPUTS / 'optuna.db').resolve()}"
 
 
 def _is_url(storage):
@@ -3195,7 +3216,8 @@ def study_lock(storage, study_name):
     if storage.startswith("postgresql"):
         import sqlalchemy
         key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)  # fits PostgreSQL's bigint
-        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(storage))
+        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool,
+                                          **_engine_kwargs(storage))
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
@@ -3204,7 +3226,8 @@ def study_lock(storage, study_name):
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         return
     if _is_url(storage) and not storage.startswith("sqlite:///"):
-        raise SetupError(f"tune coordinates workers through PostgreSQL, SQLite or a journal file, not {storage}")
+        raise SetupError(f"tune coordinates workers through PostgreSQL, SQLite or a journal file, "
+                         f"not {storage}")
     from filelock import FileLock
     with FileLock(f"{storage.removeprefix('sqlite:///')}.{study_name}.lock"):
         yield
@@ -3221,7 +3244,7 @@ def open_storage(storage):
     if storage.startswith("sqlite:///"):
         check_outputs(Path(storage.removeprefix("sqlite:///")).parent)
     try:
-        with study_lock(storage, "(tables)"):  # the first workers on a new database would race creating them
+        with study_lock(storage, "(tables)"):  # first workers on a new database race creating them
             return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
     except (SQLAlchemyError, ImportError, ValueError) as e:
         raise SetupError(f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}") from None
@@ -3310,7 +3333,8 @@ def run_trial(trial, p, data, parent, client):
     under `parent` and tagged with the trial's state. Returns (state, value, pruned epoch or None)."""
     from optuna.trial import TrialState
     prune = PruneOnValAcc(trial)
-    tags = {"mlflow.parentRunId": parent, "optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+    tags = {"mlflow.parentRunId": parent, "optuna.study": trial.study.study_name,
+            "optuna.trial": str(trial.number)}
     result = run_experiment(plan_report(p, report_types())[0], data, callbacks=[prune], tags=tags)
     run_id = result.row["mlflow_run_id"]
     trial.set_user_attr("mlflow_run_id", run_id)
@@ -3335,11 +3359,12 @@ def progress_line(study, trial, state, value, pruned_at, n_trials):
     trials = study.get_trials(deepcopy=False)
     done = sum(t.state.is_finished() and _counts(t) for t in trials)
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    what = {TrialState.COMPLETE: f"val_acc {value}", TrialState.PRUNED: f"pruned at epoch {pruned_at}",
+    what = {TrialState.COMPLETE: f"val_acc {value:.4f}" if value is not None else "", TrialState.PRUNED: f"pruned at epoch {pruned_at}",
             TrialState.FAIL: f"failed ({trial.user_attrs.get('failure', '')[:80]})"}[state]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
-    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in trial.params.items())
     return (f"trial {trial.number}: {what}  ({shown}) | {done}/{n_trials} done, {pruned} pruned, "
             f"{max(0, n_trials - done)} left | best "
             + (f"{best.value:.4f} (trial {best.number})" if best else "-"))
@@ -3399,7 +3424,8 @@ def tune(path, n_trials=20, workers=1, storage="", study_name=None, best=None):
     n_trials, write the best parameters. Every input is checked before the first trial."""
     import optuna
     if n_trials < 1 or workers < 1:
-        raise ParamError(f"--trials and --workers must be >= 1, got --trials {n_trials} --workers {workers}")
+        raise ParamError(f"--trials and --workers must be >= 1, got --trials {n_trials} "
+                         f"--workers {workers}")
     spec = read_tune_file(path)
     name = study_name or Path(path).stem
     spec.params["experiment"] = name
@@ -3431,7 +3457,8 @@ def tuning_figures(study_name, storage=""):
     figs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for its matplotlib plots
-        for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate):
+        for plot in (plots.plot_optimization_history, plots.plot_param_importances,
+                     plots.plot_parallel_coordinate):
             try:
                 axes = plot(study)
                 figs.append((axes.flat[0] if hasattr(axes, "flat") else axes).figure)
@@ -3661,8 +3688,8 @@ def train_command(args):
     results = [run_experiment(r, loaded[data_key(r.params)]) for r in runs]
     if process_rank(runs[0].params) == 0:
         for run, r in zip(runs, results):
-            print(f"{r.status:<7} test_acc {r.row.get('test_acc', '-'):<7} MLflow run {r.row['mlflow_run_id']}  "
-                  f"{run.title()}")
+            print(f"{r.status:<7} test_acc {r.row.get('test_acc', '-'):<7} "
+                  f"MLflow run {r.row['mlflow_run_id']}  {run.title()}")
         try:
             end_report(results)
         except RunsFailed as e:
