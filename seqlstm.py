@@ -3204,6 +3204,11 @@ def _is_url(storage):
     return "://" in storage
 
 
+def _driver_url(storage):
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the pinned driver is psycopg2."""
+    return storage.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
 def _engine_kwargs(storage):
     """A PostgreSQL server that does not answer fails in seconds, not after the OS's TCP timeout."""
     return {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
@@ -3216,7 +3221,7 @@ def study_lock(storage, study_name):
     if storage.startswith("postgresql"):
         import sqlalchemy
         key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)  # fits PostgreSQL's bigint
-        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool,
+        engine = sqlalchemy.create_engine(_driver_url(storage), poolclass=sqlalchemy.pool.NullPool,
                                           **_engine_kwargs(storage))
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
@@ -3245,7 +3250,7 @@ def open_storage(storage):
         check_outputs(Path(storage.removeprefix("sqlite:///")).parent)
     try:
         with study_lock(storage, "(tables)"):  # first workers on a new database race creating them
-            return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+            return optuna.storages.RDBStorage(_driver_url(storage), engine_kwargs=_engine_kwargs(storage))
     except (SQLAlchemyError, ImportError, ValueError) as e:
         raise SetupError(f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}") from None
 

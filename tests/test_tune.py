@@ -53,7 +53,8 @@ BAD = [  # (tune file overrides, tune() arguments, what the message must say)
     ({"seq_len": [4, 8]}, {}, r"a study tunes one run, this file plans 2"),
     ({"pruner": "asha"}, {}, r"unknown pruner 'asha': valid values are \['median', 'hyperband'\]"),
     ({}, {"n_trials": 0}, r"--trials and --workers must be >= 1, got --trials 0"),
-    ({}, {"storage": "postgresql://seqlstm@127.0.0.1:9/optuna"}, r"storage postgresql://seqlstm@127.0.0.1:9/optuna cannot"),
+    ({}, {"storage": "postgresql://seqlstm@127.0.0.1:9/optuna"},
+     r"storage postgresql://seqlstm@127.0.0.1:9/optuna cannot be used: .*connection .*refused"),
 ]
 
 
@@ -187,7 +188,7 @@ def postgres():
                  f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]):
         proc = subprocess.run(as_user + cmd, capture_output=True, text=True)
         assert proc.returncode == 0, f"{cmd[0]}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # as a user writes it
     subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
 
