@@ -4,25 +4,29 @@ Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas e
 rows, pixels, patches, crops, series of transformed views), sequence models (MODELS: BiLSTM + FC,
 RNNs, Sequencer2D, ViT, the LRA pixel models) read them, Lightning trains them and MLflow tracks
 every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
-Other commands: `python seqlstm.py bench [--quick]`, `python seqlstm.py datasets|transforms|models`.
+Search: `python seqlstm.py tune params/tune.yaml --trials 30`; runs without the notebook (DDP):
+`python seqlstm.py train params/X.yaml`. Others: `bench [--quick]`, `datasets|transforms|models`.
 
 Contents, in reading order (each section uses only what comes before it):
   Data                 DATASETS, load_dataset: every dataset as in-memory uint8 tensors, cached
   Sequence transforms  SEQUENCES, make_sequence; the batched fast path (normalize, augment, Batches)
-  Models               MODELS, create_model: BiLSTM + FC, RNNs, image models, LRA pixel models
+  Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel models
   Distillation         distillation_loss, build_teacher, Teacher (logits table or live), logits_table
-  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES; an optional Teacher), EpochLog, TrainTimer
-  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run] (undistilled twins,
-                       extra_runs), check_run_inputs
+  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES, PRECISIONS, STRATEGIES; an optional Teacher),
+                       EpochLog, TrainTimer
+  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run] (per_model, variants,
+                       undistilled twins, extra_runs), check_run_inputs
   Tracking             tracking_experiment (locked), code_version, run_key, append_summary (locked)
   Experiment runner    the steps: open_run, build_run, make_trainer, evaluate, track_run
   Teacher              TEACHER_RECIPE, teacher_for: cache folder | its MLflow run | trained (locked)
   Running a run        run_experiment: reuse | resume | new -> teacher -> build -> fit -> evaluate ->
-                       track, failures contained (fail_run), interrupts marked KILLED
-  Report               prepare_report (all checks, each dataset loaded once), render_report,
-                       distillation_table
+                       track, failures contained (fail_run), interrupts marked KILLED; DDP ranks (rank_run)
+  Report               prepare_report (all checks, each dataset loaded once), variant_table,
+                       distillation_table, render_report
+  Tuning               tune: read_tune_file -> study (SQLite | journal | PostgreSQL) -> claim_trial ->
+                       run_trial (the runner, PruneOnValAcc, nested MLflow run) -> write_best
   Benchmark            bench: speed as ratios measured in one run
-  Command line         main: report, bench, datasets, transforms, models
+  Command line         main: report, train, tune, bench, datasets, transforms, models
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -844,6 +849,8 @@ def per_sample_pipeline(mean, std, seq, augment="none", size=32):
     from torchvision.transforms import v2
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
+    if "cutout" in augment:
+        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
     steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
     steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
@@ -897,23 +904,43 @@ def batch_flip(x, generator=None):
     return augment_with_flips(x, "flip", generator)[0]
 
 
-AUGMENTS = ("none", "flip", "crop", "flip_crop")
+def batch_cutout(x, fill, generator=None):
+    """Cutout (DeVries & Taylor, 2017): in each image one square of half the image's side set to
+    `fill` (uint8 per channel: the mean pixel, which normalises to zero); its centre falls anywhere
+    in the image, so the square may lie partly outside, as in the paper. One masked select, on uint8."""
+    B, C, H, W = x.shape
+    side = max(1, H // 2)
+    top = torch.randint(0, H, (B, 1), generator=generator).to(x.device) - side // 2
+    left = torch.randint(0, W, (B, 1), generator=generator).to(x.device) - side // 2
+    r, c = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows, cols = (r >= top) & (r < top + side), (c >= left) & (c < left + side)  # (B, H), (B, W)
+    mask = rows[:, None, :, None] & cols[:, None, None, :]  # (B, 1, H, W)
+    return torch.where(mask, fill.to(x).view(1, C, 1, 1), x)
 
 
-def augment_with_flips(x, augment, generator=None):
-    """(augmented batch, which images were mirrored: a (B,) bool tensor, or None for "none" and "crop").
-    The random draws are those of augment_batch, so a distilled student sees the very batches its
-    undistilled twin sees; a teacher's logits table is looked up by the flags."""
+AUGMENTS = ("none", "flip", "crop", "flip_crop", "cutout", "flip_crop_cutout")
+
+
+def augment_with_flips(x, augment, generator=None, fill=None):
+    """(augmented batch, which images were mirrored: a (B,) bool tensor, or None without flips), on
+    uint8 images; cutout fills with `fill` (uint8 per channel, default 0). The random draws are those
+    of augment_batch, so a distilled student sees the very batches its undistilled twin sees; a
+    teacher's logits table is looked up by the flags."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
     flip = _coin(x.shape[0], generator, x.device) if "flip" in augment else None
     if "crop" in augment:  # flip_crop: both in the one gather
-        return batch_crop(x, padding=max(1, x.shape[-1] // 8), generator=generator, flip=flip), flip
-    return (torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x) if flip is not None else x), flip
+        x = batch_crop(x, padding=max(1, x.shape[-1] // 8), generator=generator, flip=flip)
+    elif flip is not None:
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if "cutout" in augment:
+        x = batch_cutout(x, torch.zeros(x.shape[1], dtype=x.dtype) if fill is None else fill, generator)
+    return x, flip
 
 
-def augment_batch(x, augment, generator=None):
-    return augment_with_flips(x, augment, generator)[0]
+def augment_batch(x, augment, generator=None, fill=None):
+    """Batch augmentation on uint8 images (see augment_with_flips)."""
+    return augment_with_flips(x, augment, generator, fill)[0]
 
 
 class Batches:
@@ -923,16 +950,23 @@ class Batches:
     run resumed at epoch e sees the batches an uninterrupted one would have seen: SeqClassifier calls
     `set_epoch(e)` before each training epoch; used alone, each pass is the next epoch. With
     `with_index`, each batch also carries its images' indices (x, y, idx): a teacher's logits table
-    is looked up by them."""
-    def __init__(self, x, y, batch_size, shuffle=False, seed=0, with_index=False):
+    is looked up by them.
+
+    Under DDP (`world` processes) each `rank` reads its share of every epoch (`indices`): shuffled,
+    rank r takes the r-th of `world` equal, disjoint blocks of the epoch's permutation, so the ranks
+    take equal steps and together see every image once (when N is not a multiple of `world`, the
+    permutation's last N % world images sit that epoch out, as with DistributedSampler's
+    drop_last); ordered (evaluation), rank r takes every world-th image from r on: all of them, once."""
+    def __init__(self, x, y, batch_size, shuffle=False, seed=0, with_index=False, rank=0, world=1):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.seed, self.epoch, self.with_index = seed, 0, with_index
+        self.seed, self.epoch, self.with_index, self.rank, self.world = seed, 0, with_index, rank, world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return -(-len(self.y) // self.batch_size)
+        n = len(self.y) // self.world if self.shuffle else len(self.y[self.rank::self.world])
+        return -(-n // self.batch_size)
 
     def order(self, epoch):
         """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same stream
@@ -942,11 +976,17 @@ class Batches:
             order = torch.randperm(len(self.y), generator=generator)
         return order
 
+    def indices(self):
+        """This rank's images of the current epoch, in the order it reads them."""
+        if not self.shuffle:
+            return torch.arange(self.rank, len(self.y), self.world)
+        share = len(self.y) // self.world
+        return self.order(self.epoch)[self.rank * share:(self.rank + 1) * share]
+
     def __iter__(self):
-        n = len(self.y)
-        order = self.order(self.epoch) if self.shuffle else torch.arange(n)
+        order = self.indices()
         self.epoch += 1
-        for i in range(0, n, self.batch_size):
+        for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield (self.x[idx], self.y[idx], idx) if self.with_index else (self.x[idx], self.y[idx])
 
@@ -972,6 +1012,19 @@ class Batches:
 #               override `channels` = C (default 3; 1 for MNIST). The runner can keep `transform:
 #               rows` unchanged, or skip the transform and pass the normalised images themselves.
 
+def _check_choice(what, value, valid):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}: valid values are {list(valid)}")
+
+
+def _check_sizes(**sizes):
+    """Every size an integer >= 1 (a tuple: each of its entries)."""
+    for key, value in sizes.items():
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+            raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
+
+
 def lstm_loop(gates_x, w_hh, steps):
     """LSTM recurrence over `steps` steps whose input gate pre-activations are the same at
     every step: gates_x (D, B, 4H) per direction (W_ih x + b_ih + b_hh), w_hh (D, 4H, H).
@@ -991,72 +1044,121 @@ def lstm_loop(gates_x, w_hh, steps):
     return h, torch.stack(outs)
 
 
-class BiLSTMFC(nn.Module):
-    """Bidirectional LSTM reading the final hidden state of both directions, then two fully
-    connected layers: 2H -> fc -> ReLU -> classes (the test task: H = 32, fc = 100).
+def gru_loop(gates_x, w_hh, b_hh, steps):
+    """GRU recurrence as lstm_loop: gates_x (D, B, 3H) = W_ih x + b_ih, the same at every step;
+    b_hh (D, 1, 3H) stays apart, since the reset gate scales the hidden part of the new gate."""
+    D, B, G = gates_x.shape
+    x_r, x_z, x_n = gates_x.chunk(3, -1)
+    h = gates_x.new_zeros(D, B, G // 3)
+    outs = []
+    for _ in range(steps):
+        h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh.transpose(1, 2)).chunk(3, -1)  # PyTorch's gate order
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+        outs.append(h)
+    return h, torch.stack(outs)
 
-    The first layer's input projection W_ih x is pulled out of the LSTM (`in_proj`), so that
-    over the identity sequence, where every step is the same vector, it is computed once per
-    image instead of once per step (`hoist`). Only layer 1 can be hoisted: its outputs differ
-    from step to step, so layers 2+ are a plain nn.LSTM. The recurrence of layer 1 is an
-    nn.LSTM per direction whose input weight is a fixed identity matrix, so precomputed gate
-    pre-activations run on the fused kernel (`recurrence="fused"`); on the hoisted path a
-    small loop advancing both directions in one batched matmul per step (`"loop"`) measured
-    faster on CPU (`python seqlstm.py bench`) and is the default. Either way the results
-    equal nn.LSTM on the repeated sequence (tests/test_models.py)."""
 
-    def __init__(self, *, in_features, num_classes, hidden=32, layers=1, fc=100, dropout=0.0,
-                 bidirectional=True, hoist=True, recurrence="loop"):
+READOUTS = ("last", "mean", "attention")
+
+
+class AttentionPool(nn.Module):
+    """A learned attention pooling over steps: softmax over t of a linear score of each output."""
+    def __init__(self, dim):
         super().__init__()
-        if layers < 1 or hidden < 1 or fc < 1:
-            raise ValueError(f"layers, hidden and fc must be >= 1, got {layers}, {hidden}, {fc}")
-        if recurrence not in ("loop", "fused"):
-            raise ValueError(f"unknown recurrence '{recurrence}': valid values are ['fused', 'loop']")
-        self.hidden, self.dirs, self.hoist, self.recurrence = hidden, 2 if bidirectional else 1, hoist, recurrence
-        D, H = self.dirs, hidden
-        self.in_proj = nn.Linear(in_features, D * 4 * H)  # layer-1 W_ih and b_ih of every direction
-        self.recur = nn.ModuleList(nn.LSTM(4 * H, H, batch_first=True) for _ in range(D))
-        for lstm in self.recur:  # input weight fixed to I: gate pre-activations pass straight through
-            lstm.weight_ih_l0 = nn.Parameter(torch.eye(4 * H), requires_grad=False)
-            lstm.bias_ih_l0 = nn.Parameter(torch.zeros(4 * H), requires_grad=False)
-        self.upper = nn.LSTM(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
-                             dropout=dropout if layers > 2 else 0.0) if layers > 1 else None  # self.drop before it
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, seq):  # (B, T, C) -> (B, C)
+        weights = torch.softmax(self.score(seq), dim=1)  # (B, T, 1)
+        return (weights * seq).sum(1)
+
+
+def readout_features(readout, seq, h_last, pool=None):
+    """The features a head reads: "last" the final states h_last (D, B, H) side by side, "mean"
+    the top layer's outputs seq (B, T, D*H) averaged over steps, "attention" pooled by `pool`."""
+    if readout == "mean":
+        return seq.mean(1)
+    if readout == "attention":
+        return pool(seq)
+    return h_last.transpose(0, 1).reshape(h_last.shape[1], -1)  # (B, D*H): [forward final, backward final]
+
+
+class BiLSTMFC(nn.Module):
+    """Bidirectional LSTM (or GRU, `cell`) reading the final hidden state of both directions
+    (or, `readout`, the outputs' mean or attention pooling over steps), then two fully
+    connected layers: 2H -> fc -> ReLU -> classes (the test task: LSTM, H = 32, fc = 100).
+
+    The first layer's input projection W_ih x is pulled out of the recurrence (`in_proj`), so
+    that over the identity sequence, where every step is the same vector, it is computed once
+    per image instead of once per step (`hoist`); for both cells the input enters the gates
+    only through W_ih x + b_ih, so this holds for the GRU too. Only layer 1 can be hoisted: its
+    outputs differ from step to step, so layers 2+ are a plain nn.LSTM / nn.GRU. The recurrence
+    of layer 1 is an nn.LSTM / nn.GRU per direction whose input weight is a fixed identity
+    matrix, so precomputed gate pre-activations run on the fused kernel (`recurrence="fused"`);
+    on the hoisted path a small loop advancing both directions in one batched matmul per step
+    (`"loop"`) measured faster on CPU (`python seqlstm.py bench`) and is the default. Either
+    way the results equal nn.LSTM / nn.GRU on the repeated sequence (tests/test_models.py)."""
+
+    CELLS = {"lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}  # class, gates
+
+    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=32, layers=1, fc=100,
+                 dropout=0.0, bidirectional=True, readout="last", hoist=True, recurrence="loop"):
+        super().__init__()
+        _check_sizes(layers=layers, hidden=hidden, fc=fc)
+        _check_choice("cell", cell, list(self.CELLS))
+        _check_choice("readout", readout, READOUTS)
+        _check_choice("recurrence", recurrence, ["fused", "loop"])
+        self.cell, self.readout, self.hoist, self.recurrence = cell, readout, hoist, recurrence
+        self.hidden, self.dirs = hidden, 2 if bidirectional else 1
+        rnn, gates = self.CELLS[cell]
+        D, H, G = self.dirs, hidden, gates * hidden
+        self.in_proj = nn.Linear(in_features, D * G)  # layer-1 W_ih and b_ih of every direction
+        self.recur = nn.ModuleList(rnn(G, H, batch_first=True) for _ in range(D))
+        for r in self.recur:  # input weight fixed to I: gate pre-activations pass straight through
+            r.weight_ih_l0 = nn.Parameter(torch.eye(G), requires_grad=False)
+            r.bias_ih_l0 = nn.Parameter(torch.zeros(G), requires_grad=False)
+        self.upper = (rnn(D * H, H, layers - 1, batch_first=True, bidirectional=bidirectional,
+                          dropout=dropout if layers > 2 else 0.0)
+                      if layers > 1 else None)  # self.drop before it
+        self.pool = AttentionPool(D * H) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
         self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc, num_classes))
 
     def forward(self, x):  # x: (B, T, F)
         B, T, _ = x.shape
         if self.hoist and T > 1 and x.stride(1) == 0:  # every step is the same vector (identity sequence)
-            gates = self.in_proj(x[:, 0])  # (B, D*4H): once per image, not once per step
+            gates = self.in_proj(x[:, 0])  # (B, D*G): once per image, not once per step
             seq, h_last = (self._loop if self.recurrence == "loop" else self._fused)(gates, T)
         else:
-            seq, h_last = self._fused(self.in_proj(x), T)  # (B, T, D*4H)
+            seq, h_last = self._fused(self.in_proj(x), T)  # (B, T, D*G)
         if self.upper is not None:
-            _, (h_n, _) = self.upper(self.drop(seq))
-            h_last = h_n[-self.dirs:]
-        feats = h_last.transpose(0, 1).reshape(B, -1)  # (B, D*H): [forward final, backward final]
-        return self.head(self.drop(feats))
+            seq, h_n = self.upper(self.drop(seq))
+            h_last = (h_n[0] if isinstance(h_n, tuple) else h_n)[-self.dirs:]  # the LSTM's (h, c)
+        return self.head(self.drop(readout_features(self.readout, seq, h_last, self.pool)))
 
     def _fused(self, gates, T):
-        """Layer 1 on nn.LSTM's fused kernel: gates (B, T, D*4H), or (B, D*4H) for every step."""
+        """Layer 1 on the fused kernel: gates (B, T, D*G), or (B, D*G) for every step."""
         if gates.ndim == 2:
             gates = gates.unsqueeze(1).expand(-1, T, -1)
-        gates = gates.chunk(self.dirs, -1)  # D x (B, T, 4H)
-        out_f, (h_f, _) = self.recur[0](gates[0])
-        outs, h_last = [out_f], [h_f[0]]
-        if self.dirs == 2:
-            out_b, (h_b, _) = self.recur[1](gates[1].flip(1))
-            outs.append(out_b.flip(1))  # back to input positions
-            h_last.append(h_b[0])
+        gates = gates.chunk(self.dirs, -1)  # D x (B, T, G)
+        outs, h_last = [], []
+        for d, r in enumerate(self.recur):
+            out, h_n = r(gates[d].flip(1) if d else gates[d])
+            outs.append(out.flip(1) if d else out)  # the backward direction back to input positions
+            h_last.append((h_n[0] if isinstance(h_n, tuple) else h_n)[0])
         return torch.cat(outs, -1), torch.stack(h_last)  # (B, T, D*H), (D, B, H)
 
     def _loop(self, gates, T):
-        """Layer 1 as a Python loop over steps for gates (B, D*4H) that are the same at every step."""
+        """Layer 1 as a Python loop over steps for gates (B, D*G) that are the same at every step."""
         B, D, H = gates.shape[0], self.dirs, self.hidden
-        w_hh = torch.stack([lstm.weight_hh_l0 for lstm in self.recur])  # (D, 4H, H)
-        b_hh = torch.stack([lstm.bias_hh_l0 for lstm in self.recur]).unsqueeze(1)  # (D, 1, 4H)
-        h_last, outs = lstm_loop(gates.view(B, D, 4 * H).transpose(0, 1) + b_hh, w_hh, T)  # (D,B,H), (T,D,B,H)
-        if self.upper is None:
+        w_hh = torch.stack([r.weight_hh_l0 for r in self.recur])  # (D, G, H)
+        b_hh = torch.stack([r.bias_hh_l0 for r in self.recur]).unsqueeze(1)  # (D, 1, G)
+        gates = gates.view(B, D, -1).transpose(0, 1)  # (D, B, G)
+        if self.cell == "lstm":
+            h_last, outs = lstm_loop(gates + b_hh, w_hh, T)  # (D, B, H), (T, D, B, H)
+        else:
+            h_last, outs = gru_loop(gates, w_hh, b_hh, T)
+        if self.upper is None and self.readout == "last":
             return None, h_last
         seq = outs.permute(2, 0, 1, 3)  # (B, T, D, H)
         if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: reverse it to input positions
@@ -1064,13 +1166,14 @@ class BiLSTMFC(nn.Module):
         return seq.reshape(B, T, D * H), h_last
 
 
-def reference_lstm(model: BiLSTMFC) -> nn.LSTM:
-    """A plain nn.LSTM holding the same weights as `model`'s LSTM layers (for the equivalence
-    tests and the naive baseline of the benchmark)."""
+def reference_rnn(model: BiLSTMFC) -> nn.RNNBase:
+    """A plain nn.LSTM / nn.GRU holding the same weights as `model`'s recurrent layers (for the
+    equivalence tests and the naive baseline of the benchmark)."""
     D, H = model.dirs, model.hidden
     layers = 1 + (model.upper.num_layers if model.upper else 0)
-    ref = nn.LSTM(model.in_proj.in_features, H, layers, batch_first=True, bidirectional=D == 2,
-                  dropout=model.upper.dropout if model.upper else 0.0)
+    rnn = BiLSTMFC.CELLS[model.cell][0]
+    ref = rnn(model.in_proj.in_features, H, layers, batch_first=True, bidirectional=D == 2,
+              dropout=model.upper.dropout if model.upper else 0.0)
     w_ih, b_ih = model.in_proj.weight.chunk(D), model.in_proj.bias.chunk(D)
     with torch.no_grad():
         for d, suffix in enumerate(["", "_reverse"][:D]):
@@ -1086,31 +1189,18 @@ def reference_lstm(model: BiLSTMFC) -> nn.LSTM:
 
 
 class ReferenceBiLSTMFC(nn.Module):
-    """The same network on a plain nn.LSTM over the explicitly repeated sequence: the naive baseline."""
+    """The same network on a plain nn.LSTM / nn.GRU over the explicitly repeated sequence (the
+    naive baseline)."""
     def __init__(self, model: BiLSTMFC):
         super().__init__()
         import copy
-        self.lstm, self.head, self.dirs = reference_lstm(model), copy.deepcopy(model.head), model.dirs
+        self.rnn, self.head, self.dirs = reference_rnn(model), copy.deepcopy(model.head), model.dirs
+        self.readout, self.pool = model.readout, copy.deepcopy(model.pool)
 
     def forward(self, x):  # (B, T, F), materialised
-        _, (h_n, _) = self.lstm(x.contiguous())
-        return self.head(h_n[-self.dirs:].transpose(0, 1).flatten(1))
-
-
-def _check_choice(what, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}: valid values are {list(valid)}")
-
-
-def _check_sizes(**sizes):
-    """Every size an integer >= 1 (a tuple: each of its entries)."""
-    for key, value in sizes.items():
-        values = value if isinstance(value, (tuple, list)) else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
-            raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
-
-
-READOUTS = ("last", "mean")
+        seq, h_n = self.rnn(x.contiguous())
+        h_n = h_n[0] if isinstance(h_n, tuple) else h_n
+        return self.head(readout_features(self.readout, seq, h_n[-self.dirs:], self.pool))
 
 
 class RNNClassifier(nn.Module):
@@ -1121,9 +1211,10 @@ class RNNClassifier(nn.Module):
 
     readout "last": the top layer's final hidden state (both directions' when bidirectional: the
     forward one after step T, the backward one after step 1); "mean": the top layer's outputs
-    averaged over steps. The presets lstm_rows_mnist and lstm_pixels_mnist are the classic
-    sequential-MNIST LSTM (3 layers x 128, unidirectional, last state): rows read 28 steps of 28
-    pixels, pixels 784 steps of 1 (Le, Jaitly & Hinton, 2015, "A simple way to initialize recurrent
+    averaged over steps; "attention": a learned attention pooling of them (readout_features).
+    The presets lstm_rows_mnist and lstm_pixels_mnist are the classic sequential-MNIST LSTM
+    (3 layers x 128, unidirectional, last state): rows read 28 steps of 28 pixels, pixels 784
+    steps of 1 (Le, Jaitly & Hinton, 2015, "A simple way to initialize recurrent
     networks of rectified linear units", introduced pixel-by-pixel MNIST)."""
 
     input_form = "sequence"
@@ -1139,17 +1230,14 @@ class RNNClassifier(nn.Module):
         self.dirs = 2 if bidirectional else 1
         self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True, bidirectional=bidirectional,
                                     dropout=dropout if layers > 1 else 0.0)
+        self.pool = AttentionPool(self.dirs * hidden) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.dirs * hidden, num_classes)
 
     def forward(self, x):  # (B, T, F)
         out, h_n = self.rnn(x.contiguous())  # identity sequences arrive as stride-0 views
-        if self.readout == "mean":
-            feats = out.mean(1)
-        else:
-            h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
-            feats = h_n[-self.dirs:].transpose(0, 1).reshape(x.shape[0], -1)  # (B, D*H)
-        return self.head(self.drop(feats))
+        h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
+        return self.head(self.drop(readout_features(self.readout, out, h_n[-self.dirs:], self.pool)))
 
 
 # ---- image models: (B, C, H, W), or the rows layout (B, H, W*C) folded back into the image
@@ -1964,6 +2052,42 @@ def create_model(name: str, *, in_features: int, num_classes: int, **overrides) 
     return model
 
 
+def _orthogonal_rnn(rnn: nn.RNNBase, gates: int):
+    """Per gate: orthogonal W_hh, Xavier W_ih, zero biases, and an LSTM's forget-gate bias 1 (on b_hh,
+    so that b_ih + b_hh is 1). A frozen weight (BiLSTMFC's identity W_ih) keeps its value."""
+    for name, p in rnn.named_parameters():
+        if not p.requires_grad:
+            continue
+        with torch.no_grad():
+            for g, chunk in enumerate(p.chunk(gates)):  # one (H, ...) block per gate
+                if name.startswith("weight_hh"):
+                    nn.init.orthogonal_(chunk)
+                elif name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(chunk)
+                else:
+                    chunk.fill_(1.0 if gates == 4 and g == 1 and name.startswith("bias_hh") else 0.0)
+
+
+def orthogonal_init(model):
+    """Orthogonal hidden-to-hidden weights (Saxe et al., 2014), forget-gate bias 1 (Jozefowicz et al.,
+    2015), Xavier input weights (Glorot & Bengio, 2010) in every recurrent layer of `model`."""
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    if not rnns:
+        raise ValueError(f"init 'orthogonal' is for recurrent models; {type(model).__name__} has no "
+                         f"recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
+    for rnn in rnns:
+        _orthogonal_rnn(rnn, {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1))
+    if isinstance(model, BiLSTMFC):  # layer 1's input weights and biases live in in_proj
+        with torch.no_grad():
+            for chunk in model.in_proj.weight.chunk(model.in_proj.out_features // model.hidden):
+                nn.init.xavier_uniform_(chunk)
+            model.in_proj.bias.zero_()
+    return model
+
+
+INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}  # PyTorch's, or orthogonal_init
+
+
 def describe_models():
     """One line per model: its parameters at its default input, that input, its input form and paper."""
     lines = []
@@ -2077,9 +2201,28 @@ import pytorch_lightning as pl  # noqa: E402  (after the model code it wraps)
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.15 deprecates, once per batch transfer.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR  # noqa: E402
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
               "sgd": partial(torch.optim.SGD, momentum=0.9, nesterov=True)}  # (params, lr=, weight_decay=)
-SCHEDULES = ("onecycle", "none")
+
+
+def _warmup_cosine(opt, lr, steps, warmup_steps):
+    """Linear warm-up from lr / (warmup_steps + 1) to lr, then cosine decay to 0 over the rest."""
+    warmup = LinearLR(opt, start_factor=1 / (warmup_steps + 1), total_iters=warmup_steps)
+    decay = CosineAnnealingLR(opt, T_max=steps - warmup_steps)
+    return SequentialLR(opt, [warmup, decay], [warmup_steps])
+
+
+SCHEDULES = {  # (optimizer, peak lr, total steps, warm-up steps) -> a per-step scheduler, or None
+    "onecycle": lambda opt, lr, steps, warmup: OneCycleLR(  # each group's own peak (param_groups)
+        opt, [g["lr"] for g in opt.param_groups], total_steps=steps, pct_start=0.15),
+    "none": lambda opt, lr, steps, warmup: None,
+    "cosine": lambda opt, lr, steps, warmup: CosineAnnealingLR(opt, T_max=steps),
+    "warmup_cosine": _warmup_cosine,
+}
+PRECISIONS = ("32", "bf16-mixed")  # Lightning's precision
+STRATEGIES = ("auto", "ddp")  # Lightning's; ddp: one process per device (a script, not a notebook)
 
 
 class NonFiniteError(FloatingPointError):
@@ -2109,8 +2252,8 @@ class SeqClassifier(pl.LightningModule):
     the same augmented images; training batches then carry their indices when it has a table."""
 
     def __init__(self, model, *, to_seq, mean, std, augment="none", lr=1e-3, weight_decay=0.0,
-                 optimizer="adam", schedule="onecycle", seed=0, label_smoothing=0.0, teacher=None,
-                 distill_alpha=0.5, distill_T=4.0, distill_hard=False):
+                 optimizer="adam", schedule="onecycle", warmup_epochs=0, label_smoothing=0.0, seed=0,
+                 teacher=None, distill_alpha=0.5, distill_T=4.0, distill_hard=False):
         super().__init__()
         self.model, self.to_seq, self.teacher = model, to_seq, teacher
         self.save_hyperparameters(ignore=["model", "to_seq", "mean", "std", "teacher"])
@@ -2131,8 +2274,8 @@ class SeqClassifier(pl.LightningModule):
         correct = (logits.argmax(1) == y).sum()
         sums = torch.stack([loss.detach() * len(y), correct, y.new_tensor(len(y))])
         self._sums[stage] = self._sums.get(stage, 0) + sums
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{stage}_acc", correct / len(y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}_acc", correct / len(y), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def _non_finite(self, what, value):
@@ -2144,7 +2287,8 @@ class SeqClassifier(pl.LightningModule):
         """(loss, logits) of a training batch: cross-entropy (label-smoothed if set), or with a teacher
         the distillation loss against its logits for the same augmented images (idx: their indices)."""
         hp = self.hparams
-        x_uint8, flip = augment_with_flips(x_uint8, hp.augment, self.augment_gen)  # on uint8: a quarter of the bytes
+        fill = (self.mean * 255).round().to(torch.uint8)  # cutout's mean pixel: zero once normalised
+        x_uint8, flip = augment_with_flips(x_uint8, hp.augment, self.augment_gen, fill)  # uint8: 1/4 of the bytes
         logits = self.model(self.to_seq(normalize(x_uint8, self.mean, self.std)))
         if self.teacher is None:
             return F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing), logits
@@ -2187,14 +2331,17 @@ class SeqClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):  # runs after the epoch's last training batch
         record = {"epoch": self.current_epoch + 1}
-        for stage, (loss, correct, n) in self._sums.items():
+        for stage, sums in self._sums.items():  # summed over ranks under DDP
+            loss, correct, n = self.trainer.strategy.reduce(sums, reduce_op="sum")
             record.update({f"{stage}_loss": float(loss / n), f"{stage}_acc": float(correct / n)})
-        if self._grad_norms:
+        if self._grad_norms:  # the ranks' gradients are all-reduced: every rank sees the same norms
             norms = torch.stack(self._grad_norms)
             record.update(grad_norm_mean=float(norms.mean()), grad_norm_max=float(norms.max()))
+        record["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]  # where the schedule stands
         self._sums, self._grad_norms = {}, []
         if not self.trainer.sanity_checking:
             self.history.append(record)
+            self.log_dict({k: v for k, v in record.items() if k.startswith(("grad_norm", "lr"))})
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["seqlstm"] = {"augment_gen": self.augment_gen.get_state(), "history": self.history,
@@ -2211,13 +2358,12 @@ class SeqClassifier(pl.LightningModule):
         hp = self.hparams
         opt = OPTIMIZERS[hp.optimizer](param_groups(self, hp.lr, hp.weight_decay),
                                        lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "none":
+        steps = int(self.trainer.estimated_stepping_batches)
+        warmup = min(steps - 1, hp.warmup_epochs * steps // max(1, self.trainer.max_epochs))
+        scheduler = SCHEDULES[hp.schedule](opt, hp.lr, steps, warmup)
+        if scheduler is None:
             return opt
-        steps = self.trainer.estimated_stepping_batches
-        return {"optimizer": opt, "lr_scheduler": {
-            "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups],
-                                                              total_steps=steps, pct_start=0.15),
-            "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class EpochLog(pl.Callback):
@@ -2232,7 +2378,7 @@ class EpochLog(pl.Callback):
         self._ends = [time.perf_counter()]
 
     def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
-        if not module.history:
+        if not module.history or not trainer.is_global_zero:
             return
         self._ends.append(time.perf_counter())
         ends = self._ends[-self.recent - 1:]
@@ -2398,7 +2544,8 @@ PARAM_RANGES = {  # what each numeric parameter accepts, written as its error me
     "seq_len": (lambda v: v >= 1, ">= 1"), "epochs": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"), "eval_batch_size": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "image_size": (lambda v: v >= 0, ">= 0 (0: keep the dataset's size)"),
     "channels": (lambda v: v in (0, 1, 3), "0 (keep), 1 or 3"),
     "overview_per_class": (lambda v: v >= 0, ">= 0"),
@@ -2408,20 +2555,21 @@ PARAM_RANGES = {  # what each numeric parameter accepts, written as its error me
     "threads": (lambda v: v >= 0, ">= 0 (0: all cores)"),
     "teacher_epochs": (lambda v: v >= 1, ">= 1"), "distill_alpha": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "distill_T": (lambda v: v > 0, "> 0"),
+    "devices": (lambda v: v >= 1, ">= 1"), "num_nodes": (lambda v: v >= 1, ">= 1"),
 }
 
 
 def param_choices():
     """The named parameters and their valid values, one registry each."""
     return {"model": list_models(), "teacher": ["", *list_models()], "transform": list_sequences(),
-            "augment": list(AUGMENTS),
-            "optimizer": sorted(OPTIMIZERS), "schedule": list(SCHEDULES)}
+            "augment": list(AUGMENTS), "optimizer": sorted(OPTIMIZERS), "schedule": list(SCHEDULES),
+            "init": list(INITS), "precision": list(PRECISIONS), "strategy": list(STRATEGIES)}
 
 
 def _check_names(p):
     for name, valid in param_choices().items():
         for value in as_list(p[name]):
-            if value not in valid:
+            if str(value) not in valid:  # precision 32 as YAML's int
                 raise ParamError(f"parameter {name} = {value!r}: valid values are {valid}")
     for ds in as_list(p["dataset"]):
         if ds not in DATASETS and not _is_image_folder(Path(ds)):
@@ -2438,6 +2586,9 @@ def check_values(params: dict, types: dict) -> dict:
             if not ok(value):
                 raise ParamError(f"parameter {name} = {value!r}: must be {valid}")
     _check_names(p)
+    if p.get("schedule") == "warmup_cosine" and not p["warmup_epochs"] < p["epochs"]:
+        raise ParamError(f"parameter warmup_epochs = {p['warmup_epochs']}: must be below epochs "
+                         f"({p['epochs']}) for schedule warmup_cosine")
     return p
 
 
@@ -2454,11 +2605,13 @@ class Run:
     transform: str
     seq_len: object  # int, or None for the transforms whose length the image fixes
     params: dict
+    variant: str = ""  # the name of its entry in `variants`, if any
 
     def title(self, with_model=True):
         distilled = [distill_title(self.params)] if self.params.get("teacher") else []
         return ", ".join([self.dataset] + [self.model] * with_model + [self.transform]
-                         + [f"L = {self.seq_len}"] * bool(self.seq_len) + distilled)
+                         + [f"L = {self.seq_len}"] * bool(self.seq_len) + [self.variant] * bool(self.variant)
+                         + distilled)
 
 
 def takes_seq_len(transform):
@@ -2473,10 +2626,12 @@ def plan_runs(datasets, transforms, seq_lens, models=(None,)):
             for L in (seq_lens if takes_seq_len(tr) else [None])]
 
 
-PLANNED = ("dataset", "transform", "seq_len", "model", "per_model", "experiment")  # fixed for a report
+PLANNED = ("dataset", "model", "per_model", "variants", "extra_runs", "experiment")  # fixed for a report
+PER_RUN = ("transform", "seq_len")  # per_model may set them; a variant may not (it compares at equal input)
 DISTILL = ("distill_alpha", "distill_T", "distill_hard")  # one run per combination of their values
 TEACHER_PARAMS = ("teacher_args", "teacher_epochs", *DISTILL)  # meaningless without a teacher
-NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "experiment", "data_dir", "extra_runs")
+NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "variants", "variant", "experiment", "data_dir",
+              "extra_runs", "tune_study", "tune_storage")  # how a run is reported, not what it is
 
 
 def run_identity(p: dict) -> dict:
@@ -2507,31 +2662,38 @@ def with_distillation(p: dict) -> list:
     return [{**p, **first, "teacher": ""}] + runs
 
 
+def _override(p, over, where, fixed, types):
+    """`p` updated by the mapping `over` of parameters (not in `fixed`), checked again as a whole."""
+    over = over or {}
+    if not isinstance(over, dict):
+        raise ParamError(f"{where} = {over!r}: expected a mapping of parameter: value")
+    check_params(over, [k for k in types if k not in fixed], where=f"{where}: ")
+    try:
+        return check_values({**p, **over}, types)
+    except ParamError as e:
+        raise ParamError(f"{where}: {e}") from None
+
+
 def _plan_grid(p: dict, types: dict) -> list:
-    """The runs of one grid: datasets x models x transforms x lengths x distillation settings, with
-    `per_model` overrides applied and checked."""
+    """The runs of one grid: dataset x model x variant x transform x seq_len x distillation
+    settings, with `per_model` overrides and then each `variants` entry's applied and checked."""
     unknown = sorted(set(p["per_model"]) - set(MODELS))  # registered models the report does not run may stay
     if unknown:
         raise ParamError(f"per_model names {unknown}, which are not models: valid names are {list_models()}")
-    per_model = {}
+    planned = {}  # (model, variant) -> parameters
     for m in as_list(p["model"]):
-        over = p["per_model"].get(m) or {}
-        if not isinstance(over, dict):
-            raise ParamError(f"per_model[{m!r}] = {over!r}: expected a mapping of parameter: value")
-        check_params(over, [k for k in types if k not in PLANNED + ("extra_runs",)], where=f"per_model[{m!r}]: ")
-        try:
-            per_model[m] = check_values({**p, **over, "model": m}, types)
-        except ParamError as e:
-            raise ParamError(f"per_model[{m!r}]: {e}") from None
-    return [Run(ds, m, tr, L, q) for ds, m, tr, L in plan_runs(as_list(p["dataset"]), as_list(p["transform"]),
-                                                               as_list(p["seq_len"]), as_list(p["model"]))
-            for q in with_distillation({**per_model[m], "dataset": ds, "transform": tr, "seq_len": L})]
+        base = _override({**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types)
+        for v, over in (p["variants"] or {"": {}}).items():
+            planned[m, v] = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
+    return [Run(ds, m, tr, L, q, v) for ds in as_list(p["dataset"]) for (m, v), base in planned.items()
+            for _, _, tr, L in plan_runs([ds], as_list(base["transform"]), as_list(base["seq_len"]))
+            for q in with_distillation({**base, "dataset": ds, "transform": tr, "seq_len": L, "variant": v})]
 
 
 def plan_report(params: dict, types: dict) -> list:
     """Every run of a report, each with its parameters checked, `per_model` overrides (e.g.
-    {"pit": {"epochs": 1}}) and `extra_runs` grids included, so that a bad value in the last run
-    fails before the first; a run planned twice (e.g. a shared undistilled twin) runs once."""
+    {"pit": {"epochs": 1}}), `variants` and `extra_runs` grids included, so that a bad value in the
+    last run fails before the first; a run planned twice (e.g. a shared undistilled twin) runs once."""
     check_params(params, types)
     _check_student(params)
     p = check_values(params, types)
@@ -2585,6 +2747,19 @@ def transform_args(p: dict) -> dict:
     return dict(targs)
 
 
+def _check_model(p, T, n_feat, n_classes):
+    """The run's model built with its model_args and initialised with its init."""
+    try:
+        model = create_model(p["model"], in_features=n_feat, num_classes=n_classes, **p["model_args"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ParamError(f"model_args {p['model_args']} for model {p['model']!r} on {T} steps "
+                         f"of {n_feat} features: {e}") from None
+    try:
+        INITS[p["init"]](model)
+    except ValueError as e:
+        raise ParamError(f"parameter init = {p['init']!r} for model {p['model']!r}: {e}") from None
+
+
 def check_run_inputs(runs, loaded):
     """Each run's transform and model arguments against its images: a patch that does not fit or
     a bad model argument fails now, not after the runs before it have trained."""
@@ -2597,13 +2772,9 @@ def check_run_inputs(runs, loaded):
         except (ValueError, TypeError, RuntimeError) as e:
             raise ParamError(f"transform_args {targs} for transform {run.transform!r} on "
                              f"{'x'.join(map(str, data.image_shape))} images: {e}") from None
-        key = (run.model, n_feat, len(data.classes), repr(p["model_args"]))
+        key = (run.model, n_feat, len(data.classes), repr(p["model_args"]), p["init"])
         if key not in built:
-            try:
-                create_model(run.model, in_features=n_feat, num_classes=len(data.classes), **p["model_args"])
-            except (ValueError, TypeError, RuntimeError) as e:
-                raise ParamError(f"model_args {p['model_args']} for model {run.model!r} on {T} steps "
-                                 f"of {n_feat} features: {e}") from None
+            _check_model(p, T, n_feat, len(data.classes))
             built.add(key)
         _check_teacher(p, data, built)
 
@@ -2729,8 +2900,8 @@ def run_key(p: dict, data: ImageData) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-SUMMARY_FIELDS = ["report", "status", "dataset", "model", "transform", "seq_len", "epochs", "teacher", "test_acc",
-                  "macro_f1", "n_params", "train_seconds", "train_images_per_s", "mlflow_run_id", "error"]
+SUMMARY_FIELDS = ["report", "status", "dataset", "model", "variant", "transform", "seq_len", "epochs", "teacher",
+                  "test_acc", "macro_f1", "n_params", "train_seconds", "train_images_per_s", "mlflow_run_id", "error"]
 
 
 def append_summary(row, path=None):
@@ -2852,10 +3023,11 @@ def eval_batch_size(steps: int) -> int:
     return max(16, min(1024, 2 ** 17 // steps))
 
 
-def open_run(client, experiment_id, key, run, resume):
+def open_run(client, experiment_id, key, run, resume, tags=None):
     """(MLflow run id, checkpoint to resume from or None). The caller holds the key's lock, so a
     run of this key still RUNNING died without a word (SIGKILL, a lost kernel): it is marked
-    KILLED. With `resume`, the newest killed run that left a last checkpoint continues."""
+    KILLED. With `resume`, the newest killed run that left a last checkpoint continues. `tags`
+    go with a new run (a tuning trial's parent run and trial number)."""
     previous = client.search_runs([experiment_id], f"tags.`seqlstm.key` = '{key}'",
                                   order_by=["attributes.start_time DESC"])
     for r in previous:
@@ -2869,7 +3041,8 @@ def open_run(client, experiment_id, key, run, resume):
             print(f"resuming MLflow run {r.info.run_id} after epoch {done} from its last checkpoint", flush=True)
             return r.info.run_id, last
     code = {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
-    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code})
+    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code,
+                                                                          **(tags or {})})
     return created.info.run_id, None
 
 
@@ -2887,10 +3060,12 @@ def build_run(p: dict, data: ImageData, teacher=None):
     example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]  # (T, F): what the model sees
     model = create_model(p["model"], in_features=example.shape[1], num_classes=len(data.classes),
                          **p["model_args"])
+    INITS[p["init"]](model)
     module = SeqClassifier(model, to_seq=to_seq, mean=data.mean, std=data.std, augment=p["augment"],
                            lr=p["lr"], weight_decay=p["weight_decay"], optimizer=p["optimizer"],
-                           schedule=p["schedule"], seed=p["seed"], teacher=teacher, distill_alpha=p["distill_alpha"],
-                           distill_T=p["distill_T"], distill_hard=p["distill_hard"])
+                           schedule=p["schedule"], warmup_epochs=p["warmup_epochs"],
+                           label_smoothing=p["label_smoothing"], seed=p["seed"], teacher=teacher,
+                           distill_alpha=p["distill_alpha"], distill_T=p["distill_T"], distill_hard=p["distill_hard"])
     return to_seq, example, module
 
 
@@ -2903,8 +3078,20 @@ def run_facts(p, data, module, example, threads):
             "code": code_version()}
 
 
-def make_trainer(p, client, run_id, steps_per_epoch):
-    """A Trainer logging into MLflow run `run_id`, keeping best.ckpt and last.ckpt only."""
+def world_size(p):
+    return p["devices"] * p["num_nodes"]
+
+
+def process_rank(p):
+    """This process's global rank under DDP, from the launcher's environment (0 before a launch)."""
+    if "RANK" in os.environ:  # torchrun, SLURM through Lightning
+        return int(os.environ["RANK"])
+    return int(os.environ.get("NODE_RANK", 0)) * p["devices"] + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def make_trainer(p, client, run_id, steps_per_epoch, callbacks=()):
+    """A Trainer logging into MLflow run `run_id` (none on ranks > 0: client None), keeping
+    best.ckpt and last.ckpt only; `devices`, `num_nodes` and `strategy` go to Lightning."""
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import MLFlowLogger
 
@@ -2912,18 +3099,33 @@ def make_trainer(p, client, run_id, steps_per_epoch):
         def finalize(self, status="success"):  # the runner sets the run's status, results logged
             pass
 
-    logger = RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri())
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id), filename="best", monitor="val_acc",
-                                 mode="max", save_top_k=1, save_last=True)
+    logger = (RunLogger(experiment_name=p["experiment"], run_id=run_id, tracking_uri=tracking_uri())
+              if client else False)
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir(run_id or "rank0"), filename="best",
+                                 monitor="val_acc", mode="max", save_top_k=1,
+                                 save_last=True)  # under DDP, rank 0's dirpath is broadcast to all
     timer = TrainTimer()
     on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, one line per epoch
+    callbacks = [checkpoint, timer, EpochLog(), *callbacks] + [MarkEpoch(client, run_id)] * bool(client)
     trainer = pl.Trainer(max_epochs=p["epochs"], gradient_clip_val=p["grad_clip"] or None, logger=logger,
-                         num_sanity_val_steps=0, log_every_n_steps=steps_per_epoch,
-                         callbacks=[checkpoint, timer, EpochLog(), MarkEpoch(client, run_id)]
-                         + [TQDMProgressBar()] * on_terminal, enable_progress_bar=on_terminal,
+                         precision=str(p["precision"]), num_sanity_val_steps=0,
+                         log_every_n_steps=steps_per_epoch, enable_progress_bar=on_terminal,
+                         callbacks=callbacks + [TQDMProgressBar()] * on_terminal,
                          deterministic=True if not torch.cuda.is_available() else "warn",
-                         enable_model_summary=False, accelerator="auto", devices=1)
+                         enable_model_summary=False, accelerator="auto", devices=p["devices"],
+                         num_nodes=p["num_nodes"], strategy=p["strategy"])
     return trainer, timer
+
+
+def predict_best(trainer, module, batches):
+    """Class predictions of the best-validation checkpoint, in this process alone: after a DDP fit,
+    rank 0 tests once instead of every rank predicting the whole test split."""
+    state = torch.load(trainer.checkpoint_callback.best_model_path, map_location=module.device,
+                       weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    with torch.inference_mode(), trainer.precision_plugin.predict_step_context():
+        return torch.cat([module(x.to(module.device)).argmax(1).cpu() for x, _ in batches])
 
 
 def evaluate(trainer, module, data, eval_batch):
@@ -2931,8 +3133,7 @@ def evaluate(trainer, module, data, eval_batch):
     predictions); the module keeps the checkpoint's weights."""
     import numpy as np
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
-    batches = Batches(data.test_x, data.test_y, eval_batch)
-    preds = torch.cat(trainer.predict(module, batches, ckpt_path="best")).numpy()
+    preds = predict_best(trainer, module, Batches(data.test_x, data.test_y, eval_batch)).numpy()
     y, labels = data.test_y.numpy(), list(range(len(data.classes)))
     report = classification_report(y, preds, labels=labels, target_names=data.classes, output_dict=True,
                                    zero_division=0)
@@ -2943,8 +3144,9 @@ def evaluate(trainer, module, data, eval_batch):
 def summary_row(p, status, run_id="", **values):
     teacher = distill_title(p).removeprefix("distilled from ") if p.get("teacher") else ""
     return {"report": p["experiment"], "status": status, "dataset": p["dataset"], "model": p["model"],
-            "transform": p["transform"], "seq_len": values.pop("seq_len", p["seq_len"]),
-            "epochs": p["epochs"], "teacher": teacher, "mlflow_run_id": run_id, **values}
+            "variant": p.get("variant", ""), "transform": p["transform"],
+            "seq_len": values.pop("seq_len", p["seq_len"]), "epochs": p["epochs"], "teacher": teacher,
+            "mlflow_run_id": run_id, **values}
 
 
 def track_run(client, run_id, p, result: RunResult, metrics: dict):
@@ -3097,29 +3299,41 @@ def teacher_for(p: dict, data: ImageData) -> Teacher:
 # Running one run: reuse | resume | new (its teacher first) -> build -> fit -> evaluate -> track;
 # a failure inside a run is contained, an interrupt marks it KILLED
 
-def train_run(run: Run, data: ImageData, client, run_id, resume_from=None) -> RunResult:
-    """Build (with the run's teacher, trained first if need be), fit (from `resume_from` if given),
-    evaluate and track one run."""
+def fit_run(run: Run, data: ImageData, client, run_id, resume_from=None, callbacks=()):
+    """Build (with the run's teacher, trained first if need be) and fit one run (from `resume_from`
+    if given): (trainer, timer, module, example, facts, teacher). Every DDP rank runs this; rank 0
+    alone has a client and logs the parameters."""
     p = run.params
     threads = set_threads(p["threads"])
     teacher = teacher_for(p, data) if p["teacher"] else None
-    if teacher is not None:
+    if teacher is not None and client:
         client.set_tag(run_id, "seqlstm.teacher_key", teacher.info["key"])
     pl.seed_everything(p["seed"], workers=True, verbose=False)  # after the teacher: the twin's initialisation
     to_seq, example, module = build_run(p, data, teacher)
     facts = {**p, **run_facts(p, data, module, example, threads)}
-    if resume_from is None:
+    if client and resume_from is None:
         client.log_batch(run_id, params=[_mlflow_param(k, v) for k, v in facts.items()])
-    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"],
-                    with_index=teacher is not None and teacher.table is not None)
     eval_batch = p["eval_batch_size"] or eval_batch_size(example.shape[0])
-    trainer, timer = make_trainer(p, client, run_id, len(train))
-    trainer.fit(module, train, Batches(data.val_x, data.val_y, eval_batch), ckpt_path=resume_from)
-    metrics, report, cm, preds = evaluate(trainer, module, data, eval_batch)
+    steps = -(-len(data.train_y) // world_size(p) // p["batch_size"])
+    trainer, timer = make_trainer(p, client, run_id, steps, callbacks)
+    rank, world = trainer.global_rank, trainer.world_size  # each rank reads its share (Batches)
+    train = Batches(data.train_x, data.train_y, p["batch_size"], shuffle=True, seed=p["seed"], rank=rank,
+                    world=world, with_index=teacher is not None and teacher.table is not None)
+    val = Batches(data.val_x, data.val_y, eval_batch, rank=rank, world=world)
+    trainer.fit(module, train, val, ckpt_path=resume_from)
+    return trainer, timer, module, example, {**facts, "eval_batch": eval_batch, "world_size": world}, teacher
+
+
+def train_run(run: Run, data: ImageData, client, run_id, resume_from=None, callbacks=()) -> RunResult:
+    """Fit (fit_run), evaluate and track one run."""
+    p = run.params
+    trainer, timer, module, example, facts, teacher = fit_run(run, data, client, run_id, resume_from, callbacks)
+    metrics, report, cm, preds = evaluate(trainer, module, data, facts.pop("eval_batch"))
     row = summary_row(p, "ok", run_id, seq_len=example.shape[0], n_params=facts["n_params"],
                       test_acc=round(metrics["test_acc"], 4), macro_f1=round(metrics["macro_f1"], 4),
-                      train_seconds=round(timer.wall, 1),
-                      train_images_per_s=round(timer.images / max(timer.seconds, 1e-9)))
+                      train_seconds=round(timer.wall, 1),  # every rank's images: they train at once
+                      train_images_per_s=round(timer.images * facts["world_size"]
+                                               / max(timer.seconds, 1e-9)))
     fig = plot_sequence(example, data.image_shape, data.mean, data.std, p["transform"])
     result = RunResult(row, module.history, report, cm, data.classes, facts, fig, preds=preds.tolist(),
                        teacher=teacher.info if teacher is not None else {})
@@ -3134,7 +3348,7 @@ def reuse_run(client, found, run: Run, data: ImageData) -> RunResult:
         saved = json.loads(Path(client.download_artifacts(found.info.run_id, "result.json", tmp)).read_text())
     print(f"reused MLflow run {found.info.run_id}: it finished with the same parameters, data and code",
           flush=True)
-    row = {**saved["row"], "status": "reused", "report": run.params["experiment"]}
+    row = {**saved["row"], "status": "reused", "report": run.params["experiment"], "variant": run.variant}
     append_summary(row)
     to_seq = make_sequence(run.transform, seq_len=run.seq_len, **transform_args(run.params))
     example = to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]
@@ -3160,23 +3374,37 @@ def fail_run(client, run_id, run: Run, error: BaseException) -> RunResult:
     return RunResult(row, [], {}, None, [], dict(run.params), None, status="failed", error=message)
 
 
-def run_experiment(run: Run, data: ImageData = None) -> RunResult:
+def rank_run(run: Run, data: ImageData):
+    """A DDP rank > 0: the same decision as rank 0 (reuse a finished run, else train), read from
+    MLflow; it trains its share and leaves tracking, testing and summary.csv to rank 0."""
+    p = run.params
+    client, experiment_id = tracking_experiment(p["experiment"])
+    if not (p["resume"] and finished_run(client, experiment_id, run_key(p, data))):
+        fit_run(run, data, None, None)
+
+
+def run_experiment(run: Run, data: ImageData = None, *, callbacks=(), tags=None) -> RunResult:
     """Train one planned run (see plan_report) on its loaded data and track it in MLflow.
 
     With resume (the default) a run that finished with the same parameters, data and code is
-    reused, and a killed one continues from its last checkpoint in the same MLflow run. An error
-    inside the run is contained (status "failed"); an interrupt marks the run KILLED and goes on."""
+    reused, and a killed one continues from its last checkpoint in the same MLflow run (on one
+    process; a DDP run starts afresh). An error inside the run is contained (status "failed"); an
+    interrupt marks the run KILLED and goes on. `callbacks` join the Trainer's, `tags` a new
+    MLflow run's. On a DDP rank > 0 it trains its share and returns None (rank_run)."""
     p = run.params
     data = data if data is not None else load_dataset(run.dataset, **data_options(p))
+    if process_rank(p) > 0:
+        return rank_run(run, data)
     client, experiment_id = tracking_experiment(p["experiment"])
     key = run_key(p, data)
     with lock(f"run-{key}"):  # the same run started twice at once: the second waits, then reuses
         found = finished_run(client, experiment_id, key) if p["resume"] else None
         if found is not None:
             return reuse_run(client, found, run, data)
-        run_id, resume_from = open_run(client, experiment_id, key, run, p["resume"])
+        resume = p["resume"] and world_size(p) == 1  # a DDP run starts afresh
+        run_id, resume_from = open_run(client, experiment_id, key, run, resume, tags)
         try:
-            return train_run(run, data, client, run_id, resume_from)
+            return train_run(run, data, client, run_id, resume_from, callbacks)
         except Exception as e:  # noqa: BLE001 (contained: recorded, and the report goes on)
             return fail_run(client, run_id, run, e)
         except BaseException:  # Ctrl-C, SIGTERM (Lightning's SystemExit), a kernel shutdown
@@ -3191,6 +3419,17 @@ class RunsFailed(RuntimeError):
     """Some runs of a report failed; the report rendered all the others."""
 
 
+def check_study(name, storage=""):
+    """A report's tune_study must be in its storage (the Tuning section reads it)."""
+    if not name:
+        return
+    import optuna
+    names = optuna.study.get_all_study_names(open_storage(storage_url(storage)))
+    if name not in names:
+        raise ParamError(f"parameter tune_study = {name!r}: no such study in {storage_url(storage)}; "
+                         f"the studies there are {names}")
+
+
 def prepare_report(params: dict, types: dict):
     """Everything a report checks before its first run, for the command line and the notebook
     alike: parameters of every planned run, the outputs folder, the tracking store, then each
@@ -3199,6 +3438,7 @@ def prepare_report(params: dict, types: dict):
     runs = plan_report(params, types)
     check_outputs()
     check_tracking()
+    check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
     loaded = load_report_data(runs)
     check_run_inputs(runs, loaded)
     return runs, loaded
@@ -3274,6 +3514,61 @@ def end_report(results):
             f"{r.error}" for r in failed))
 
 
+def variant_table(results):
+    """One row per finished run of a report with variants: test accuracy, final training loss, the
+    range of the per-epoch gradient norms (before clipping: the lowest epoch mean to the highest
+    step), training time."""
+    import pandas as pd
+    rows = []
+    for r in results:
+        if r.status == "failed" or not r.history:
+            continue
+        h = r.history
+        rows.append({"model": r.row["model"], "variant": r.row.get("variant", ""),
+                     "test_acc": float(r.row["test_acc"]), "final_train_loss": h[-1].get("train_loss"),
+                     "grad_norm_min": min(e.get("grad_norm_mean", 0) for e in h),
+                     "grad_norm_max": max(e.get("grad_norm_max", 0) for e in h),
+                     "train_seconds": float(r.row["train_seconds"])})
+    return pd.DataFrame(rows)
+
+
+def plot_variants(table):
+    """Bars per (model, variant): test accuracy, final training loss, gradient-norm range (log scale), time."""
+    import matplotlib.pyplot as plt
+    labels = [f"{m}: {v}" for m, v in zip(table["model"], table["variant"])]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 0.32 * len(table) + 1.4), sharey=True)
+    axes[0].barh(labels, 100 * table["test_acc"]), axes[0].set(xlabel="test accuracy %")
+    axes[1].barh(labels, table["final_train_loss"]), axes[1].set(xlabel="final training loss")
+    axes[2].barh(labels, table["grad_norm_max"] - table["grad_norm_min"], left=table["grad_norm_min"])
+    axes[2].set(xlabel="gradient norm, min epoch mean .. max step", xscale="log")
+    axes[3].barh(labels, table["train_seconds"]), axes[3].set(xlabel="training seconds")
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(results):
+    """Learning curves of every variant overlaid, one row of panels per model: validation accuracy,
+    training loss and the gradient norm (epoch mean) against the epoch."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    done = [r for r in results if r.status != "failed" and r.history]
+    models = list(dict.fromkeys(r.row["model"] for r in done))
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3 * len(models)), squeeze=False)
+    for row, m in zip(axes, models):
+        for r in (r for r in done if r.row["model"] == m):
+            h = pd.DataFrame(r.history).set_index("epoch")
+            for ax, col in zip(row, ("val_acc", "train_loss", "grad_norm_mean")):
+                if col in h:
+                    ax.plot(h.index, h[col], label=r.row.get("variant") or m)
+        for ax, col in zip(row, ("validation accuracy", "training loss", "gradient norm (epoch mean)")):
+            ax.set(title=f"{m}: {col}", xlabel="epoch")
+        row[2].set_yscale("log")
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def read_report_params(params_file=None, overrides=()):
     params = read_params_file(params_file) if params_file else {}
     for key, value in overrides:
@@ -3330,6 +3625,399 @@ def to_html(notebook: Path) -> Path:
     html = notebook.with_suffix(".html")
     html.write_text(body)
     return html
+
+
+# ----------------------------------------------------------------------------------------
+# Tuning: an Optuna study over report parameters; each trial is one run of the runner, nested
+# under the study's MLflow parent run; workers share a study through its storage
+
+TUNE_KEYS = ("search", "pruner")  # a tune file's keys besides report parameters
+NOT_SEARCHED = PLANNED + PER_RUN + (  # what one study holds fixed: its run, its data, how it runs
+    "resume", "threads", "data_dir", "val_fraction", "seed", "limit_train", "image_size", "grayscale",
+    "channels", "dataset_args", "overview_per_class", "tune_study", "tune_storage", "devices", "num_nodes", "strategy")
+PRUNERS = {"median": lambda: __import__("optuna").pruners.MedianPruner(n_startup_trials=2),
+           "hyperband": lambda: __import__("optuna").pruners.HyperbandPruner(min_resource=1)}
+
+
+@dataclass
+class TuneSpec:
+    """A checked tune file: the report parameters (defaults included), the search space
+    (name -> Optuna distribution), which names are model_args keys, and the pruner."""
+    params: dict
+    given: dict  # the fixed parameters as the file gives them (for the best-parameters file)
+    space: dict
+    model_keys: set
+    pruner: str
+
+
+def _distribution(name, spec):
+    """A list is categorical; {low, high[, log][, step]} a float range, an int range when low
+    and high are both integers."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    where = f"search.{name} = {spec!r}"
+    if isinstance(spec, list):
+        if not spec or not all(v is None or isinstance(v, (bool, int, float, str)) for v in spec):
+            raise ParamError(f"{where}: a categorical search is a non-empty list of numbers, strings "
+                             f"or booleans")
+        return CategoricalDistribution(spec)
+    keys = {"low", "high", "log", "step"}
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - keys:
+        raise ParamError(f"{where}: expected a list of values or "
+                         f"{{low: .., high: .., log: true|false, step: ..}}")
+    low, high = spec["low"], spec["high"]
+    if not all(_KINDS["float"](v) for v in (low, high)) or not low < high:
+        raise ParamError(f"{where}: low and high must be numbers with low < high")
+    kind = IntDistribution if all(_KINDS["int"](v) for v in (low, high)) else FloatDistribution
+    try:
+        step = {"step": spec["step"]} if "step" in spec else {}  # Optuna's default otherwise
+        return kind(low, high, log=bool(spec.get("log", False)), **step)
+    except (ValueError, TypeError) as e:
+        raise ParamError(f"{where}: {e}") from None
+
+
+def apply_trial(spec: TuneSpec, values: dict) -> dict:
+    """The report parameters of one trial: the fixed ones updated by `values` (model_args keys merged)."""
+    p = {**spec.params, "model_args": dict(spec.params["model_args"])}
+    for name, value in values.items():
+        (p["model_args"] if name in spec.model_keys else p)[name] = value
+    return p
+
+
+def _search_names(search, p, types):
+    """Which search names are model_args keys; a name that is neither a searchable report parameter
+    nor a model argument fails, listing both."""
+    searchable = [k for k in types if k not in NOT_SEARCHED]
+    model_args = model_options(p["model"])
+    bad = sorted(set(search) - set(searchable) - set(model_args))
+    if bad:
+        raise ParamError(f"search: {bad} not a report parameter or model argument that a study may vary: "
+                         f"report parameters {searchable}, model arguments of {p['model']!r} {model_args}")
+    return {k for k in search if k not in types}
+
+
+def read_tune_file(path) -> TuneSpec:
+    """A tune file checked as far as it can be without data: fixed parameters as a report's, one
+    run, a well-formed search space whose every bound and choice passes plan_report."""
+    given = read_params_file(path)
+    search, pruner = given.pop("search", None), given.pop("pruner", "median")
+    types = report_types()
+    check_params(given, types, where=f"{path}: ")
+    if not isinstance(search, dict) or not search:
+        raise ParamError(f"{path}: `search` must map parameters to ranges or lists, e.g. "
+                         f"search: {{lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}, hidden: [32, 64]}}")
+    _check_choice("pruner", pruner, list(PRUNERS))
+    p = {**report_defaults(), **given}
+    runs = plan_report(p, types)
+    if len(runs) != 1:
+        raise ParamError(f"{path}: a study tunes one run, this file plans {len(runs)}: give one dataset, "
+                         f"model, transform and seq_len, and no variants")
+    fixed = {k: v for k, v in runs[0].params.items() if k != "variant"}  # the run's, as parameters
+    spec = TuneSpec(fixed, given, {k: _distribution(k, v) for k, v in search.items()},
+                    _search_names(search, fixed, types), pruner)
+    for name, dist in spec.space.items():  # every bound and choice is a valid value
+        for value in getattr(dist, "choices", None) or (dist.low, dist.high):
+            try:
+                plan_report(apply_trial(spec, {name: value}), types)
+            except ParamError as e:
+                raise ParamError(f"search.{name} = {value!r}: {e}") from None
+    return spec
+
+
+def prepare_tune(spec: TuneSpec):
+    """prepare_report for the study's run, and the model built at every model_args bound and choice."""
+    runs, loaded = prepare_report(spec.params, report_types())
+    for name in spec.model_keys:
+        dist = spec.space[name]
+        for value in getattr(dist, "choices", None) or (dist.low, dist.high):
+            check_run_inputs(plan_report(apply_trial(spec, {name: value}), report_types()), loaded)
+    return loaded[data_key(runs[0].params)]
+
+
+def storage_url(storage="", workers=1):
+    """The study's storage: given, else an SQLite file under outputs/ for one worker and a journal
+    file for several on this machine."""
+    if storage:
+        return storage
+    if workers > 1:
+        return str(OUTPUTS / "optuna.journal")
+    return f"sqlite:///{(OUTPUTS / 'optuna.db').resolve()}"
+
+
+def _is_url(storage):
+    return "://" in storage
+
+
+def _driver_url(storage):
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the pinned driver is psycopg2."""
+    return storage.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def _engine_kwargs(storage):
+    """A PostgreSQL server that does not answer fails in seconds, not after the OS's TCP timeout."""
+    return {"connect_args": {"connect_timeout": 5}} if storage.startswith("postgresql") else {}
+
+
+@contextmanager
+def study_lock(storage, study_name):
+    """One worker at a time claims a trial: a PostgreSQL advisory lock for a database that workers
+    on several machines share, else a file lock beside the SQLite or journal file."""
+    if storage.startswith("postgresql"):
+        import sqlalchemy
+        key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)  # fits PostgreSQL's bigint
+        engine = sqlalchemy.create_engine(_driver_url(storage), poolclass=sqlalchemy.pool.NullPool,
+                                          **_engine_kwargs(storage))
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        return
+    if _is_url(storage) and not storage.startswith("sqlite:///"):
+        raise SetupError(f"tune coordinates workers through PostgreSQL, SQLite or a journal file, "
+                         f"not {storage}")
+    from filelock import FileLock
+    with FileLock(f"{storage.removeprefix('sqlite:///')}.{study_name}.lock"):
+        yield
+
+
+def open_storage(storage):
+    """Optuna's storage for `storage`: an SQLAlchemy URL (RDBStorage), else a journal file
+    (JournalStorage on a JournalFileBackend). A database that does not answer fails here."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+    if not _is_url(storage):
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    if storage.startswith("sqlite:///"):
+        check_outputs(Path(storage.removeprefix("sqlite:///")).parent)
+    try:
+        with study_lock(storage, "(tables)"):  # first workers on a new database race creating them
+            return optuna.storages.RDBStorage(_driver_url(storage), engine_kwargs=_engine_kwargs(storage))
+    except (SQLAlchemyError, ImportError, ValueError) as e:
+        raise SetupError(f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}") from None
+
+
+def _worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _counts(trial):
+    """A trial that counts towards --trials: finished, pruned, failed in training, or running.
+    A trial failed without a training error is one its worker died in; it is tried again."""
+    from optuna.trial import TrialState
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
+        trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
+
+
+def _fail_dead_trials(study, trials):
+    """RUNNING trials of workers on this machine that no longer exist are marked FAIL."""
+    from optuna.trial import TrialState
+    host = socket.gethostname()
+    for t in trials:
+        worker = t.user_attrs.get("worker", "")
+        if t.state == TrialState.RUNNING and worker.startswith(f"{host}:"):
+            try:
+                os.kill(int(worker.split(":")[1]), 0)
+            except ProcessLookupError:
+                study.tell(t.number, state=TrialState.FAIL)
+
+
+def _suggest(trial, name, dist):
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    suggest = trial.suggest_int if isinstance(dist, IntDistribution) else trial.suggest_float
+    return suggest(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def claim_trial(study, spec: TuneSpec, n_trials, storage):
+    """(trial, its report parameters), or None when the study holds n_trials trials that count.
+    Under the study lock, so that workers together start exactly n_trials; the sampler is seeded
+    by (seed, trial count), so a study is reproducible and workers never draw the same stream."""
+    import optuna
+    with study_lock(storage, study.study_name):
+        trials = study.get_trials(deepcopy=False)
+        _fail_dead_trials(study, trials)
+        if sum(_counts(t) for t in study.get_trials(deepcopy=False)) >= n_trials:
+            return None
+        study.sampler = optuna.samplers.TPESampler(seed=spec.params["seed"] * 100_003 + len(trials))
+        trial = study.ask()
+        trial.set_user_attr("worker", _worker_id())
+        return trial, apply_trial(spec, {name: _suggest(trial, name, d) for name, d in spec.space.items()})
+
+
+class PruneOnValAcc(pl.Callback):
+    """Reports each epoch's validation accuracy to an Optuna trial and stops the run (Lightning's
+    should_stop, after this epoch) when the pruner says so. Written on pytorch_lightning.Callback:
+    optuna-integration's callback subclasses the separate `lightning` package."""
+    def __init__(self, trial):
+        self.trial, self.pruned_at = trial, None
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking or not module.history:
+            return
+        record = module.history[-1]
+        self.trial.report(record["val_acc"], record["epoch"])
+        if self.trial.should_prune():
+            self.pruned_at, trainer.should_stop = record["epoch"], True
+
+
+def parent_run(study, storage, client, experiment_id):
+    """The study's MLflow parent run: created once (under the study lock), its id kept in the study."""
+    with study_lock(storage, study.study_name):
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is None:
+            run_id = client.create_run(experiment_id, run_name=f"study {study.study_name}",
+                                       tags={"optuna.study": study.study_name}).info.run_id
+            study.set_user_attr("mlflow_parent_run_id", run_id)
+        else:
+            client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def run_trial(trial, p, data, parent, client):
+    """One trial: the runner's run of `p`, pruned on validation accuracy, as an MLflow run nested
+    under `parent` and tagged with the trial's state. Returns (state, value, pruned epoch or None)."""
+    from optuna.trial import TrialState
+    prune = PruneOnValAcc(trial)
+    tags = {"mlflow.parentRunId": parent, "optuna.study": trial.study.study_name,
+            "optuna.trial": str(trial.number)}
+    result = run_experiment(plan_report(p, report_types())[0], data, callbacks=[prune], tags=tags)
+    run_id = result.row["mlflow_run_id"]
+    trial.set_user_attr("mlflow_run_id", run_id)
+    if result.status == "failed":
+        trial.set_user_attr("failure", result.error[:500])
+        state, value = TrialState.FAIL, None
+    else:
+        state = TrialState.PRUNED if prune.pruned_at else TrialState.COMPLETE
+        value = max(h["val_acc"] for h in result.history)  # selection on validation, never on test
+        trial.set_user_attr("test_acc", result.row["test_acc"])
+    if run_id:
+        client.set_tag(run_id, "optuna.state", state.name)
+        if prune.pruned_at:  # a finished run, not a reusable result of these parameters
+            client.set_tag(run_id, "seqlstm.status", "pruned")
+            client.set_tag(run_id, "optuna.pruned_epoch", str(prune.pruned_at))
+    return state, value, prune.pruned_at
+
+
+def progress_line(study, trial, state, value, pruned_at, n_trials):
+    """One line per trial: its value or pruned epoch, trials done / pruned / left, best so far."""
+    from optuna.trial import TrialState
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state.is_finished() and _counts(t) for t in trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    what = {TrialState.COMPLETE: f"val_acc {value:.4f}" if value is not None else "", TrialState.PRUNED: f"pruned at epoch {pruned_at}",
+            TrialState.FAIL: f"failed ({trial.user_attrs.get('failure', '')[:80]})"}[state]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in trial.params.items())
+    return (f"trial {trial.number}: {what}  ({shown}) | {done}/{n_trials} done, {pruned} pruned, "
+            f"{max(0, n_trials - done)} left | best "
+            + (f"{best.value:.4f} (trial {best.number})" if best else "-"))
+
+
+def tune_worker(study, spec: TuneSpec, data, n_trials, storage):
+    """Claim trials until the study holds n_trials, run each, tell the study, print a line."""
+    from optuna.trial import TrialState
+    client, experiment_id = tracking_experiment(spec.params["experiment"])
+    parent = parent_run(study, storage, client, experiment_id)
+    while (claimed := claim_trial(study, spec, n_trials, storage)) is not None:
+        trial, p = claimed
+        try:
+            state, value, pruned_at = run_trial(trial, p, data, parent, client)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)  # an interrupt: the trial is tried again on resume
+            raise
+        study.tell(trial, value if state == TrialState.COMPLETE else None,
+                   state=None if state == TrialState.COMPLETE else state)
+        print(progress_line(study, trial, state, value, pruned_at, n_trials), flush=True)
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        client.set_terminated(parent, "FINISHED")
+
+
+def write_best(study, spec: TuneSpec, path, storage):
+    """params/best_<study>.yaml: the tune file's fixed parameters and the best trial's, a params file
+    that `report` and papermill's -f take as they are; it names the study for the Tuning section."""
+    best = study.best_trial
+    p = {k: v for k, v in spec.given.items() if k != "experiment"}
+    args = dict(p.get("model_args") or {})
+    for name, value in best.params.items():
+        (args if name in spec.model_keys else p)[name] = value
+    p.update({"model_args": args} if args else {}, tune_study=study.study_name)
+    if storage != storage_url():
+        p["tune_storage"] = storage
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(f"# Best trial {best.number} of the Optuna study {study.study_name} (validation accuracy "
+                   f"{best.value:.4f}), written by `python seqlstm.py tune`.\n# Report it with: "
+                   f"python seqlstm.py report {path}\n" + yaml.safe_dump(p, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def spawn_workers(path, n_trials, workers, storage, name, best):
+    """`workers` tune processes on this machine, one study in one storage; exits with the worst."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "tune", str(path), "--trials", str(n_trials),
+           "--storage", storage, "--study", name, "--best", str(best)]
+    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
+
+
+def tune(path, n_trials=20, workers=1, storage="", study_name=None, best=None):
+    """Search the tune file's space: create (or continue) the study, run trials until it holds
+    n_trials, write the best parameters. Every input is checked before the first trial."""
+    import optuna
+    if n_trials < 1 or workers < 1:
+        raise ParamError(f"--trials and --workers must be >= 1, got --trials {n_trials} "
+                         f"--workers {workers}")
+    spec = read_tune_file(path)
+    name = study_name or Path(path).stem
+    spec.params["experiment"] = name
+    storage = storage_url(storage, workers)
+    best = best or ROOT / "params" / f"best_{name}.yaml"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial of our own instead
+    study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
+                                pruner=PRUNERS[spec.pruner](), load_if_exists=True)
+    print(f"study {name} in {storage}: {len(study.trials)} trial(s) so far, {n_trials} wanted, "
+          f"{workers} worker(s); search {sorted(spec.space)}", flush=True)
+    if workers > 1:
+        check_outputs(), check_tracking()
+        code = spawn_workers(path, n_trials, workers, storage, name, best)
+    else:
+        tune_worker(study, spec, prepare_tune(spec), n_trials, storage)
+        code = 0
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        print(f"best parameters: {write_best(study, spec, best, storage)}", flush=True)
+    return code
+
+
+def tuning_figures(study_name, storage=""):
+    """The Tuning section of a report: Optuna's optimisation history, parameter importances and
+    parallel coordinates (matplotlib), and the best trial as a table."""
+    import optuna
+    import pandas as pd
+    from optuna.visualization import matplotlib as plots
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url(storage)))
+    figs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for its matplotlib plots
+        for plot in (plots.plot_optimization_history, plots.plot_param_importances,
+                     plots.plot_parallel_coordinate):
+            try:
+                axes = plot(study)
+                figs.append((axes.flat[0] if hasattr(axes, "flat") else axes).figure)
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few finished trials for it
+                print(f"{plot.__name__}: {e}")
+    best = study.best_trial
+    table = pd.DataFrame({"best trial": {"trial": best.number, "validation accuracy": round(best.value, 4),
+                                         "test accuracy": best.user_attrs.get("test_acc"), **best.params,
+                                         "MLflow run": best.user_attrs.get("mlflow_run_id")}})
+    states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+    return figs, table, states
 
 
 # ----------------------------------------------------------------------------------------
@@ -3675,6 +4363,40 @@ def report_command(args):
     print(f"executed notebook: {executed}\nHTML report:       {html}")
 
 
+def train_command(args):
+    """`train`: a report's runs without the notebook, one line per epoch and a summary, for DDP:
+    Lightning's launcher starts this same command once per further device. The report of the same
+    parameters then reuses the finished runs. A bad input exits 2, failed runs exit 1."""
+    try:
+        params = read_report_params(args.params, args.param)
+        check_params(params, report_defaults())
+        params.setdefault("experiment", args.name or (Path(args.params).stem if args.params else "report"))
+        runs, loaded = prepare_report({**report_defaults(), **params}, report_types())
+    except (ValueError, SetupError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    results = [run_experiment(r, loaded[data_key(r.params)]) for r in runs]
+    if process_rank(runs[0].params) == 0:
+        for run, r in zip(runs, results):
+            print(f"{r.status:<7} test_acc {r.row.get('test_acc', '-'):<7} "
+                  f"MLflow run {r.row['mlflow_run_id']}  {run.title()}")
+        try:
+            end_report(results)
+        except RunsFailed as e:
+            print(e, file=sys.stderr)
+            sys.exit(1)
+
+
+def tune_command(args):
+    """`tune`: a bad input or an unusable storage is one line on stderr (exit 2) before any trial."""
+    try:
+        code = tune(args.params, args.trials, args.workers, args.storage, args.study, args.best)
+    except (ValueError, SetupError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="seqlstm.py", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -3683,6 +4405,19 @@ def main(argv=None):
     rep.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                      help="override one parameter (VALUE is YAML: 20, [5, 10], cifar10)")
     rep.add_argument("--name", help="output name and default MLflow experiment (default: the params file's name)")
+    t = sub.add_parser("train", help="a report's runs without the notebook (DDP: devices, num_nodes, strategy)")
+    t.add_argument("params", nargs="?", help="params/NAME.yaml")
+    t.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="override one parameter (VALUE is YAML)")
+    t.add_argument("--name", help="default MLflow experiment (default: the params file's name)")
+    tu = sub.add_parser("tune", help="Optuna search over a tune file's space (params/tune.yaml)")
+    tu.add_argument("params", help="a params file with a `search` space (and optionally `pruner`)")
+    tu.add_argument("--trials", type=int, default=20, help="trials the study should hold, all workers together")
+    tu.add_argument("--workers", type=int, default=1, help="worker processes on this machine (a journal file)")
+    tu.add_argument("--storage", default="", help="an SQLAlchemy URL (postgresql://...) or a journal file "
+                                                  "(default: outputs/optuna.db, with --workers outputs/optuna.journal)")
+    tu.add_argument("--study", help="study name (default: the file's name); the same name continues the study")
+    tu.add_argument("--best", help="where to write the best parameters (default: params/best_<study>.yaml)")
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
     b.add_argument("--quick", action="store_true", help="fewer steps (under 2 minutes on 2 CPU cores)")
     b.add_argument("--json", help="also write the results as JSON to this path")
@@ -3695,6 +4430,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "report":
         report_command(args)
+    elif args.cmd == "train":
+        train_command(args)
+    elif args.cmd == "tune":
+        tune_command(args)
     elif args.cmd == "bench":
         bench(quick=args.quick, json_path=args.json, threads=args.threads)
     elif args.cmd == "datasets":

@@ -67,16 +67,16 @@ def grad_pairs(model, ref):
     pairs = []
     for d, suffix in enumerate(["", "_reverse"][:D]):
         pairs += [
-            (f"in_proj.weight[{d}]", model.in_proj.weight.grad.chunk(D)[d], getattr(ref.lstm, f"weight_ih_l0{suffix}").grad),
-            (f"in_proj.bias[{d}]", model.in_proj.bias.grad.chunk(D)[d], getattr(ref.lstm, f"bias_ih_l0{suffix}").grad),
-            (f"recur[{d}].weight_hh_l0", model.recur[d].weight_hh_l0.grad, getattr(ref.lstm, f"weight_hh_l0{suffix}").grad),
-            (f"recur[{d}].bias_hh_l0", model.recur[d].bias_hh_l0.grad, getattr(ref.lstm, f"bias_hh_l0{suffix}").grad),
+            (f"in_proj.weight[{d}]", model.in_proj.weight.grad.chunk(D)[d], getattr(ref.rnn, f"weight_ih_l0{suffix}").grad),
+            (f"in_proj.bias[{d}]", model.in_proj.bias.grad.chunk(D)[d], getattr(ref.rnn, f"bias_ih_l0{suffix}").grad),
+            (f"recur[{d}].weight_hh_l0", model.recur[d].weight_hh_l0.grad, getattr(ref.rnn, f"weight_hh_l0{suffix}").grad),
+            (f"recur[{d}].bias_hh_l0", model.recur[d].bias_hh_l0.grad, getattr(ref.rnn, f"bias_hh_l0{suffix}").grad),
         ]
     for name, p in (model.upper.named_parameters() if model.upper else []):
         kind, layer = name.rsplit("_l", 1)  # weight_ih_l0_reverse -> upper layer 0, reverse direction
         num, _, suffix = layer.partition("_")
         ref_name = f"{kind}_l{int(num) + 1}{'_' + suffix if suffix else ''}"
-        pairs.append((f"upper.{name}", p.grad, getattr(ref.lstm, ref_name).grad))
+        pairs.append((f"upper.{name}", p.grad, getattr(ref.rnn, ref_name).grad))
     for (name, p), q in zip(model.head.named_parameters(), ref.head.parameters()):
         pairs.append((f"head.{name}", p.grad, q.grad))
     return pairs
@@ -130,6 +130,42 @@ def test_unhoisted_model_equals_nn_lstm_on_general_sequence(bidirectional):
     ref = seqlstm.ReferenceBiLSTMFC(model)
     x = torch.randn(B, 7, N_FEAT)
     assert max_diff(model(x), ref(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("readout", ["last", "mean", "attention"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, True), (1, False), (2, True)])
+def test_every_component_keeps_the_hoisted_path_equal_to_the_plain_network(cell, readout, layers, bidirectional):
+    """Cell, directions, depth and readout: the hoisted loop, the hoisted fused kernel and the
+    unhoisted path each equal nn.LSTM / nn.GRU on the repeated sequence, values and input gradients."""
+    model = make_model(cell=cell, readout=readout, layers=layers, bidirectional=bidirectional)
+    ref = seqlstm.ReferenceBiLSTMFC(model)
+    assert isinstance(ref.rnn, torch.nn.GRU if cell == "gru" else torch.nn.LSTM)
+    images, weights = random_images().flatten(1), torch.randn(B, K, generator=torch.Generator().manual_seed(2))
+    x_ref = images.clone().requires_grad_()
+    out_ref, dx_ref = run(ref, x_ref.view(B, 1, -1).expand(B, 6, -1).contiguous(), x_ref, weights)
+    for recurrence, hoist, contiguous in [("loop", True, False), ("fused", True, False), ("loop", False, True)]:
+        model.recurrence, model.hoist = recurrence, hoist
+        x = images.clone().requires_grad_()
+        seq = x.view(B, 1, -1).expand(B, 6, -1)
+        out, dx = run(model, seq.contiguous() if contiguous else seq, x, weights)
+        assert max_diff(out, out_ref) <= 1e-5, (recurrence, hoist)
+        assert max_diff(dx, dx_ref) <= 1e-5, (recurrence, hoist)
+
+
+def test_readouts_read_different_features():
+    x = seqlstm.identity(random_images(), seq_len=5)
+    attention = make_model(readout="attention")
+    last, mean = make_model(readout="last"), make_model(readout="mean")
+    for other in (last, mean):
+        other.load_state_dict(attention.state_dict(), strict=False)  # the same weights, the pool aside
+    assert max_diff(last(x), mean(x)) > 1e-4 and max_diff(mean(x), attention(x)) > 1e-4
+    torch.nn.init.zeros_(attention.pool.score.weight)  # equal scores: attention pooling is the mean
+    assert max_diff(mean(x), attention(x)) <= 1e-6
+    with pytest.raises(ValueError, match=r"unknown readout 'max': valid values are \['last', 'mean', 'attention'\]"):
+        make_model(readout="max")
+    with pytest.raises(ValueError, match=r"unknown cell 'rnn': valid values are \['lstm', 'gru'\]"):
+        make_model(cell="rnn")
 
 
 def test_hoisted_path_is_taken_only_for_expanded_input(monkeypatch):

@@ -58,8 +58,16 @@ BAD = [  # (overrides, what the message must say)
     ({"threads": -2}, r"parameter threads = -2: must be >= 0"),
     ({"val_fraction": 1.0}, r"parameter val_fraction = 1.0: must be between 0 and 1"),
     ({"model": "no_such_model"}, r"parameter model = 'no_such_model': valid values are \[.*'bilstm_fc'"),
-    ({"optimizer": "adamx"}, r"parameter optimizer = 'adamx': valid values are \['adam', 'adamw', 'sgd'\]"),
-    ({"schedule": "cosine"}, r"parameter schedule = 'cosine': valid values are \['onecycle', 'none'\]"),
+    ({"optimizer": "adamx"}, r"parameter optimizer = 'adamx': valid values are \['adam', 'adamw', 'rmsprop', 'sgd'\]"),
+    ({"schedule": "cyclic"},
+     r"parameter schedule = 'cyclic': valid values are \['onecycle', 'none', 'cosine', 'warmup_cosine'\]"),
+    ({"init": "he"}, r"parameter init = 'he': valid values are \['default', 'orthogonal'\]"),
+    ({"precision": 16}, r"parameter precision = 16: valid values are \['32', 'bf16-mixed'\]"),
+    ({"label_smoothing": 1.0}, r"parameter label_smoothing = 1.0: must be in \[0, 1\)"),
+    ({"schedule": "warmup_cosine", "warmup_epochs": 1, "epochs": 1},
+     r"parameter warmup_epochs = 1: must be below epochs \(1\) for schedule warmup_cosine"),
+    ({"model": "fnet", "transform": "pixels", "init": "orthogonal"},
+     r"parameter init = 'orthogonal' for model 'fnet': init 'orthogonal' is for recurrent models"),
     ({"augment": "mixup"}, r"parameter augment = 'mixup': valid values are"),
     ({"transform": "spiral"}, r"parameter transform = 'spiral': valid values are"),
     ({"limit_train": 999999999}, r"limit_train=999999999 is above the 1,\d{3} training images of 'digits'"),
@@ -297,7 +305,7 @@ def test_time_left_follows_the_recent_pace(monkeypatch, capsys):
     from types import SimpleNamespace
     clock = iter([0.0, 30.0, 60.0, 63.0, 66.0, 69.0])  # two slow epochs (another job ran), three fast ones
     monkeypatch.setattr(seqlstm.time, "perf_counter", lambda: next(clock))
-    trainer = SimpleNamespace(current_epoch=0, max_epochs=25)
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=25, is_global_zero=True)
     module = SimpleNamespace(history=[{"epoch": 1, "train_loss": 1.0}])
     log = seqlstm.EpochLog(recent=3)
     log.on_train_start(trainer, module)
