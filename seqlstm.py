@@ -2,7 +2,7 @@
 
 Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas et al., IJCNN 2014,
 rows, pixels, patches, crops, series of transformed views), sequence models (MODELS: BiLSTM + FC,
-RNNs, Sequencer2D, ViT, the LRA pixel models) read them, Lightning trains them and MLflow tracks
+RNNs, Sequencer2D, ViT, the LRA pixel models, S4D) read them, Lightning trains them and MLflow tracks
 every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
 Other commands: `python seqlstm.py bench [--quick]`, `python seqlstm.py datasets|transforms|models`.
 """
@@ -2589,7 +2589,7 @@ def main(argv=None):
                      help="override one parameter (VALUE is YAML: 20, [5, 10], cifar10)")
     rep.add_argument("--name", help="output name and default MLflow experiment (default: the params file's name)")
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
-    b.add_argument("--quick", action="store_true", help="fewer steps (under 2 minutes on 2 CPU cores)")
+    b.add_argument("--quick", action="store_true", help="shorter timings (each figure still a median)")
     b.add_argument("--json", help="also write the results as JSON to this path")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
     sub.add_parser("datasets", help="list dataset names")
