@@ -1674,7 +1674,7 @@ class S4DLayer(nn.Module):
     def conv(self, u):
         """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L keeps
         the circular convolution from wrapping around (linear convolution of the first L outputs). The
-        FFTs run along the last, contiguous dimension: 25% faster than along dim 1 (forward + backward)."""
+        FFTs run along the last, contiguous dimension: a quarter less time than along dim 1 (measured)."""
         L = u.shape[1]
         k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L+1)
         y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
