@@ -2287,7 +2287,8 @@ class SeqClassifier(pl.LightningModule):
         """(loss, logits) of a training batch: cross-entropy (label-smoothed if set), or with a teacher
         the distillation loss against its logits for the same augmented images (idx: their indices)."""
         hp = self.hparams
-        fill = (self.mean * 255).round().to(torch.uint8)  # cutout's mean pixel: zero once normalised
+        cutout = "cutout" in hp.augment  # its fill: the mean pixel, zero once normalised
+        fill = (self.mean * 255).round().to(torch.uint8) if cutout else None
         x_uint8, flip = augment_with_flips(x_uint8, hp.augment, self.augment_gen, fill)  # uint8: 1/4 of the bytes
         logits = self.model(self.to_seq(normalize(x_uint8, self.mean, self.std)))
         if self.teacher is None:
@@ -2882,6 +2883,11 @@ def code_version() -> dict:
     return version
 
 
+def code_tags() -> dict:
+    """code_version() as MLflow tags: seqlstm.code.*"""
+    return {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
+
+
 def data_fingerprint(data: ImageData) -> str:
     """sha256 of a loaded dataset's images, labels and split; computed once per load."""
     if not getattr(data, "_fingerprint", None):
@@ -3040,8 +3046,7 @@ def open_run(client, experiment_id, key, run, resume, tags=None):
             done = r.data.tags.get("seqlstm.last_epoch", "?")
             print(f"resuming MLflow run {r.info.run_id} after epoch {done} from its last checkpoint", flush=True)
             return r.info.run_id, last
-    code = {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
-    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code,
+    created = client.create_run(experiment_id, run_name=run.title(), tags={"seqlstm.key": key, **code_tags(),
                                                                           **(tags or {})})
     return created.info.run_id, None
 
@@ -3260,9 +3265,8 @@ def train_teacher(p: dict, data: ImageData, key: str, path: Path) -> dict:
     """Train the teacher in an MLflow run of its own (tagged with its key), then keep it in the cache
     folder and as that run's artifact teacher.pt."""
     client, experiment_id = tracking_experiment(TEACHER_EXPERIMENT)
-    code = {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
     run_id = client.create_run(experiment_id, run_name=f"{p['teacher']} on {data.name}",
-                               tags={"seqlstm.teacher_key": key, **code}).info.run_id
+                               tags={"seqlstm.teacher_key": key, **code_tags()}).info.run_id
     try:
         saved = _fit_teacher(p, data, client, run_id)
     except BaseException:
