@@ -314,3 +314,18 @@ def test_time_left_follows_the_recent_pace(monkeypatch, capsys):
         log.on_train_epoch_end(trainer, module)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "3.0 s/epoch, 1.0 min left" in last  # the cumulative average would say 13.8 s/epoch
+
+
+def test_long_epochs_report_progress_within_the_epoch(monkeypatch, capsys):
+    from types import SimpleNamespace
+    clock = iter([0.0, 50.0, 100.0, 110.0, 200.0, 330.0])  # epoch start, then one read per batch
+    monkeypatch.setattr(seqlstm.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=3, is_global_zero=True, num_training_batches=10)
+    log = seqlstm.EpochLog(every=120.0)
+    log.on_train_epoch_start(trainer, None)
+    batch = (None, [0] * 6400)
+    for i in range(5):
+        log.on_train_batch_end(trainer, None, None, batch, i)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  epoch 1/3: batch 4/10 (40%), 128 images/s, epoch's training ends in 5.0 min",
+                     "  epoch 1/3: batch 5/10 (50%), 97 images/s, epoch's training ends in 5.5 min"]
