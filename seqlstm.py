@@ -2947,11 +2947,43 @@ def append_summary(row, path=None):
 # ----------------------------------------------------------------------------------------
 # Experiment runner, the steps: open or find the MLflow run, build, train, evaluate, track
 
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def set_threads(threads=0):
     """Use `threads` CPU threads (0: every core this process may run on); returns the number."""
-    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    n = threads or usable_cores()
     torch.set_num_threads(n)
     return n
+
+
+def other_load(seconds=0.25):
+    """Cores kept busy by other processes over the next `seconds`: the machine's busy time (Linux
+    /proc/stat, idle and iowait excluded) less this process's own; 0.0 where /proc is missing."""
+    def busy():
+        cpu = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        own = open("/proc/self/stat").read().rsplit(")", 1)[1].split()[11:13]  # utime, stime
+        return sum(cpu) - cpu[3] - cpu[4] - sum(int(v) for v in own)
+    try:
+        before = busy()
+        time.sleep(seconds)
+        return max(0.0, (busy() - before) / (os.sysconf("SC_CLK_TCK") * seconds))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def note_shared_cores(threads, cores=None, others=None):
+    """A note when other processes keep busy the cores this run's threads need: two 2-thread trainings
+    on 2 cores each ran 3.8x slower than one alone here, two 1-thread ones 1.3x (README, Speed). The
+    thread count is left as set: it changes floating-point sums, so it must not follow the load."""
+    cores = cores or usable_cores()
+    others = other_load() if others is None else others
+    if threads > 1 and others >= 0.5 and threads + others > cores + 0.25:
+        print(f"note: other processes keep {others:.1f} of this machine's {cores} cores busy, and this run "
+              f"uses {threads} threads: sharing cores this way trained 3.8x slower here (README, Speed). "
+              f"Give each job its share (threads: {max(1, cores - round(others))}), or start both with "
+              f"OMP_WAIT_POLICY=PASSIVE.", flush=True)
 
 
 def plot_confusion(cm, classes, title=""):
@@ -3325,6 +3357,8 @@ def fit_run(run: Run, data: ImageData, client, run_id, resume_from=None, callbac
     alone has a client and logs the parameters."""
     p = run.params
     threads = set_threads(p["threads"])
+    if client:
+        note_shared_cores(threads)
     teacher = teacher_for(p, data) if p["teacher"] else None
     if teacher is not None and client:
         client.set_tag(run_id, "seqlstm.teacher_key", teacher.info["key"])

@@ -329,3 +329,23 @@ def test_long_epochs_report_progress_within_the_epoch(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["  epoch 1/3: batch 4/10 (40%), 128 images/s, epoch's training ends in 5.0 min",
                      "  epoch 1/3: batch 5/10 (50%), 97 images/s, epoch's training ends in 5.5 min"]
+
+
+def test_a_run_says_when_other_processes_hold_the_cores_its_threads_need(capsys):
+    seqlstm.note_shared_cores(2, cores=2, others=1.0)
+    assert "keep 1.0 of this machine's 2 cores busy" in capsys.readouterr().out
+    seqlstm.note_shared_cores(2, cores=2, others=1.0)
+    for threads, cores, others in [(1, 2, 1.0), (2, 2, 0.1), (2, 4, 1.0)]:  # its share, quiet, room enough
+        seqlstm.note_shared_cores(threads, cores=cores, others=others)
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "(threads: 1)" in out
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="other_load reads Linux's /proc")
+def test_other_load_counts_another_process_busy_on_a_core():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert seqlstm.other_load(0.5) >= 0.6  # the spinning process holds about one core
+    finally:
+        busy.kill(), busy.wait()
