@@ -2948,6 +2948,7 @@ def append_summary(row, path=None):
 # Experiment runner, the steps: open or find the MLflow run, build, train, evaluate, track
 
 def usable_cores():
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
