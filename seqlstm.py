@@ -1454,8 +1454,9 @@ class FastCifarNet(ImageInput, nn.Module):
     GPU", 2024; airbench93's widths): a 3x3 stem conv, three ConvGroups of `widths` channels (32 -> 16
     -> 8 -> 4 pixels), global max pooling and a linear head; 0.6M parameters, about 0.07 GMAC per 32x32
     image forward, a quarter of airbench94's (widths 64-256-256). Without airbench's whitening
-    initialisation, lookahead and test-time augmentation: trained by TEACHER_RECIPE. Runs in
-    channels-last memory layout, which oneDNN's CPU convolutions take faster. The default teacher."""
+    initialisation and lookahead; trained by TEACHER_RECIPE, which also gives it airbench's test-time
+    augmentation (TEST_VIEWS["flip_shift"]). Runs in channels-last memory layout, which oneDNN's CPU
+    convolutions take faster. The default teacher."""
 
     def __init__(self, *, in_features, num_classes, channels=3, image_size=None, widths=(64, 128, 128), stem=32):
         super().__init__()
@@ -2154,18 +2155,35 @@ def build_teacher(name, args, image_shape, num_classes):
     return create_model(name, in_features=n_feat, num_classes=num_classes, **{**defaults, **args}), to_input
 
 
+def _moved(z, start):
+    """The batch z (B, C, H, W) moved one pixel sideways, reflect-padded: start 0 moves it right, 2 left."""
+    return F.pad(z, (1, 1, 0, 0), mode="reflect")[..., start:start + z.shape[-1]]
+
+
+TEST_VIEWS = {  # a teacher's test-time augmentation: normalised batch -> [(weight, view)], weights summing to 1
+    "none": lambda z: [(1.0, z)],
+    "flip": lambda z: [(0.5, z), (0.5, z.flip(3))],
+    # airbench's: the image and its mirror, each as is (1/4) and moved a pixel left and right (1/8 each);
+    # closed under mirroring (the mirror of a view is a view), so an image and its mirror get one answer
+    "flip_shift": lambda z: [(w, v) for u in (z, z.flip(3)) for w, v in ((0.25, u), (0.125, _moved(u, 0)),
+                                                                         (0.125, _moved(u, 2)))],
+}
+
+
 class Teacher:
     """A trained teacher as a student's training step reads it: its logits for the very augmented
     batch the student sees, looked up in `table` (the logits of every training image and of its
     mirror image, (N, 2, K) float16, by index and flip flag) or computed live by `model` (eval mode,
     no_grad: crops cannot be tabled). Deliberately not an nn.Module: assigned to a student it is no
     submodule, so its weights are never trained, checkpointed, counted or switched to train mode
-    with the student's. `info` says what it is (key, accuracy, training time, test predictions)."""
+    with the student's. `info` says what it is (key, accuracy, training time, test predictions).
+    `tta` (TEST_VIEWS) averages its logits over views of each image: every path (table, live,
+    its test accuracy) answers with the same average."""
 
-    def __init__(self, model, to_input, mean, std, *, table=None, info=None):
+    def __init__(self, model, to_input, mean, std, *, table=None, info=None, tta="none"):
         self.model = model.eval().requires_grad_(False)
         self.to_input, self.mean, self.std = to_input, mean, std
-        self.table, self.info = table, dict(info or {})
+        self.table, self.info, self.tta = table, dict(info or {}), tta
 
     def to(self, device):
         self.model.to(device)
@@ -2175,7 +2193,8 @@ class Teacher:
 
     @torch.no_grad()
     def live(self, x_uint8):  # (B, K) float32
-        return self.model(self.to_input(normalize(x_uint8, self.mean, self.std))).float()
+        views = TEST_VIEWS[self.tta](normalize(x_uint8, self.mean, self.std))
+        return sum(w * self.model(self.to_input(v)).float() for w, v in views)
 
     def logits(self, x_uint8, idx=None, flip=None):
         """Logits of the augmented uint8 batch x_uint8: from the table when there is one (idx: the
@@ -2187,10 +2206,12 @@ class Teacher:
 
 def logits_table(teacher: Teacher, x_uint8, batch=512):
     """The teacher's logits for every image of x_uint8 (N, C, H, W) and for its mirror image:
-    (N, 2, K) float16 ([:, 0] as is, [:, 1] flipped), in eval mode, batched."""
-    parts = [torch.stack([teacher.live(xb), teacher.live(xb.flip(3))], 1).half()
-             for xb in x_uint8.split(batch)]
-    return torch.cat(parts)
+    (N, 2, K) float16 ([:, 0] as is, [:, 1] flipped), in eval mode, batched. A teacher whose
+    test-time views include the mirror gives both one answer: computed once."""
+    def both(xb):
+        logits = teacher.live(xb)
+        return torch.stack([logits, logits if teacher.tta != "none" else teacher.live(xb.flip(3))], 1).half()
+    return torch.cat([both(xb) for xb in x_uint8.split(batch)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -3182,17 +3203,21 @@ def predict_best(trainer, module, batches):
         return torch.cat([module(x.to(module.device)).argmax(1).cpu() for x, _ in batches])
 
 
-def evaluate(trainer, module, data, eval_batch):
-    """The best-validation checkpoint on the test split: (metrics, classification report, confusion,
-    predictions); the module keeps the checkpoint's weights."""
+def test_scores(preds, data):
+    """Test predictions scored: (metrics, classification report, confusion, predictions)."""
     import numpy as np
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
-    preds = predict_best(trainer, module, Batches(data.test_x, data.test_y, eval_batch)).numpy()
     y, labels = data.test_y.numpy(), list(range(len(data.classes)))
     report = classification_report(y, preds, labels=labels, target_names=data.classes, output_dict=True,
                                    zero_division=0)
     metrics = {"test_acc": float(np.mean(preds == y)), "macro_f1": float(f1_score(y, preds, average="macro"))}
     return metrics, report, confusion_matrix(y, preds, labels=labels), preds
+
+
+def evaluate(trainer, module, data, eval_batch):
+    """The best-validation checkpoint on the test split: test_scores; the module keeps the
+    checkpoint's weights."""
+    return test_scores(predict_best(trainer, module, Batches(data.test_x, data.test_y, eval_batch)).numpy(), data)
 
 
 def summary_row(p, status, run_id="", **values):
@@ -3243,6 +3268,7 @@ TEACHER_RECIPE = {  # how every teacher trains, teacher_epochs long; part of its
     "weight_decay": 5e-4,  # L2 penalty, as torch's SGD couples it to the lr
     "label_smoothing": 0.2,  # airbench's
     "augment": "flip_crop",  # mirror + reflect-padded random crops (side // 8), on uint8 batches
+    "tta": "flip_shift",  # TEST_VIEWS: what it answers (test accuracy, logits) averages 6 views, as airbench's
 }
 TEACHER_EXPERIMENT = "seqlstm-teachers"  # one MLflow experiment holds the teachers of every report
 
@@ -3300,11 +3326,13 @@ def _fit_teacher(p: dict, data: ImageData, client, run_id) -> dict:
     trainer, timer = make_trainer(q, client, run_id, len(train))
     print(f"training the teacher {p['teacher']} on {data.name} for {p['teacher_epochs']} epochs", flush=True)
     trainer.fit(module, train, Batches(data.val_x, data.val_y, 512))
-    metrics, report, cm, preds = evaluate(trainer, module, data, 512)  # the module keeps the best weights
-    teacher = Teacher(module.model, to_input, data.mean, data.std)
+    one_view = evaluate(trainer, module, data, 512)[0]  # the module keeps the best weights
+    teacher = Teacher(module.model, to_input, data.mean, data.std, tta=r["tta"])
+    metrics, report, cm, preds = test_scores(torch.cat([teacher.live(x).argmax(1) for x in data.test_x.split(512)])
+                                             .numpy(), data)
     info = {"name": p["teacher"], "args": p["teacher_args"], "epochs": p["teacher_epochs"], "recipe": r,
             "classes": data.classes, "image_shape": list(data.image_shape), "dataset": data.name,
-            **metrics, "train_seconds": round(timer.wall, 1),
+            **metrics, "test_acc_one_view": one_view["test_acc"], "train_seconds": round(timer.wall, 1),
             "train_images_per_s": round(timer.images / max(timer.seconds, 1e-9)), "report": report,
             "confusion": cm.tolist(), "preds": preds.tolist(), "mlflow_run_id": run_id, "history": module.history}
     return {"state_dict": module.model.state_dict(), "info": info, "table": logits_table(teacher, data.train_x)}
@@ -3345,7 +3373,8 @@ def teacher_for(p: dict, data: ImageData) -> Teacher:
     model, to_input = build_teacher(p["teacher"], p["teacher_args"], data.image_shape, len(data.classes))
     model.load_state_dict(saved["state_dict"])
     table = saved["table"] if p["augment"] in ("none", "flip") else None
-    return Teacher(model, to_input, data.mean, data.std, table=table, info={**saved["info"], "key": key})
+    return Teacher(model, to_input, data.mean, data.std, table=table, info={**saved["info"], "key": key},
+                   tta=saved["info"]["recipe"].get("tta", "none"))  # teachers cached before tta had none
 
 
 # ----------------------------------------------------------------------------------------
@@ -3518,6 +3547,16 @@ def report_teachers(results) -> list:
     """The teachers of a report's runs (their info: accuracy, report, confusion), once each."""
     found = {r.teacher["key"]: r.teacher for r in results if r.status != "failed" and r.teacher}
     return list(found.values())
+
+
+def teacher_title(t: dict) -> str:
+    """A teacher's heading in the report: accuracy (with its test-time views: the one-view figure
+    beside it), epochs, training time and where it is kept."""
+    tta = t["recipe"].get("tta", "none")
+    views = f" ({tta} test-time views; one view {t['test_acc_one_view']:.2%})" if tta != "none" else ""
+    return (f"### Teacher `{t['name']}` on {t['dataset']}: test accuracy **{t['test_acc']:.2%}**{views}, "
+            f"{t['epochs']} epochs, {t['train_seconds'] / 60:.1f} min of training ({t['train_images_per_s']:,} "
+            f"images/s); MLflow run `{t['mlflow_run_id']}`, key `{t['key']}`")
 
 
 def _class_gains(report, base_report, classes, shown=3):
@@ -4271,7 +4310,7 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
     labels = torch.randint(0, 10, (n,))
     mean, std = torch.full((3,), 0.47, device=device), torch.full((3,), 0.25, device=device)
     model, to_input = build_teacher(teacher, {}, (3, 32, 32), 10)
-    live = Teacher(model.to(device), to_input, mean, std)
+    live = Teacher(model.to(device), to_input, mean, std, tta=TEACHER_RECIPE["tta"])
     cached = Teacher(model, to_input, mean, std, table=logits_table(live, images.to(device)))
     result = {}
     for name, t in (("none", None), ("cached", cached), ("live", live)):
@@ -4296,7 +4335,7 @@ def format_distill(t):
     return [f"distillation: the test-task student (identity L={t['seq_len']}, flips, batch 256), training images/s",
             f"{'no teacher':>24} {_cell(t['none'])}",
             f"{'cached teacher logits':>24} {_cell(t['cached'])}   ({t['cached_ratio']:.2f}x of no teacher)",
-            f"{'live teacher ' + t['teacher']:>24} {_cell(t['live'])}",
+            f"{'live teacher ' + t['teacher']:>24} {_cell(t['live'])}   (test-time views: {r['tta']})",
             f"{'teacher training':>24} {_cell(t['teacher_train'])}   (TEACHER_RECIPE: batch "
             f"{r['batch_size']}, {r['augment']})", ""]
 

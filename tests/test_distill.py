@@ -86,6 +86,41 @@ def test_cached_logits_equal_the_live_teachers_for_flipped_and_unflipped_images(
     assert not torch.allclose(cached.logits(seen, idx, ~flip), live.logits(seen), atol=2e-2, rtol=1e-2)
 
 
+def test_moved_shifts_one_pixel_sideways_reflecting_the_edge():
+    z = torch.arange(4.0).view(1, 1, 1, 4)
+    assert seqlstm._moved(z, 0).flatten().tolist() == [1, 0, 1, 2]  # right; the left edge reflected
+    assert seqlstm._moved(z, 2).flatten().tolist() == [1, 2, 3, 2]  # left
+
+
+@pytest.mark.parametrize("tta", seqlstm.TEST_VIEWS)
+def test_test_time_views_average_the_models_logits(tta):
+    t, x = teacher(), images()
+    t.tta = tta
+    z = seqlstm.normalize(x, t.mean, t.std)
+    views = seqlstm.TEST_VIEWS[tta](z)
+    assert sum(w for w, _ in views) == pytest.approx(1.0)
+    with torch.no_grad():
+        expected = sum(w * t.model(v) for w, v in views)
+        torch.testing.assert_close(t.live(x), expected)
+        mirrored = torch.allclose(t.live(x.flip(3)), t.live(x), atol=1e-4)
+        assert mirrored == (tta != "none")  # with the mirror among the views, one answer for both
+        if tta != "none":
+            assert not torch.allclose(t.live(x), t.model(z), atol=1e-2)
+
+
+def test_a_mirror_invariant_teachers_table_is_computed_once_and_matches_live():
+    t, x = teacher(), images()
+    t.tta = "flip_shift"
+    calls = []
+    t.model.register_forward_hook(lambda *a: calls.append(1))
+    table = seqlstm.logits_table(t, x, batch=8)
+    assert len(calls) == 3 * 6  # 3 batches x 6 views: the mirrored column is not computed again
+    cached = seqlstm.Teacher(t.model, t.to_input, t.mean, t.std, table=table, tta="flip_shift")
+    flip = torch.arange(24) % 2 == 0
+    seen = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    torch.testing.assert_close(cached.logits(seen, torch.arange(24), flip), t.live(seen), atol=2e-2, rtol=1e-2)
+
+
 def test_a_student_step_leaves_the_teacher_untouched():
     t = teacher()
     before = {k: v.clone() for k, v in t.model.state_dict().items()}  # weights and batch-norm statistics
