@@ -3181,7 +3181,8 @@ def make_trainer(p, client, run_id, steps_per_epoch, callbacks=()):
                                  save_last=True)  # under DDP, rank 0's dirpath is broadcast to all
     timer = TrainTimer()
     on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, one line per epoch
-    callbacks = [checkpoint, timer, EpochLog(), *callbacks] + [MarkEpoch(client, run_id)] * bool(client)
+    marks = [MarkEpoch(client, run_id)] * bool(client)  # before EpochLog: a printed epoch is a recorded one
+    callbacks = [checkpoint, timer, *marks, EpochLog(), *callbacks]
     trainer = pl.Trainer(max_epochs=p["epochs"], gradient_clip_val=p["grad_clip"] or None, logger=logger,
                          precision=str(p["precision"]), num_sanity_val_steps=0,
                          log_every_n_steps=steps_per_epoch, enable_progress_bar=on_terminal,
