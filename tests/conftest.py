@@ -28,3 +28,30 @@ def data_dir(request):
         pytest.skip(f"no {' or '.join(wanted) or 'data folder'} under {root}: unpack ../shared/data/*.tar.gz "
                     f"there (or set $SEQLSTM_DATA to the folder that holds them)")
     return root
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    """A fresh outputs/ (runs, MLflow store, summary.csv) and teacher cache for this test; a
+    report's kernel started from here sees the same (the environment)."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(out))
+    monkeypatch.setenv("SEQLSTM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return out
+
+
+QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01, "threads": 1,
+         "overview_per_class": 0, "experiment": "runs"}
+
+
+@pytest.fixture
+def quick_report():
+    """plan(**overrides) -> (runs, loaded data): a one-epoch report on digits, every input
+    checked and its data loaded, as the notebook's setup cell does."""
+    from seqlab import report, schema
+
+    def plan(**overrides):
+        return report.prepare_report({**schema.defaults(), **QUICK, **overrides})
+    plan.params = QUICK
+    return plan

@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import seqlstm
+from seqlab import bench
 
 
 def test_flop_counting_agrees_with_the_analytical_count_for_bilstm_fc():
@@ -14,8 +15,8 @@ def test_flop_counting_agrees_with_the_analytical_count_for_bilstm_fc():
     for the input images (the input projection, 2/3 of the forward work, costs 2x rather than 3x)."""
     x, n_feat, args = seqlstm.model_input("bilstm_fc", 8)
     model = seqlstm.create_model("bilstm_fc", in_features=n_feat, num_classes=10, **args)
-    counted = seqlstm.train_flops(model, x, torch.randint(0, 10, (8,)))
-    analytical = seqlstm.bilstm_train_flops(n_feat, x.shape[1])
+    counted = bench.train_flops(model, x, torch.randint(0, 10, (8,)))
+    analytical = bench.bilstm_train_flops(n_feat, x.shape[1])
     assert 0.6 * analytical < counted < analytical
     assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
 
@@ -28,13 +29,13 @@ def test_flop_counting_covers_lstm_kernels_and_ffts():
     model = seqlstm.create_model("lstm", in_features=n_feat, num_classes=10, hidden=16)
     T, I, H = 32, 96, 16
     forward = 2 * T * 4 * H * (I + H) + 2 * H * 10
-    assert seqlstm.train_flops(model, x, torch.randint(0, 10, (4,))) == 3 * forward
+    assert bench.train_flops(model, x, torch.randint(0, 10, (4,))) == 3 * forward
     B, L, D = 2, 64, 8
     layer = seqlstm.S4DLayer(D, state=4)
     u = torch.randn(B, L, D)
     with torch.no_grad(), FlopCounterMode(display=False) as plain:  # products only
         layer.conv(u)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=seqlstm.EXTRA_FLOPS) as counted:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=bench.EXTRA_FLOPS) as counted:
         layer.conv(u)
     real_fft = 2.5 * 2 * L * math.log2(2 * L)  # one real transform of 2L points: half of 5 n log2 n
     # the kernel's rfft (D channels), the input's rfft and the output's irfft (B x D each)
@@ -43,7 +44,7 @@ def test_flop_counting_covers_lstm_kernels_and_ffts():
 
 def test_measure_times_one_call_as_the_median_of_several():
     """A 10 ms sleep (independent of the CPU load): several timed blocks, a median per call near 10 ms."""
-    m = seqlstm.measure(lambda: time.sleep(0.01), 0.2)
+    m = bench.measure(lambda: time.sleep(0.01), 0.2)
     assert len(m.times) >= 4 and 0.01 <= m.median < 0.015 and m.iqr >= 0
-    rate = seqlstm._rate(10, m)
+    rate = bench._rate(10, m)
     assert rate["per_s"] == 10 / m.median and rate["runs"] == len(m.times)

@@ -18,6 +18,7 @@ SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 import seqlstm
+from seqlab import cli
 seen, iterate = {seen!r}, seqlstm.Batches.__iter__
 
 def recording(self):  # every rank writes the training images of each epoch it reads
@@ -28,7 +29,7 @@ def recording(self):  # every rank writes the training images of each epoch it r
     return iterate(self)
 
 seqlstm.Batches.__iter__ = recording
-seqlstm.main(sys.argv[1:])
+cli.main(sys.argv[1:])
 """
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import seqlstm
+from seqlab import lightning, plan, report, runner, schema, teacher, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -20,25 +21,16 @@ QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr":
          "overview_per_class": 0, "experiment": "distill", "teacher": "fast_cnn", "teacher_epochs": 1}
 
 
-@pytest.fixture
-def outputs(tmp_path, monkeypatch):
-    """A fresh outputs/ (MLflow store, summary.csv) and teacher cache for this test."""
-    monkeypatch.setattr(seqlstm, "OUTPUTS", tmp_path / "outputs")
-    monkeypatch.setenv("SEQLSTM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
-def plan(**overrides):
-    params = {**seqlstm.report_defaults(), **QUICK, **overrides}
-    return seqlstm.prepare_report(params, seqlstm.report_types())
+def planned(**overrides):
+    params = {**schema.defaults(), **QUICK, **overrides}
+    return report.prepare_report(params, schema.types())
 
 
 def images(n=24, shape=(3, 8, 8), seed=0):
     return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def teacher(shape=(3, 8, 8), seed=0):
+def tiny_teacher(shape=(3, 8, 8), seed=0):
     """An untrained fast_cnn whose batch-norm statistics are those of `images()` (fresh ones would
     give nearly the same logits for every image) and whose logits spread over a few units."""
     torch.manual_seed(seed)
@@ -73,7 +65,7 @@ def test_batches_carry_their_indices():
 
 
 def test_cached_logits_equal_the_live_teachers_for_flipped_and_unflipped_images():
-    live, x = teacher(), images()
+    live, x = tiny_teacher(), images()
     table = seqlstm.logits_table(live, x, batch=7)
     assert table.shape == (24, 2, K) and table.dtype == torch.float16
     assert table.float().std(0).mean() > 0.5  # logits that tell images apart
@@ -94,7 +86,7 @@ def test_moved_shifts_one_pixel_sideways_reflecting_the_edge():
 
 @pytest.mark.parametrize("tta", seqlstm.TEST_VIEWS)
 def test_test_time_views_average_the_models_logits(tta):
-    t, x = teacher(), images()
+    t, x = tiny_teacher(), images()
     t.tta = tta
     z = seqlstm.normalize(x, t.mean, t.std)
     views = seqlstm.TEST_VIEWS[tta](z)
@@ -109,7 +101,7 @@ def test_test_time_views_average_the_models_logits(tta):
 
 
 def test_a_mirror_invariant_teachers_table_is_computed_once_and_matches_live():
-    t, x = teacher(), images()
+    t, x = tiny_teacher(), images()
     t.tta = "flip_shift"
     calls = []
     t.model.register_forward_hook(lambda *a: calls.append(1))
@@ -122,10 +114,10 @@ def test_a_mirror_invariant_teachers_table_is_computed_once_and_matches_live():
 
 
 def test_a_student_step_leaves_the_teacher_untouched():
-    t = teacher()
+    t = tiny_teacher()
     before = {k: v.clone() for k, v in t.model.state_dict().items()}  # weights and batch-norm statistics
     student = seqlstm.create_model("bilstm_fc", in_features=3 * 8 * 8, num_classes=K)
-    module = seqlstm.SeqClassifier(student, to_seq=seqlstm.make_sequence("identity", seq_len=3), mean=t.mean,
+    module = lightning.SeqClassifier(student, to_seq=seqlstm.make_sequence("identity", seq_len=3), mean=t.mean,
                                    std=t.std, augment="flip_crop", teacher=t, distill_alpha=0.5, distill_T=2.0)
     module.train()  # what Lightning does before each training epoch
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
@@ -146,18 +138,18 @@ def test_a_student_step_leaves_the_teacher_untouched():
 # ---- planning: the undistilled twin, the sweep, bad input
 
 def test_each_student_is_planned_beside_its_undistilled_twin_once():
-    types = seqlstm.report_types()
-    params = {**seqlstm.report_defaults(), **QUICK, "seq_len": [4, 8], "distill_T": [2, 4],
+    types = schema.types()
+    params = {**schema.defaults(), **QUICK, "seq_len": [4, 8], "distill_T": [2, 4],
               "extra_runs": [{"seq_len": 8, "distill_hard": True, "distill_T": [2, 4]}]}
-    runs = seqlstm.plan_report(params, types)
+    runs = plan.plan_report(params, types)
     settings = [(r.seq_len, r.params["teacher"], r.params["distill_T"], r.params["distill_hard"]) for r in runs]
     assert settings == [(4, "", 2.0, False), (4, "fast_cnn", 2.0, False), (4, "fast_cnn", 4.0, False),
                         (8, "", 2.0, False), (8, "fast_cnn", 2.0, False), (8, "fast_cnn", 4.0, False),
                         (8, "fast_cnn", 2.0, True)]  # the twin of L = 8 and the hard run (no T) once each
     data = seqlstm.load_dataset("digits")
     twin, distilled = runs[0].params, runs[1].params
-    assert seqlstm.run_key(twin, data) == seqlstm.run_key({**twin, "distill_alpha": 0.1}, data)
-    assert seqlstm.run_key(distilled, data) != seqlstm.run_key({**distilled, "distill_alpha": 0.1}, data)
+    assert tracking.run_key(twin, data) == tracking.run_key({**twin, "distill_alpha": 0.1}, data)
+    assert tracking.run_key(distilled, data) != tracking.run_key({**distilled, "distill_alpha": 0.1}, data)
 
 
 BAD = [
@@ -175,53 +167,53 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[str(b[0]) for b in BAD])
 def test_bad_distillation_input_fails_before_any_run(outputs, monkeypatch, overrides, message):
-    monkeypatch.setattr(seqlstm, "train_teacher", lambda *a, **k: pytest.fail("a teacher trained"))
-    monkeypatch.setattr(seqlstm, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(teacher, "train_teacher", lambda *a, **k: pytest.fail("a teacher trained"))
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(ValueError, match=message):
-        plan(**overrides)
+        planned(**overrides)
 
 
 # ---- the teacher: trained once, cached, found again
 
 def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys):
-    runs, loaded = plan()
-    p, data = runs[1].params, loaded[seqlstm.data_key(runs[1].params)]
+    runs, loaded = planned()
+    p, data = runs[1].params, loaded[runs[1].data.key]
     fits = []
-    fit = seqlstm._fit_teacher
-    monkeypatch.setattr(seqlstm, "_fit_teacher", lambda *a: fits.append(1) or fit(*a))
-    first = seqlstm.teacher_for(p, data)
-    again = seqlstm.teacher_for(p, data)  # from the cache folder
+    fit = teacher._fit_teacher
+    monkeypatch.setattr(teacher, "_fit_teacher", lambda *a: fits.append(1) or fit(*a))
+    first = teacher.teacher_for(runs[1], data)
+    again = teacher.teacher_for(runs[1], data)  # from the cache folder
     assert len(fits) == 1 and again.info["key"] == first.info["key"]
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     assert torch.equal(again.table, first.table)
-    cached = next((outputs / "cache" / "teachers").iterdir())
+    cached = next((outputs.parent / "cache" / "teachers").iterdir())
     cached.unlink()  # another machine: an empty cache, the same tracking server
-    fetched = seqlstm.teacher_for(p, data)
+    fetched = teacher.teacher_for(runs[1], data)
     assert len(fits) == 1 and torch.equal(fetched.table, first.table) and cached.exists()
 
     saved = torch.load(cached, weights_only=False)  # a cache entry made for other classes
     saved["info"]["classes"] = saved["info"]["classes"][:5]
     torch.save(saved, cached)
-    seqlstm.teacher_for(p, data)  # said, and fetched again from MLflow
+    teacher.teacher_for(runs[1], data)  # said, and fetched again from MLflow
     assert len(fits) == 1 and "training it again" in capsys.readouterr().out
     assert torch.load(cached, weights_only=False)["info"]["classes"] == data.classes
     torch.save(saved, cached)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{outputs / 'other.db'}")  # and no MLflow copy either
-    seqlstm.teacher_for(p, data)
+    teacher.teacher_for(runs[1], data)
     assert len(fits) == 2 and "training it again" in capsys.readouterr().out
 
 
 def test_distilled_run_tags_its_teachers_key_and_differs_from_its_twin(outputs):
-    runs, loaded = plan(augment="flip_crop")  # crops: the teacher runs live
-    results = [seqlstm.run_experiment(r, loaded[seqlstm.data_key(r.params)]) for r in runs]
+    runs, loaded = planned(augment="flip_crop")  # crops: the teacher runs live
+    results = [runner.run_experiment(r, loaded[r.data.key]) for r in runs]
     assert [r.status for r in results] == ["ok", "ok"]
     twin, distilled = results
-    client, _ = seqlstm.tracking_experiment("distill")
+    client, _ = tracking.Tracker("distill").mlflow()
     tags = client.get_run(distilled.row["mlflow_run_id"]).data.tags
     assert tags["seqlstm.teacher_key"] == distilled.teacher["key"] and len(distilled.teacher["preds"]) == 360
     assert "seqlstm.teacher_key" not in client.get_run(twin.row["mlflow_run_id"]).data.tags
     assert twin.history[0]["train_loss"] != distilled.history[0]["train_loss"]
-    table = seqlstm.distillation_table(results)
+    table = report.distillation_table(results)
     assert list(table["without"]) == [twin.row["test_acc"]] and len(table) == 1
 
 
@@ -237,8 +229,8 @@ def test_distillation_report_end_to_end(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
     assert [r["teacher"] for r in rows] == ["", "fast_cnn (α = 0.5, T = 4)", "fast_cnn (α = 0.9, T = 4)"]
     nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
-    cell = next(c for c in nb.cells if c.cell_type == "code" and "distillation_table" in c.source)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "show_distillation" in c.source)
     shown = json.dumps(cell.outputs)
     assert "Teacher `fast_cnn` on digits: test accuracy" in shown and "precision" in shown  # its per-class report
-    assert any("image/png" in o.get("data", {}) for o in cell.outputs)  # and its confusion matrix
+    assert '<img alt=\\"teacher fast_cnn: confusion matrix' in shown  # and its confusion matrix
     assert "gain (points)" in shown and "agreement" in shown and "classes up" in shown

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import seqlstm
+from seqlab import runner
 
 B, C, H, W, K = 4, 3, 2, 2, 5  # small shapes: in_features = 12
 N_FEAT = C * H * W
@@ -295,6 +296,6 @@ def test_distillation_never_trains_the_teacher_even_without_no_grad():
 
 
 def test_eval_batch_shrinks_for_long_sequences():
-    assert seqlstm.eval_batch_size(20) == 1024  # the test task keeps large batches
-    assert seqlstm.eval_batch_size(784) == 167 and seqlstm.eval_batch_size(1024) == 128
-    assert seqlstm.eval_batch_size(10 ** 6) == 16
+    assert runner.eval_batch_size(20) == 1024  # the test task keeps large batches
+    assert runner.eval_batch_size(784) == 167 and runner.eval_batch_size(1024) == 128
+    assert runner.eval_batch_size(10 ** 6) == 16

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from seqlab import plan, render, schema, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -30,6 +31,7 @@ def smoke(tmp_path_factory):
     proc = subprocess.run([PYTHON, "seqlstm.py", "report", "params/smoke.yaml"], cwd=ROOT, env=env_for(tmp),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp / "terminal.txt").write_text(proc.stdout)
     return tmp
 
 
@@ -38,10 +40,31 @@ def test_report_renders_classification_reports_and_confusion_matrices(smoke):
     tables = [o["data"]["text/html"] for o in outputs_of(nb, "text/html")]
     reports = [t for t in tables if "precision" in t and "recall" in t and "macro avg" in t]
     assert len(reports) == 2  # one per seq_len of smoke.yaml
-    images = outputs_of(nb, "image/png")
-    assert len(images) >= 2 * 2 + 1  # learning curves + confusion matrix per run, and the comparison plot
+    images = [t for t in tables if t.startswith("<img alt=")]
+    assert len(images) >= 2 * 3 + 1  # sequence, learning curves, confusion matrix per run; the summary plot
     html = (smoke / "outputs" / "smoke.html").read_text()
-    assert "confusion matrix" in html and "macro avg" in html and "<img" in html
+    assert "confusion matrix" in html and "macro avg" in html and '<img alt="' in html
+
+
+def test_the_html_reads_like_a_paper(smoke):
+    page = (smoke / "outputs" / "smoke.html").read_text()
+    html = page[page.index("<body"):]  # the page, not its style sheet
+    assert "hl-ipython3" not in html and "prepare_report" not in html and "import " not in html  # no code
+    results, runs = html.index(">Results<"), html.index(">Runs<")
+    assert html.index("Training log") < results < runs < html.index("Appendix: parameters")
+    assert html.count("<img") == html.count('<img alt="') > 0  # every figure carries alt text
+    assert "<details><summary>All 45 parameters</summary>" in html
+    assert ">Distillation<" not in html and ">Tuning<" not in html  # nothing to show: left out
+    assert "epoch   1/3" not in html.split("Training log")[0] and "epoch   1/3" in html  # folded
+
+
+def test_the_terminal_gets_text_lines_not_object_reprs(smoke):
+    out = (smoke / "terminal.txt").read_text()
+    assert "== run 1/2: digits, identity, L = 2" in out and "test accuracy " in out
+    assert "<IPython" not in out and "<pandas" not in out and "<Figure" not in out
+    lines = out.splitlines()
+    epochs = [i for i, line in enumerate(lines) if line.startswith("epoch ")]
+    assert len(epochs) == 6 and all(b == a + 1 for a, b in zip(epochs[:2], epochs[1:3]))
 
 
 def test_report_appends_summary_rows(smoke):
@@ -93,7 +116,7 @@ def test_unknown_parameter_is_an_error(tmp_path):
 def test_cli_rejects_unknown_parameter_before_running(tmp_path):
     import seqlstm
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\].*'epochs'"):
-        seqlstm.render_report("params/smoke.yaml", [("epoch", "2")], out_dir=tmp_path)
+        render.render_report("params/smoke.yaml", [("epoch", "2")], out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -107,13 +130,13 @@ def test_notebook_is_committed_clean_with_a_parameters_cell():
 def test_params_files_only_override_known_parameters():
     import yaml
     import seqlstm
-    known = seqlstm.report_defaults()
+    known = schema.defaults()
     for path in (ROOT / "params").glob("*.yaml"):
         given = yaml.safe_load(path.read_text())
         if "search" in given:  # a tune file: report parameters plus its search space, checked whole
-            seqlstm.read_tune_file(path)
+            tune.read_tune_file(path)
         else:
-            seqlstm.check_params(given, known)
+            schema.check_params(given, known)
     assert known["dataset"] == "cifar10" and known["seq_len"] == [5, 10, 20]  # defaults are the test task
 
 
@@ -150,12 +173,12 @@ def test_report_compares_models_with_per_model_overrides(tmp_path):
 
 def test_per_model_overrides_are_checked():
     import seqlstm
-    types = seqlstm.report_types()
-    params = dict(seqlstm.report_defaults(), model=["lstm", "gru"], per_model={"gru": {"lr": 0.01}}, seq_len=5)
-    runs = {r.model: r.params for r in seqlstm.plan_report(params, types)}
+    types = schema.types()
+    params = dict(schema.defaults(), model=["lstm", "gru"], per_model={"gru": {"lr": 0.01}}, seq_len=5)
+    runs = {r.model: r.params for r in plan.plan_report(params, types)}
     assert runs["gru"]["lr"] == 0.01 and runs["lstm"]["lr"] == 0.002
-    assert seqlstm.plan_report({**params, "per_model": {"pit": {"epochs": 1}}}, types)[1].params["epochs"] == 30
+    assert plan.plan_report({**params, "per_model": {"pit": {"epochs": 1}}}, types)[1].params["epochs"] == 30
     with pytest.raises(ValueError, match="which are not models: valid names are"):
-        seqlstm.plan_report({**params, "per_model": {"gruu": {"epochs": 1}}}, types)
+        plan.plan_report({**params, "per_model": {"gruu": {"epochs": 1}}}, types)
     with pytest.raises(ValueError, match=r"per_model\['gru'\]: unknown parameter\(s\) \['epoch'\]"):
-        seqlstm.plan_report({**params, "per_model": {"gru": {"epoch": 1}}}, types)
+        plan.plan_report({**params, "per_model": {"gru": {"epoch": 1}}}, types)

@@ -12,25 +12,12 @@ from pathlib import Path
 import pytest
 
 import seqlstm
+from seqlab import cores, files, lightning, plan, render, report, runner, schema, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK_ARGS = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01,
+              "threads": 1, "overview_per_class": 0, "experiment": "runs"}  # on the command line
 PYTHON = sys.executable
-QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01, "threads": 1,
-         "overview_per_class": 0, "experiment": "runs"}
-
-
-@pytest.fixture
-def outputs(tmp_path, monkeypatch):
-    """A fresh outputs/ (runs, MLflow store, summary.csv) for this test."""
-    out = tmp_path / "outputs"
-    monkeypatch.setattr(seqlstm, "OUTPUTS", out)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return out
-
-
-def plan(**overrides):
-    params = {**seqlstm.report_defaults(), **QUICK, **overrides}
-    return seqlstm.prepare_report(params, seqlstm.report_types())
 
 
 def summary(out):
@@ -40,11 +27,11 @@ def summary(out):
 # ---- every input checked before anything trains
 
 def test_scientific_notation_is_a_number():
-    assert seqlstm.parse_yaml("1e-3") == 0.001 and seqlstm.parse_yaml("lr: 1E6") == {"lr": 1e6}
-    assert seqlstm.parse_yaml("-2.5e+3") == -2500.0 and seqlstm.parse_yaml("3") == 3
-    assert seqlstm.typed_param("lr", "1e-3", "float") == 0.001  # a string from papermill -y
-    assert isinstance(seqlstm.typed_param("lr", 1, "float"), float)  # an int where a float is declared
-    assert seqlstm.typed_param("seq_len", [5, 10], "Union[int, list]") == [5, 10]
+    assert schema.parse_yaml("1e-3") == 0.001 and schema.parse_yaml("lr: 1E6") == {"lr": 1e6}
+    assert schema.parse_yaml("-2.5e+3") == -2500.0 and schema.parse_yaml("3") == 3
+    assert schema.typed_param("lr", "1e-3", "float") == 0.001  # a string from papermill -y
+    assert isinstance(schema.typed_param("lr", 1, "float"), float)  # an int where a float is declared
+    assert schema.typed_param("seq_len", [5, 10], "Union[int, list]") == [5, 10]
 
 
 BAD = [  # (overrides, what the message must say)
@@ -83,10 +70,10 @@ BAD = [  # (overrides, what the message must say)
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[str(b[0]) for b in BAD])
 def test_bad_input_fails_before_any_run(outputs, monkeypatch, overrides, message):
-    monkeypatch.setattr(seqlstm, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
-    args = [(k, json.dumps(v)) for k, v in {**QUICK, **overrides}.items()]
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
+    args = [(k, json.dumps(v)) for k, v in {**QUICK_ARGS, **overrides}.items()]
     with pytest.raises(ValueError, match=message):
-        seqlstm.render_report(None, args, out_dir=outputs)
+        render.render_report(None, args, out_dir=outputs)
     assert not (outputs / "mlflow.db").exists() and not (outputs / "summary.csv").exists()
 
 
@@ -103,22 +90,22 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: digits\nseq_len: [2, 4\nepochs: 3\n")
     with pytest.raises(ValueError, match=rf"{bad}, line \d, column \d+: malformed YAML"):
-        seqlstm.render_report(bad, out_dir=tmp_path)
+        render.render_report(bad, out_dir=tmp_path)
     with pytest.raises(ValueError, match="cannot read params file .*missing.yaml"):
-        seqlstm.render_report(tmp_path / "missing.yaml", out_dir=tmp_path)
+        render.render_report(tmp_path / "missing.yaml", out_dir=tmp_path)
 
 
-def test_unwritable_outputs_and_silent_tracking_server_fail_in_seconds(tmp_path, monkeypatch):
+def test_unwritable_outputs_and_silent_tracking_server_fail_in_seconds(tmp_path, monkeypatch, quick_report):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr(seqlstm, "OUTPUTS", blocker / "outputs")  # below a file: cannot be created
-    with pytest.raises(seqlstm.SetupError, match="outputs folder .* is not writable"):
-        plan()
-    monkeypatch.setattr(seqlstm, "OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(blocker / "outputs"))  # below a file: cannot be created
+    with pytest.raises(files.SetupError, match="outputs folder .* is not writable"):
+        quick_report()
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(tmp_path / "outputs"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     t = time.perf_counter()
-    with pytest.raises(seqlstm.SetupError, match=r"tracking server http://127.0.0.1:9 does not answer"):
-        plan()
+    with pytest.raises(files.SetupError, match=r"tracking server http://127.0.0.1:9 does not answer"):
+        quick_report()
     assert time.perf_counter() - t < 10
 
 
@@ -126,9 +113,9 @@ def test_unwritable_outputs_and_silent_tracking_server_fail_in_seconds(tmp_path,
 
 RUNNER = """
 import json, sys, seqlstm
-params = {**seqlstm.report_defaults(), **json.loads(sys.argv[1])}
-runs, loaded = seqlstm.prepare_report(params, seqlstm.report_types())
-r = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+params = {**schema.defaults(), **json.loads(sys.argv[1])}
+runs, loaded = report.prepare_report(params, schema.types())
+r = runner.run_experiment(runs[0], loaded[runs[0].data.key])
 print("RESULT", json.dumps({"status": r.status, "row": r.row, "history": r.history}))
 """
 
@@ -149,7 +136,7 @@ def result_of(proc):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     from mlflow.tracking import MlflowClient
-    params = {**QUICK, "seq_len": 16, "epochs": 5, "batch_size": 16, "experiment": "resume"}
+    params = {**QUICK_ARGS, "seq_len": 16, "epochs": 5, "batch_size": 16, "experiment": "resume"}
     whole = result_of(run_script(tmp_path / "a", params))
 
     out = tmp_path / "b"
@@ -176,34 +163,33 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
                                                                                              "last.ckpt"]
 
 
-def test_finished_run_is_reused_not_retrained(outputs, monkeypatch):
-    runs, loaded = plan()
-    first = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
-    monkeypatch.setattr(seqlstm, "train_run", lambda *a, **k: pytest.fail("retrained a finished run"))
-    again = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+def test_finished_run_is_reused_not_retrained(outputs, monkeypatch, quick_report):
+    runs, loaded = quick_report()
+    first = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    again = runner.run_experiment(runs[0], loaded[runs[0].data.key])
     assert (first.status, again.status) == ("ok", "reused")
     assert again.row["test_acc"] == first.row["test_acc"] and again.history == first.history
     assert again.row["mlflow_run_id"] == first.row["mlflow_run_id"]
     assert [r["status"] for r in summary(outputs)] == ["ok", "reused"]
 
 
-def test_resume_false_trains_afresh_and_marks_a_dead_run_killed(outputs):
+def test_resume_false_trains_afresh_and_marks_a_dead_run_killed(outputs, quick_report):
     from mlflow.tracking import MlflowClient
-    runs, loaded = plan()
-    data = loaded[seqlstm.data_key(runs[0].params)]
-    client, experiment_id = seqlstm.tracking_experiment("runs")
-    key = seqlstm.run_key(runs[0].params, data)
+    runs, loaded = quick_report()
+    data = loaded[runs[0].data.key]
+    client, experiment_id = tracking.Tracker("runs").mlflow()
+    key = tracking.run_key(runs[0].params, data)
     dead = client.create_run(experiment_id, tags={"seqlstm.key": key})  # as a SIGKILLed process leaves it
-    fresh = seqlstm.run_experiment(seqlstm.Run(**{**runs[0].__dict__, "params": {**runs[0].params,
-                                                                                 "resume": False}}), data)
+    fresh = runner.run_experiment(plan.Run({**runs[0].params, "resume": False}), data)
     assert fresh.status == "ok" and fresh.row["mlflow_run_id"] != dead.info.run_id
-    assert MlflowClient(seqlstm.tracking_uri()).get_run(dead.info.run_id).info.status == "KILLED"
+    assert MlflowClient(tracking.tracking_uri()).get_run(dead.info.run_id).info.status == "KILLED"
 
 
-def test_code_version_is_recorded_with_every_run(outputs):
-    runs, loaded = plan()
-    r = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
-    client, _ = seqlstm.tracking_experiment("runs")
+def test_code_version_is_recorded_with_every_run(outputs, quick_report):
+    runs, loaded = quick_report()
+    r = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    client, _ = tracking.Tracker("runs").mlflow()
     tags = client.get_run(r.row["mlflow_run_id"]).data.tags
     import hashlib
     assert tags["seqlstm.code.sha256_seqlstm_py"] == hashlib.sha256((ROOT / "seqlstm.py").read_bytes()).hexdigest()
@@ -213,19 +199,19 @@ def test_code_version_is_recorded_with_every_run(outputs):
     assert r.params["code"]["sha256_seqlstm_py"] == tags["seqlstm.code.sha256_seqlstm_py"]
 
 
-def test_non_finite_loss_fails_that_run_and_the_next_one_runs(outputs):
-    runs, loaded = plan(model=["bilstm_fc", "lstm"], transform="rows", per_model={"bilstm_fc": {"lr": 1e38}})
-    results = [seqlstm.run_experiment(r, loaded[seqlstm.data_key(r.params)]) for r in runs]
+def test_non_finite_loss_fails_that_run_and_the_next_one_runs(outputs, quick_report):
+    runs, loaded = quick_report(model=["bilstm_fc", "lstm"], transform="rows", per_model={"bilstm_fc": {"lr": 1e38}})
+    results = [runner.run_experiment(r, loaded[r.data.key]) for r in runs]
     assert [r.status for r in results] == ["failed", "ok"]
     assert "non-finite" in results[0].error and "epoch 1, step" in results[0].error
     assert "grad_clip" in results[0].error
-    client, _ = seqlstm.tracking_experiment("runs")
+    client, _ = tracking.Tracker("runs").mlflow()
     failed = client.get_run(results[0].row["mlflow_run_id"])
     assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["seqlstm.failure"]
     assert [(r["model"], r["status"], r["report"]) for r in summary(outputs)] == [
         ("bilstm_fc", "failed", "runs"), ("lstm", "ok", "runs")]
-    with pytest.raises(seqlstm.RunsFailed, match="bilstm_fc.*non-finite"):
-        seqlstm.end_report(results)
+    with pytest.raises(report.RunsFailed, match="bilstm_fc.*non-finite"):
+        report.end_report(results)
 
 
 def test_batch_order_is_a_function_of_seed_and_epoch():
@@ -241,7 +227,7 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
 
 # ---- reports as a whole: concurrency, a failed report, the terminal
 
-def report(out, *args, name="smoke"):
+def start_report(out, *args, name="smoke"):
     env = {**os.environ, "SEQLSTM_OUTPUTS": str(out)}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([PYTHON, "seqlstm.py", "report", "params/smoke.yaml", "--name", name,
@@ -252,7 +238,7 @@ def report(out, *args, name="smoke"):
 @pytest.mark.slow
 def test_three_reports_started_at_once_all_succeed(tmp_path):
     out = tmp_path / "outputs"
-    procs = [report(out, "-p", "seed", str(i), "-p", "seq_len", "2", name=f"r{i}") for i in range(3)]
+    procs = [start_report(out, "-p", "seed", str(i), "-p", "seq_len", "2", name=f"r{i}") for i in range(3)]
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
@@ -265,10 +251,10 @@ def test_three_reports_started_at_once_all_succeed(tmp_path):
 @pytest.mark.slow
 def test_failed_report_keeps_the_last_good_one(tmp_path):
     out = tmp_path / "outputs"
-    good = report(out, "-p", "seq_len", "2")
+    good = start_report(out, "-p", "seq_len", "2")
     assert good.wait(timeout=600) == 0, good.stderr.read()[-3000:]
     html, notebook = (out / "smoke.html").read_bytes(), (out / "smoke.ipynb").read_bytes()
-    bad = report(out, "-p", "seq_len", "[2, 3]", "-p", "lr", "1.0e+38", "-p", "resume", "false")
+    bad = start_report(out, "-p", "seq_len", "[2, 3]", "-p", "lr", "1.0e+38", "-p", "resume", "false")
     stdout, stderr = bad.communicate(timeout=600)
     assert bad.returncode == 1
     assert "non-finite training loss" in stdout and "smoke.failed.html" in stderr
@@ -282,7 +268,7 @@ def test_failed_report_keeps_the_last_good_one(tmp_path):
 def test_sigterm_marks_the_run_killed_and_keeps_the_notebook(tmp_path):
     from mlflow.tracking import MlflowClient
     out = tmp_path / "outputs"
-    proc = report(out, "-p", "seq_len", "16", "-p", "epochs", "40", "-p", "batch_size", "8", name="term")
+    proc = start_report(out, "-p", "seq_len", "16", "-p", "epochs", "40", "-p", "batch_size", "8", name="term")
     for line in proc.stdout:  # streamed as the kernel prints it
         if line.startswith("epoch   1/40"):
             break
@@ -304,10 +290,10 @@ def test_transforms_command_shows_arguments_and_valid_values():
 def test_time_left_follows_the_recent_pace(monkeypatch, capsys):
     from types import SimpleNamespace
     clock = iter([0.0, 30.0, 60.0, 63.0, 66.0, 69.0])  # two slow epochs (another job ran), three fast ones
-    monkeypatch.setattr(seqlstm.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(lightning.time, "perf_counter", lambda: next(clock))
     trainer = SimpleNamespace(current_epoch=0, max_epochs=25, is_global_zero=True)
     module = SimpleNamespace(history=[{"epoch": 1, "train_loss": 1.0}])
-    log = seqlstm.EpochLog(recent=3)
+    log = lightning.EpochLog(recent=3)
     log.on_train_start(trainer, module)
     for epoch in range(5):
         trainer.current_epoch = epoch
@@ -319,9 +305,9 @@ def test_time_left_follows_the_recent_pace(monkeypatch, capsys):
 def test_long_epochs_report_progress_within_the_epoch(monkeypatch, capsys):
     from types import SimpleNamespace
     clock = iter([0.0, 50.0, 100.0, 110.0, 200.0, 330.0])  # epoch start, then one read per batch
-    monkeypatch.setattr(seqlstm.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(lightning.time, "perf_counter", lambda: next(clock))
     trainer = SimpleNamespace(current_epoch=0, max_epochs=3, is_global_zero=True, num_training_batches=10)
-    log = seqlstm.EpochLog(every=120.0)
+    log = lightning.EpochLog(every=120.0)
     log.on_train_epoch_start(trainer, None)
     batch = (None, [0] * 6400)
     for i in range(5):
@@ -332,11 +318,11 @@ def test_long_epochs_report_progress_within_the_epoch(monkeypatch, capsys):
 
 
 def test_a_run_says_when_other_processes_hold_the_cores_its_threads_need(capsys):
-    seqlstm.note_shared_cores(2, cores=2, others=1.0)
+    cores.note_shared_cores(2, cores=2, others=1.0)
     assert "keep 1.0 of this machine's 2 cores busy" in capsys.readouterr().out
-    seqlstm.note_shared_cores(2, cores=2, others=1.0)
-    for threads, cores, others in [(1, 2, 1.0), (2, 2, 0.1), (2, 4, 1.0)]:  # its share, quiet, room enough
-        seqlstm.note_shared_cores(threads, cores=cores, others=others)
+    cores.note_shared_cores(2, cores=2, others=1.0)
+    for threads, n_cores, others in [(1, 2, 1.0), (2, 2, 0.1), (2, 4, 1.0)]:  # its share, quiet, room enough
+        cores.note_shared_cores(threads, cores=n_cores, others=others)
     out = capsys.readouterr().out
     assert out.count("note:") == 1 and "(threads: 1)" in out
 
@@ -346,6 +332,17 @@ def test_other_load_counts_another_process_busy_on_a_core():
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        assert seqlstm.other_load(0.5) >= 0.6  # the spinning process holds about one core
+        assert cores.other_load(0.5) >= 0.6  # the spinning process holds about one core
     finally:
         busy.kill(), busy.wait()
+
+
+def test_a_fresh_and_a_reused_run_leave_no_figure_open(outputs, quick_report):
+    import matplotlib.pyplot as plt
+    runs, loaded = quick_report()
+    plt.close("all")
+    first = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    assert first.status == "ok" and plt.get_fignums() == []
+    again = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    assert again.status == "reused" and plt.get_fignums() == []  # shown once, where displayed
+    assert again.sequence_fig is not None

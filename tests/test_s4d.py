@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import seqlstm
+from seqlab import lightning
 
 
 def layer64(bidirectional=False, dim=3, state=8, seed=0):
@@ -114,7 +115,7 @@ def test_bad_arguments_raise_value_error(kw, says):
 
 def test_param_groups_give_a_and_dt_their_own_lr_and_no_weight_decay():
     model = seqlstm.create_model("s4d", in_features=1, num_classes=10, layers=2, ssm_lr=1e-3)
-    groups = seqlstm.param_groups(model, lr=0.01, weight_decay=0.05)
+    groups = lightning.param_groups(model, lr=0.01, weight_decay=0.05)
     ssm = {id(p) for layer in model.layers for p in (layer.log_dt, layer.log_A_real, layer.A_imag)}
     assert len(groups) == 2
     for g in groups:
@@ -124,7 +125,7 @@ def test_param_groups_give_a_and_dt_their_own_lr_and_no_weight_decay():
         assert (g["lr"], g["weight_decay"]) == expected
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     lstm = seqlstm.create_model("lstm", in_features=3, num_classes=2)
-    assert [(g["lr"], g["weight_decay"]) for g in seqlstm.param_groups(lstm, 0.1, 0.2)] == [(0.1, 0.2)]
+    assert [(g["lr"], g["weight_decay"]) for g in lightning.param_groups(lstm, 0.1, 0.2)] == [(0.1, 0.2)]
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "none"])
@@ -136,7 +137,7 @@ def test_lightning_trains_a_and_dt_at_their_own_lr(schedule):
     x = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8)
     y = torch.randint(0, 3, (16,))
     model = seqlstm.create_model("s4d", in_features=1, num_classes=3, dim=8, layers=1, state=4)
-    module = seqlstm.SeqClassifier(model, to_seq=seqlstm.make_sequence("pixels"), mean=[0.5], std=[0.25],
+    module = lightning.SeqClassifier(model, to_seq=seqlstm.make_sequence("pixels"), mean=[0.5], std=[0.25],
                                    augment="none", lr=0.01, weight_decay=0.05, optimizer="adamw",
                                    schedule=schedule)
     trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -5,20 +5,20 @@ import torch
 import torch.nn.functional as F
 
 import seqlstm
-from test_runs import QUICK, outputs, plan  # noqa: F401 (outputs is a fixture)
+from seqlab import lightning, plan, runner, schema, tracking
 
 
 def test_sgd_is_nesterov_with_momentum_and_every_optimizer_builds():
     w = torch.nn.Parameter(torch.zeros(3))
-    group = seqlstm.OPTIMIZERS["sgd"]([w], lr=0.1, weight_decay=0.0).param_groups[0]
+    group = lightning.OPTIMIZERS["sgd"]([w], lr=0.1, weight_decay=0.0).param_groups[0]
     assert group["momentum"] == 0.9 and group["nesterov"] is True
-    assert sorted(seqlstm.OPTIMIZERS) == ["adam", "adamw", "rmsprop", "sgd"]
-    assert isinstance(seqlstm.OPTIMIZERS["rmsprop"]([w], lr=0.1, weight_decay=0.0), torch.optim.RMSprop)
+    assert sorted(lightning.OPTIMIZERS) == ["adam", "adamw", "rmsprop", "sgd"]
+    assert isinstance(lightning.OPTIMIZERS["rmsprop"]([w], lr=0.1, weight_decay=0.0), torch.optim.RMSprop)
 
 
 def lrs(schedule, steps=20, warmup=5, lr=1.0):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    scheduler = seqlstm.SCHEDULES[schedule](opt, lr, steps, warmup)
+    scheduler = lightning.SCHEDULES[schedule](opt, lr, steps, warmup)
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"])
@@ -73,7 +73,7 @@ def test_orthogonal_init_gives_orthogonal_hidden_weights_and_forget_bias_one(nam
 
 
 def test_label_smoothing_applies_to_the_training_loss_only():
-    module = seqlstm.SeqClassifier(torch.nn.Identity(), to_seq=lambda x: x.flatten(1), mean=[0.5], std=[0.2],
+    module = lightning.SeqClassifier(torch.nn.Identity(), to_seq=lambda x: x.flatten(1), mean=[0.5], std=[0.2],
                                    label_smoothing=0.3)
     module.log = lambda *a, **k: None  # no trainer here
     x = torch.randint(0, 256, (6, 1, 1, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -99,17 +99,17 @@ def test_cutout_fills_one_square_of_half_the_side_with_the_fill_value():
     assert (combined[:, 0] == 1).any() and not (seqlstm.augment_batch(x, "flip_crop")[:, 0] == 1).any()
 
 
-def test_every_strategy_runs_is_logged_and_the_schedule_warms_up(outputs):  # noqa: F811
+def test_every_strategy_runs_is_logged_and_the_schedule_warms_up(outputs, quick_report):
     strategy = {"optimizer": "rmsprop", "schedule": "warmup_cosine", "warmup_epochs": 2, "init": "orthogonal",
                 "label_smoothing": 0.1, "augment": "flip_crop_cutout", "precision": "bf16-mixed",
                 "grad_clip": 1.0, "weight_decay": 1e-4, "model_args": {"dropout": 0.1}}
-    runs, loaded = plan(epochs=4, lr=0.003, **strategy)
-    r = seqlstm.run_experiment(runs[0], loaded[seqlstm.data_key(runs[0].params)])
+    runs, loaded = quick_report(epochs=4, lr=0.003, **strategy)
+    r = runner.run_experiment(runs[0], loaded[runs[0].data.key])
     assert r.status == "ok", r.error
     lr = [h["lr"] for h in r.history]
     assert lr[0] < lr[1] and lr[1] > lr[2] > lr[3]  # warm-up over 2 epochs, then decay
     assert all(h["grad_norm_max"] >= h["grad_norm_mean"] > 0 for h in r.history)
-    client, _ = seqlstm.tracking_experiment("runs")
+    client, _ = tracking.Tracker("runs").mlflow()
     run = client.get_run(r.row["mlflow_run_id"])
     for key, value in strategy.items():
         assert run.data.params[key] == str(value)
@@ -117,16 +117,16 @@ def test_every_strategy_runs_is_logged_and_the_schedule_warms_up(outputs):  # no
 
 
 def test_variants_run_for_every_model_and_per_model_may_set_the_transform():
-    types = seqlstm.report_types()
-    params = {**seqlstm.report_defaults(), "model": ["bilstm_fc", "lstm"], "seq_len": 20,
+    types = schema.types()
+    params = {**schema.defaults(), "model": ["bilstm_fc", "lstm"], "seq_len": 20,
               "per_model": {"lstm": {"transform": "rows"}},
               "variants": {"adam": {}, "sgd": {"optimizer": "sgd", "lr": 0.05}}}
-    runs = seqlstm.plan_report(params, types)
+    runs = plan.plan_report(params, types)
     assert [(r.model, r.transform, r.seq_len, r.variant, r.params["optimizer"]) for r in runs] == [
         ("bilstm_fc", "identity", 20, "adam", "adam"), ("bilstm_fc", "identity", 20, "sgd", "sgd"),
         ("lstm", "rows", None, "adam", "adam"), ("lstm", "rows", None, "sgd", "sgd")]
     assert runs[1].params["lr"] == 0.05 and runs[1].title() == "cifar10, bilstm_fc, identity, L = 20, sgd"
     with pytest.raises(ValueError, match=r"variants\['sgd'\]: parameter optimizer = 'sgdd': valid values"):
-        seqlstm.plan_report({**params, "variants": {"sgd": {"optimizer": "sgdd"}}}, types)
+        plan.plan_report({**params, "variants": {"sgd": {"optimizer": "sgdd"}}}, types)
     with pytest.raises(ValueError, match=r"variants\['rows'\]: unknown parameter\(s\) \['transform'\]"):
-        seqlstm.plan_report({**params, "variants": {"rows": {"transform": "rows"}}}, types)
+        plan.plan_report({**params, "variants": {"rows": {"transform": "rows"}}}, types)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import seqlstm
+from seqlab import figures, plan
 
 SERIES = ["rotations", "zooms", "shifts", "blurs", "noise", "jitter"]
 L = 6
@@ -157,7 +158,7 @@ def test_bad_input_names_the_valid_values(call, match):
 def test_fixed_length_transforms_ignore_seq_len_and_run_once():
     x = images(3)
     assert seqlstm.make_sequence("rows", seq_len=20)(x).shape[1] == 8
-    runs = seqlstm.plan_runs(["digits"], ["identity", "rows", "zooms"], [5, 10], ["lstm"])
+    runs = plan.plan_runs(["digits"], ["identity", "rows", "zooms"], [5, 10], ["lstm"])
     assert runs == [("digits", "lstm", "identity", 5), ("digits", "lstm", "identity", 10),
                     ("digits", "lstm", "rows", None), ("digits", "lstm", "zooms", 5), ("digits", "lstm", "zooms", 10)]
 
@@ -172,6 +173,6 @@ def test_transforms_pickle_for_dataloader_workers():
 def test_plot_sequence_draws_what_the_model_sees(name, panels):
     x = images(3, b=1)
     seq = seqlstm.make_sequence(name, seq_len=4, **args_for(name))(x)[0]
-    fig = seqlstm.plot_sequence(seq, (3, 8, 8), torch.zeros(3), torch.ones(3), name, max_steps=4)
+    fig = figures.plot_sequence(seq, (3, 8, 8), torch.zeros(3), torch.ones(3), name, max_steps=4)
     assert len(fig.axes) == panels
     assert f"T={seq.shape[0]}" in fig._suptitle.get_text()

@@ -14,20 +14,12 @@ import pytest
 import yaml
 
 import seqlstm
+from seqlab import files, plan, render, report, runner, schema, studies, tracking, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dataset": "digits", "seq_len": 4, "epochs": 2, "batch_size": 64, "threads": 1, "overview_per_class": 0,
         "search": {"lr": {"low": 1.0e-3, "high": 5.0e-2, "log": True}, "hidden": [8, 16],
                    "warmup_epochs": {"low": 0, "high": 1}}}
-
-
-@pytest.fixture
-def outputs(tmp_path, monkeypatch):
-    out = tmp_path / "outputs"
-    monkeypatch.setattr(seqlstm, "OUTPUTS", out)
-    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(out))  # the same for a report's kernel
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return out
 
 
 def tune_file(tmp_path, **overrides):
@@ -38,7 +30,7 @@ def tune_file(tmp_path, **overrides):
 
 def load(name, storage):
     import optuna
-    return optuna.load_study(study_name=name, storage=seqlstm.open_storage(storage))
+    return optuna.load_study(study_name=name, storage=studies.open_storage(storage))
 
 
 BAD = [  # (tune file overrides, tune() arguments, what the message must say)
@@ -60,17 +52,17 @@ BAD = [  # (tune file overrides, tune() arguments, what the message must say)
 
 @pytest.mark.parametrize("overrides,kwargs,message", BAD, ids=[b[2][:40] for b in BAD])
 def test_bad_tune_input_fails_before_any_trial(tmp_path, outputs, monkeypatch, overrides, kwargs, message):
-    monkeypatch.setattr(seqlstm, "run_experiment", lambda *a, **k: pytest.fail("a trial started"))
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("a trial started"))
     t = time.perf_counter()
-    with pytest.raises((ValueError, seqlstm.SetupError), match=message):
-        seqlstm.tune(tune_file(tmp_path, **overrides), **{"n_trials": 2, "best": tmp_path / "best.yaml", **kwargs})
+    with pytest.raises((ValueError, files.SetupError), match=message):
+        tune.tune(tune_file(tmp_path, **overrides), **{"n_trials": 2, "best": tmp_path / "best.yaml", **kwargs})
     assert time.perf_counter() - t < 20 and not (tmp_path / "best.yaml").exists()
 
 
 def test_tiny_study_writes_best_parameters_that_a_report_accepts_and_resumes(tmp_path, outputs, capsys):
     best = tmp_path / "best_tiny.yaml"
-    assert seqlstm.tune(tune_file(tmp_path), n_trials=3, best=best) == 0
-    storage = seqlstm.storage_url()
+    assert tune.tune(tune_file(tmp_path), n_trials=3, best=best) == 0
+    storage = studies.storage_url()
     study = load("tiny", storage)
     assert [t.number for t in study.trials] == [0, 1, 2] and all(t.state.is_finished() for t in study.trials)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
@@ -79,13 +71,13 @@ def test_tiny_study_writes_best_parameters_that_a_report_accepts_and_resumes(tmp
     params = yaml.safe_load(best.read_text())  # papermill -f reads the file with PyYAML as it is
     assert params["tune_study"] == "tiny" and params["model_args"]["hidden"] == study.best_params["hidden"]
     assert params["lr"] == study.best_params["lr"] and "search" not in params
-    runs = seqlstm.plan_report({**seqlstm.report_defaults(), **seqlstm.read_params_file(best)}, seqlstm.report_types())
+    runs = plan.plan_report({**schema.defaults(), **schema.read_params_file(best)}, schema.types())
     assert runs[0].params["lr"] == study.best_params["lr"] and runs[0].params["epochs"] == 2
 
-    assert seqlstm.tune(tune_file(tmp_path), n_trials=5, best=best) == 0  # the same study goes on
+    assert tune.tune(tune_file(tmp_path), n_trials=5, best=best) == 0  # the same study goes on
     study = load("tiny", storage)
     assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
-    client, experiment_id = seqlstm.tracking_experiment("tiny")
+    client, experiment_id = tracking.Tracker("tiny").mlflow()
     runs = client.search_runs([experiment_id])
     parent = study.user_attrs["mlflow_parent_run_id"]
     trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
@@ -94,7 +86,7 @@ def test_tiny_study_writes_best_parameters_that_a_report_accepts_and_resumes(tmp
     assert all(len(client.get_metric_history(r.info.run_id, "val_acc")) >= 1 for r in trial_runs)
     assert {r.data.params["lr"] for r in trial_runs} == {str(t.params["lr"]) for t in study.trials}
 
-    figs, table, states = seqlstm.tuning_figures("tiny")  # the report's Tuning section
+    figs, table, states = report.tuning_figures("tiny")  # the report's Tuning section
     assert len(figs) == 3 and table.loc["trial", "best trial"] == study.best_trial.number
 
 
@@ -107,9 +99,9 @@ def images_of(notebook, starts):
 @pytest.mark.slow
 def test_report_of_the_best_parameters_renders_tuning_and_variants(tmp_path, outputs):
     best = tmp_path / "best_tiny.yaml"
-    seqlstm.tune(tune_file(tmp_path, epochs=1), n_trials=2, best=best)
+    tune.tune(tune_file(tmp_path, epochs=1), n_trials=2, best=best)
     variants = '{"adam": {}, "sgd": {"optimizer": "sgd", "lr": 0.05}}'
-    executed, html = seqlstm.render_report(best, [("variants", variants)], out_dir=outputs)
+    executed, html = render.render_report(best, [("variants", variants)], out_dir=outputs)
     assert images_of(executed, "if variants:") == 2  # the bars, the overlaid learning curves
     assert images_of(executed, "if tune_study:") == 3  # history, importances, parallel coordinates
     text = html.read_text()
@@ -119,15 +111,15 @@ def test_report_of_the_best_parameters_renders_tuning_and_variants(tmp_path, out
 def test_a_bad_trial_is_pruned_and_tagged_pruned_not_failed(tmp_path, outputs):
     import optuna
     path = tune_file(tmp_path, epochs=3, search={"lr": {"low": 1.0e-7, "high": 0.1, "log": True}})
-    study = optuna.create_study(study_name="tiny", storage=seqlstm.open_storage(seqlstm.storage_url()),
+    study = optuna.create_study(study_name="tiny", storage=studies.open_storage(studies.storage_url()),
                                 direction="maximize")
     for lr in (0.05, 0.03, 1e-7):  # two good trials, then one that cannot learn in an epoch
         study.enqueue_trial({"lr": lr})
-    seqlstm.tune(path, n_trials=3, best=tmp_path / "best.yaml")
-    trials = load("tiny", seqlstm.storage_url()).trials
+    tune.tune(path, n_trials=3, best=tmp_path / "best.yaml")
+    trials = load("tiny", studies.storage_url()).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert trials[2].params["lr"] == 1e-7 and list(trials[2].intermediate_values) == [1]  # stopped after epoch 1
-    client, _ = seqlstm.tracking_experiment("tiny")
+    client, _ = tracking.Tracker("tiny").mlflow()
     run = client.get_run(trials[2].user_attrs["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
     assert run.data.tags["seqlstm.status"] == "pruned"

@@ -1,0 +1,19 @@
+"""seqlab: the machinery around seqlstm.py that turns parameters into tracked, resumable, reusable
+runs and reports. It imports seqlstm; seqlstm never imports it. One module per concern:
+
+  files     the outputs folder, checkpoints, inter-process locks, whole-file writes
+  schema    the report's parameters, defined once (name, type, default, range, help)
+  plan      a report's runs as typed objects (Run: DataSpec, SequenceSpec, ModelSpec, ...)
+  lightning the LightningModule, its optimizers, schedules and callbacks; the Trainer
+  tracking  every call to MLflow (Tracker), a run's identity, summary.csv
+  figures   plots and tables of runs
+  cores     CPU threads, and a note when other processes share the cores
+  teacher   a distilled run's teacher: trained once, cached, shared through MLflow
+  runner    one run: reuse | resume | new -> fit -> evaluate -> track, failures contained
+  report    what a report shows: checks before the first run, the tables, the last word
+  render    report.ipynb executed by papermill into outputs/NAME.ipynb and NAME.html
+  studies   where Optuna studies live and how workers share one
+  tune      the Optuna search
+  bench     speed as ratios measured in one run
+  cli       the command line (python seqlstm.py CMD, python -m seqlab CMD)
+"""

@@ -1,0 +1,53 @@
+"""Where a report's files live and how processes share them: the outputs folder, its checkpoints,
+inter-process locks, and whole-file writes (a temporary name, then a rename)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: seqlstm.py, report.ipynb, params/
+NOTEBOOK = ROOT / "report.ipynb"
+
+
+class SetupError(RuntimeError):
+    """The outputs folder or the tracking server cannot be used."""
+
+
+def outputs() -> Path:
+    """$SEQLSTM_OUTPUTS, else outputs/ of the repository; read at every call, so a test or a
+    report's kernel can point it elsewhere."""
+    return Path(os.environ.get("SEQLSTM_OUTPUTS") or ROOT / "outputs")
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    return outputs() / "checkpoints" / run_id
+
+
+def lock(name):
+    """An inter-process lock under outputs/.locks (released by the OS if its holder dies)."""
+    from filelock import FileLock
+    folder = outputs() / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{name}.lock"))
+
+
+def check_outputs(path=None):
+    path = Path(path or outputs())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SetupError(f"the outputs folder {path} is not writable ({e.strerror or e}): make it "
+                         f"writable or set $SEQLSTM_OUTPUTS to a folder that is") from None
+
+
+def write_text(path, text: str) -> Path:
+    """`text` into `path` whole: written under a temporary name beside it, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,267 @@
+"""Tracking: every call to MLflow lives here (Tracker), so another backend is this one file; the
+identity of a run (its parameters, data and code: run_key) and summary.csv, a row per run."""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import yaml
+
+from seqlstm import ImageData
+from seqlab import files, plan
+
+STATUS, KEY, LAST_EPOCH = "seqlstm.status", "seqlstm.key", "seqlstm.last_epoch"  # tags
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def tracking_uri():
+    """$MLFLOW_TRACKING_URI, else an SQLite store under outputs/ (MLflow's file store is deprecated)."""
+    return (os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(files.outputs() / 'mlflow.db').resolve()}")
+
+
+def check_tracking(uri=None, timeout=5.0):
+    """A tracking server that does not answer is found in `timeout` seconds, not after MLflow's
+    retries (minutes); a local SQLite store needs a writable folder."""
+    from urllib.parse import urlparse
+    uri = uri or tracking_uri()
+    url = urlparse(uri)
+    if url.scheme == "sqlite":
+        return files.check_outputs(Path(url.path).parent) if url.path not in ("", "/") else None
+    port = url.port or DEFAULT_PORTS.get(url.scheme.split("+")[0])
+    if not url.hostname or not port:
+        return None
+    print(f"MLflow tracking: connecting to {url.hostname}:{port} ({uri}, {timeout:.0f} s timeout) ...",
+          flush=True)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise files.SetupError(f"MLflow tracking server {uri} does not answer ({e}): start it, or "
+                               f"unset MLFLOW_TRACKING_URI to track in outputs/mlflow.db") from None
+
+
+def _quiet_mlflow():
+    """MLflow (re)configures its loggers when imported: keep their start-up notes (database
+    creation, alembic migrations) out of reports."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in reports
+    import mlflow  # noqa: F401
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ---- the identity of a run
+
+def _code_files() -> dict:
+    package = Path(__file__).resolve().parent
+    return {"seqlstm_py": files.ROOT / "seqlstm.py", "report_ipynb": files.NOTEBOOK,
+            **{f"seqlab_{p.stem}": p for p in sorted(package.glob("*.py"))}}
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> dict:
+    """The code that runs: sha256 of seqlstm.py, report.ipynb and the package's files together
+    (sha256_seqlab); the git commit and whether the work tree differs from it, in a repository."""
+    found = {k: p.read_bytes() for k, p in _code_files().items() if p.exists()}
+    version = {f"sha256_{k}": hashlib.sha256(v).hexdigest() for k, v in found.items()
+               if not k.startswith("seqlab_")}
+    version["sha256_seqlab"] = hashlib.sha256(b"".join(
+        k.encode() + hashlib.sha256(v).digest() for k, v in found.items() if k.startswith("seqlab_"))
+    ).hexdigest()
+    git = partial(subprocess.run, cwd=files.ROOT, capture_output=True, text=True, timeout=10)
+    try:
+        commit = git(["git", "rev-parse", "HEAD"])
+        if commit.returncode == 0:
+            dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+            version.update(git_commit=commit.stdout.strip(), git_dirty=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def code_tags() -> dict:
+    """code_version() as tags: seqlstm.code.*"""
+    return {f"seqlstm.code.{k}": str(v) for k, v in code_version().items()}
+
+
+def data_fingerprint(data: ImageData) -> str:
+    """sha256 of a loaded dataset's images, labels and split; computed once per load."""
+    if not getattr(data, "_fingerprint", None):
+        h = hashlib.sha256(data.source.encode())
+        for t in (data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y):
+            h.update(t.contiguous().numpy())
+        data._fingerprint = h.hexdigest()
+    return data._fingerprint
+
+
+def run_key(p: dict, data: ImageData) -> str:
+    """Identity of a run: its parameters, its data and the code's file hashes. A finished run
+    with the same key is reused; a killed one is resumed."""
+    ident = plan.run_identity(p)
+    ident.update(data=data_fingerprint(data),
+                 code={k: v for k, v in code_version().items() if "sha256" in k})
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ---- summary.csv
+
+SUMMARY_FIELDS = ["report", "status", "dataset", "model", "variant", "transform", "seq_len", "epochs",
+                  "teacher", "test_acc", "macro_f1", "n_params", "train_seconds",
+                  "train_images_per_s", "mlflow_run_id", "error"]
+
+
+def append_summary(row, path=None):
+    """One row per run (status ok, failed or reused), written whole under an inter-process lock;
+    a file with older columns is rewritten with today's."""
+    path = Path(path or files.outputs() / "summary.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.lock("summary"):
+        rows, header = [], None
+        if path.exists():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header != SUMMARY_FIELDS:
+                with open(path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+        with open(path, "a" if header == SUMMARY_FIELDS else "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+            if header != SUMMARY_FIELDS:
+                w.writeheader()
+            w.writerows(rows + [row])
+
+
+# ---- the tracking server
+
+def _param(key, value):
+    from mlflow.entities import Param
+    return Param(key, str(value)[:6000])
+
+
+class Tracker:
+    """One experiment of the tracking server (MLflow), and every call made to it: runs found by
+    tag, opened, logged to, finished. Created under an inter-process lock: two reports started
+    together otherwise race creating MLflow's tables."""
+
+    def __init__(self, experiment: str):
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+        with files.lock("mlflow"):
+            self.client = MlflowClient(tracking_uri())
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found is not None else self.client.create_experiment(
+                experiment, artifact_location=(files.outputs() / "mlartifacts").resolve().as_uri())
+        self.experiment = experiment
+
+    def mlflow(self):
+        """(MlflowClient, experiment id): to read back what runs logged (tests, notebooks)."""
+        return self.client, self.experiment_id
+
+    def _search(self, query, max_results=1000):
+        return self.client.search_runs([self.experiment_id], query, max_results=max_results,
+                                       order_by=["attributes.start_time DESC"])
+
+    def finished(self, tag: str, value: str):
+        """The id of the newest run tagged `tag` = `value` that finished with results, or None."""
+        found = self._search(f"tags.`{tag}` = '{value}' and tags.`{STATUS}` = 'ok'", 1)
+        return found[0].info.run_id if found else None
+
+    def open(self, key: str, title: str, resume: bool, tags=None):
+        """(run id, checkpoint to resume from or None). The caller holds the key's lock, so a run of
+        this key still RUNNING died without a word (SIGKILL, a lost kernel): it is marked KILLED.
+        With `resume`, the newest killed run that left a last checkpoint continues. `tags` go with
+        a new run (a tuning trial's parent run and trial number)."""
+        previous = self._search(f"tags.`{KEY}` = '{key}'")
+        for r in previous:
+            if r.info.status == "RUNNING":
+                self.client.set_terminated(r.info.run_id, "KILLED")
+        for r in previous if resume else []:
+            last = files.checkpoint_dir(r.info.run_id) / "last.ckpt"
+            if r.info.status in ("RUNNING", "KILLED") and last.exists():
+                self.client.update_run(r.info.run_id, status="RUNNING")
+                done = r.data.tags.get(LAST_EPOCH, "?")
+                print(f"resuming MLflow run {r.info.run_id} after epoch {done} from its last "
+                      f"checkpoint", flush=True)
+                return r.info.run_id, last
+        return self.create(title, {KEY: key, **(tags or {})}), None
+
+    def create(self, name: str, tags=None) -> str:
+        """A new run, tagged with the code version; its id."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**code_tags(), **(tags or {})})
+        return run.info.run_id
+
+    def reopen(self, run_id: str):
+        self.client.update_run(run_id, status="RUNNING")
+
+    def tag(self, run_id: str, tags: dict):
+        for name, value in tags.items():
+            self.client.set_tag(run_id, name, str(value))
+
+    def log_params(self, run_id: str, params: dict):
+        self.client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict):
+        for name, value in metrics.items():
+            self.client.log_metric(run_id, name, value)
+
+    def log_file(self, run_id: str, path):
+        self.client.log_artifact(run_id, str(path))
+
+    def download(self, run_id: str, artifact: str, folder) -> Path:
+        return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
+
+    def end(self, run_id: str, status="FINISHED"):
+        """FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
+
+    def lightning_logger(self, run_id: str):
+        """Lightning's logger for the run; it leaves the run's status to the runner."""
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        class RunLogger(MLFlowLogger):
+            def finalize(self, status="success"):
+                pass
+        return RunLogger(experiment_name=self.experiment, run_id=run_id, tracking_uri=tracking_uri())
+
+    def epoch_marks(self, run_id: str) -> list:
+        """Callbacks recording the last finished epoch as a tag, so a run killed without warning
+        says how far it got."""
+        return [MarkEpoch(self, run_id)]
+
+    def log_result(self, run_id: str, result: dict, params: dict, figures: dict):
+        """A finished run: its result (result.json, read back by `read_result`), its params
+        (params.yaml), its classification report, figures (name.png -> figure), status ok."""
+        self.client.log_dict(run_id, result["report"], "classification_report.json")
+        self.client.log_text(run_id, yaml.safe_dump(params, sort_keys=False), "params.yaml")
+        self.client.log_dict(run_id, result, "result.json")
+        for name, fig in figures.items():
+            self.client.log_figure(run_id, fig, name)
+        self.tag(run_id, {STATUS: "ok"})
+        self.end(run_id)
+
+    def read_result(self, run_id: str) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(self.download(run_id, "result.json", tmp).read_text())
+
+    def fail(self, run_id: str, message: str, traceback: str):
+        """FAILED, with the reason as a tag and the traceback as failure.txt."""
+        self.tag(run_id, {"seqlstm.failure": message[:5000], STATUS: "failed"})
+        self.client.log_text(run_id, traceback, "failure.txt")
+        self.end(run_id, "FAILED")
+
+
+class MarkEpoch(pl.Callback):
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def on_train_epoch_end(self, trainer, module):
+        self.tracker.tag(self.run_id, {LAST_EPOCH: trainer.current_epoch + 1})
