@@ -2,6 +2,7 @@
 run. Every figure is the median of repeated timings by torch.utils.benchmark (adaptive_autorange:
 a warm-up, then at least 4 timed blocks, until the interquartile range is within 10% of the median
 or the time is up), printed with its spread. `--quick` only measures for less time."""
+
 from __future__ import annotations
 
 import json
@@ -13,23 +14,49 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from seqlstm import (MODEL_INFO, Batches, BiLSTMFC, ReferenceBiLSTMFC, Teacher, TensorImages,
-                     augment_batch, build_teacher, count_params, create_model, identity, list_models,
-                     logits_table, make_sequence, model_input, normalize, per_sample_pipeline,
-                     sequence_transform)
+from seqlstm import (
+    MODEL_INFO,
+    Batches,
+    BiLSTMFC,
+    ReferenceBiLSTMFC,
+    Teacher,
+    TensorImages,
+    augment_batch,
+    build_teacher,
+    count_params,
+    create_model,
+    identity,
+    list_models,
+    logits_table,
+    make_sequence,
+    model_input,
+    normalize,
+    per_sample_pipeline,
+    sequence_transform,
+)
 from seqlab import cores, lightning, teacher
+
 
 def measure(fn, min_run_time):
     """torch.utils.benchmark's Measurement of fn() (median, iqr, times) on all of torch's threads
     (Timer's default is one thread), measured for min_run_time to 5x that seconds."""
-    import torch.utils.benchmark  # imported here: it logs a CUDA note at import on CPU-only machines
-    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.adaptive_autorange(threshold=0.1, min_run_time=min_run_time, max_run_time=5 * min_run_time)
+    import torch.utils.benchmark  # here: it logs a CUDA note at import on CPU-only machines
+
+    timer = torch.utils.benchmark.Timer(
+        "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    )
+    return timer.adaptive_autorange(
+        threshold=0.1, min_run_time=min_run_time, max_run_time=5 * min_run_time
+    )
 
 
 def _rate(items, m):
     """items per second at the median time, and the spread: the IQR in % of the median."""
-    return {"per_s": items / m.median, "iqr_pct": round(100 * m.iqr / m.median, 1), "runs": len(m.times)}
+    return {
+        "per_s": items / m.median,
+        "iqr_pct": round(100 * m.iqr / m.median, 1),
+        "runs": len(m.times),
+    }
 
 
 def _sync(device):
@@ -49,6 +76,7 @@ def _train_step(model, make_batch, device="cpu", loss=None):
         loss.backward()
         opt.step()
         _sync(device)
+
     return step
 
 
@@ -59,7 +87,8 @@ def matmul_gflops(n=2048, min_run_time=1.0, device="cpu"):
     def product():
         a @ a
         _sync(device)
-    return 2 * n ** 3 / measure(product, min_run_time).median / 1e9
+
+    return 2 * n**3 / measure(product, min_run_time).median / 1e9
 
 
 def _fft_flops(x_shape, dim, *args, out_shape=None, **kwargs):
@@ -70,24 +99,28 @@ def _fft_flops(x_shape, dim, *args, out_shape=None, **kwargs):
 
 
 def _lstm_layer_flops(x_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
-    """One LSTM layer on oneDNN (nn.LSTM on CPU): the gates' products, 2 T B (|W_ih| + |W_hh|) FLOPs."""
+    """One LSTM layer on oneDNN (nn.LSTM on CPU): the gates' products, 2 T B (|W_ih| + |W_hh|)
+    FLOPs."""
     return 2 * x_shape[0] * x_shape[1] * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
 
 
 # What FlopCounterMode does not count by itself: FFTs (S4D, FNet) and nn.LSTM's CPU kernel
 # (its backward: the input and the weight gradients, two products per forward one).
-EXTRA_FLOPS = {torch.ops.aten._fft_c2c: _fft_flops,
-               torch.ops.aten._fft_r2c: lambda *a, **k: _fft_flops(*a, **k) / 2,
-               torch.ops.aten._fft_c2r: lambda *a, **k: _fft_flops(*a, **k) / 2,
-               torch.ops.aten.mkldnn_rnn_layer: _lstm_layer_flops,
-               torch.ops.aten.mkldnn_rnn_layer_backward: lambda *a, **k: 2 * _lstm_layer_flops(*a, **k)}
+EXTRA_FLOPS = {
+    torch.ops.aten._fft_c2c: _fft_flops,
+    torch.ops.aten._fft_r2c: lambda *a, **k: _fft_flops(*a, **k) / 2,
+    torch.ops.aten._fft_c2r: lambda *a, **k: _fft_flops(*a, **k) / 2,
+    torch.ops.aten.mkldnn_rnn_layer: _lstm_layer_flops,
+    torch.ops.aten.mkldnn_rnn_layer_backward: lambda *a, **k: 2 * _lstm_layer_flops(*a, **k),
+}
 
 
 def train_flops(model, x, y):
     """Training FLOPs per image: forward + backward of one batch as FlopCounterMode counts them
-    (matrix products, convolutions, attention; FFTs and nn.LSTM by EXTRA_FLOPS; no element-wise work)
-    / batch size."""
+    (matrix products, convolutions, attention; FFTs and nn.LSTM by EXTRA_FLOPS; no element-wise
+    work) / batch size."""
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
@@ -95,9 +128,12 @@ def train_flops(model, x, y):
 
 
 def bilstm_train_flops(in_features, seq_len, hidden=32, fc=100, classes=10, dirs=2):
-    """Multiply-add FLOPs of one training image on the hoisted path (forward + backward = 3x forward)."""
+    """Multiply-add FLOPs of one training image on the hoisted path (forward + backward = 3x
+    forward)."""
     gates = dirs * 4 * hidden
-    forward = 2 * (in_features * gates + seq_len * gates * hidden + dirs * hidden * fc + fc * classes)
+    forward = 2 * (
+        in_features * gates + seq_len * gates * hidden + dirs * hidden * fc + fc * classes
+    )
     return 3 * forward
 
 
@@ -106,17 +142,34 @@ def lightning_epoch(device, n_train=45_000, n_val=5_000, seq_len=20):
     validation included) on CIFAR-10-shaped uint8 data."""
     x = torch.randint(0, 256, (n_train + n_val, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (n_train + n_val,))
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no start-up notes inside the table
+    logging.getLogger("pytorch_lightning").setLevel(
+        logging.WARNING
+    )  # no start-up notes inside the table
 
     def epoch():
-        module = lightning.SeqClassifier(BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
-                               to_seq=make_sequence("identity", seq_len=seq_len),
-                               mean=torch.full((3,), 0.47), std=torch.full((3,), 0.25), augment="flip")
-        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             accelerator=device, devices=1)
-        trainer.fit(module, Batches(x[:n_train], y[:n_train], 256, shuffle=True),
-                    Batches(x[n_train:], y[n_train:], 1024))
+        module = lightning.SeqClassifier(
+            BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
+            to_seq=make_sequence("identity", seq_len=seq_len),
+            mean=torch.full((3,), 0.47),
+            std=torch.full((3,), 0.25),
+            augment="flip",
+        )
+        trainer = pl.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            accelerator=device,
+            devices=1,
+        )
+        trainer.fit(
+            module,
+            Batches(x[:n_train], y[:n_train], 256, shuffle=True),
+            Batches(x[n_train:], y[n_train:], 1024),
+        )
+
     return epoch
 
 
@@ -132,32 +185,55 @@ def _cifar_batches(device, B=256, n=2048):
             idx = torch.randint(0, n, (B,))
             x = identity(normalize(images[idx].to(device), mean, std), seq_len=seq_len)
             return (x.contiguous() if materialise else x), labels[idx].to(device)
+
         return batch
+
     return images, labels, make
 
 
 def bench_identity(device, min_run_time, B=256):
-    """The test task's training images/s: naive nn.LSTM, the fast (loop) and the hoisted+fused path."""
+    """The test task's training images/s: naive nn.LSTM, the fast (loop) and the hoisted+fused
+    path."""
     _, _, batches = _cifar_batches(device, B)
     out = {}
     for L in (5, 10, 20):
         model = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10).to(device)
-        naive = _rate(B, measure(_train_step(ReferenceBiLSTMFC(model).to(device), batches(L, True), device),
-                                 min_run_time))
-        fast = _rate(B, measure(_train_step(model, batches(L), device), min_run_time))  # the default path
-        fused_model = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10, recurrence="fused").to(device)
+        naive = _rate(
+            B,
+            measure(
+                _train_step(ReferenceBiLSTMFC(model).to(device), batches(L, True), device),
+                min_run_time,
+            ),
+        )
+        fast = _rate(
+            B, measure(_train_step(model, batches(L), device), min_run_time)
+        )  # the default path
+        fused_model = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10, recurrence="fused").to(
+            device
+        )
         fused = _rate(B, measure(_train_step(fused_model, batches(L), device), min_run_time))
-        out[str(L)] = {"naive": naive, "fast": fast, "fused": fused, "ratio": fast["per_s"] / naive["per_s"],
-                       "fast_gflops": fast["per_s"] * bilstm_train_flops(3 * 32 * 32, L) / 1e9}
+        out[str(L)] = {
+            "naive": naive,
+            "fast": fast,
+            "fused": fused,
+            "ratio": fast["per_s"] / naive["per_s"],
+            "fast_gflops": fast["per_s"] * bilstm_train_flops(3 * 32 * 32, L) / 1e9,
+        }
     return out
 
 
 def bench_data(min_run_time, B=256):
-    """Images/s of the torchvision per-sample pipeline and of the batched fast path (flip, crop, L=20)."""
+    """Images/s of the torchvision per-sample pipeline and of the batched fast path (flip, crop,
+    L=20)."""
     images, labels, _ = _cifar_batches("cpu", B)
     mean, std = torch.full((3,), 0.47), torch.full((3,), 0.25)
-    per_sample = TensorImages(images, labels, per_sample_pipeline(mean, std, sequence_transform(
-        "identity", seq_len=20), augment="flip_crop"))
+    per_sample = TensorImages(
+        images,
+        labels,
+        per_sample_pipeline(
+            mean, std, sequence_transform("identity", seq_len=20), augment="flip_crop"
+        ),
+    )
     loader = torch.utils.data.DataLoader(per_sample, batch_size=B, shuffle=True)
     gen = torch.Generator().manual_seed(0)
 
@@ -168,6 +244,7 @@ def bench_data(min_run_time, B=256):
     def fast_pass():
         for x, _ in Batches(images, labels, B, shuffle=True):
             identity(normalize(augment_batch(x, "flip_crop", gen), mean, std), seq_len=20)
+
     tv = _rate(len(images), measure(torchvision_pass, min_run_time))
     fast = _rate(len(images), measure(fast_pass, min_run_time))
     return {"torchvision": tv, "fast": fast, "ratio": fast["per_s"] / tv["per_s"]}
@@ -185,9 +262,14 @@ def bench_models(device, min_run_time, peak_gflops, B=64, K=10):
         rate = _rate(B, measure(_train_step(model, lambda: (x, y), device), min_run_time))
         gflops = rate["per_s"] * flops / 1e9
         info = MODEL_INFO[name]["input"]
-        out[name] = {"params": count_params(model), "train": rate, "train_gflop_per_img": flops / 1e9,
-                     "input": f"{info['transform']} of {'x'.join(map(str, info['image']))}",
-                     "gflops": gflops, "pct_peak": 100 * gflops / peak_gflops}
+        out[name] = {
+            "params": count_params(model),
+            "train": rate,
+            "train_gflop_per_img": flops / 1e9,
+            "input": f"{info['transform']} of {'x'.join(map(str, info['image']))}",
+            "gflops": gflops,
+            "pct_peak": 100 * gflops / peak_gflops,
+        }
     return out
 
 
@@ -210,15 +292,35 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
     result = {}
     for name, t in (("none", None), ("cached", cached), ("live", live)):
         student = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10)
-        module = lightning.SeqClassifier(student, to_seq=make_sequence("identity", seq_len=seq_len), mean=mean, std=std,
-                               augment="flip", teacher=t, distill_alpha=0.9, distill_T=4.0).to(device)
-        batches = _endless(Batches(images.to(device), labels.to(device), 256, shuffle=True, with_index=True))
+        module = lightning.SeqClassifier(
+            student,
+            to_seq=make_sequence("identity", seq_len=seq_len),
+            mean=mean,
+            std=std,
+            augment="flip",
+            teacher=t,
+            distill_alpha=0.9,
+            distill_T=4.0,
+        ).to(device)
+        batches = _endless(
+            Batches(images.to(device), labels.to(device), 256, shuffle=True, with_index=True)
+        )
         step = _train_step(module, lambda: next(batches), device, loss=module.train_loss)
         result[name] = _rate(256, measure(step, min_run_time))
     r = teacher.TEACHER_RECIPE
-    net = lightning.SeqClassifier(model.train().requires_grad_(True), to_seq=to_input, mean=mean, std=std,
-                        augment=r["augment"], label_smoothing=r["label_smoothing"]).to(device)
-    batches = _endless(Batches(images.to(device), labels.to(device), r["batch_size"], shuffle=True, with_index=True))
+    net = lightning.SeqClassifier(
+        model.train().requires_grad_(True),
+        to_seq=to_input,
+        mean=mean,
+        std=std,
+        augment=r["augment"],
+        label_smoothing=r["label_smoothing"],
+    ).to(device)
+    batches = _endless(
+        Batches(
+            images.to(device), labels.to(device), r["batch_size"], shuffle=True, with_index=True
+        )
+    )
     step = _train_step(net, lambda: next(batches), device, loss=net.train_loss)
     result["teacher_train"] = _rate(r["batch_size"], measure(step, min_run_time))
     ratio = result["cached"]["per_s"] / result["none"]["per_s"]
@@ -227,12 +329,17 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
 
 def format_distill(t):
     r = teacher.TEACHER_RECIPE
-    return [f"distillation: the test-task student (identity L={t['seq_len']}, flips, batch 256), training images/s",
-            f"{'no teacher':>24} {_cell(t['none'])}",
-            f"{'cached teacher logits':>24} {_cell(t['cached'])}   ({t['cached_ratio']:.2f}x of no teacher)",
-            f"{'live teacher ' + t['teacher']:>24} {_cell(t['live'])}   (test-time views: {r['tta']})",
-            f"{'teacher training':>24} {_cell(t['teacher_train'])}   (TEACHER_RECIPE: batch "
-            f"{r['batch_size']}, {r['augment']})", ""]
+    return [
+        f"distillation: the test-task student (identity L={t['seq_len']}, flips, batch 256), "
+        "training images/s",
+        f"{'no teacher':>24} {_cell(t['none'])}",
+        f"{'cached teacher logits':>24} {_cell(t['cached'])}   "
+        f"({t['cached_ratio']:.2f}x of no teacher)",
+        f"{'live teacher ' + t['teacher']:>24} {_cell(t['live'])}   (test-time views: {r['tta']})",
+        f"{'teacher training':>24} {_cell(t['teacher_train'])}   (TEACHER_RECIPE: batch "
+        f"{r['batch_size']}, {r['augment']})",
+        "",
+    ]
 
 
 def bench(quick=False, json_path=None, device=None, threads=0):
@@ -243,12 +350,23 @@ def bench(quick=False, json_path=None, device=None, threads=0):
     torch.manual_seed(0)
     t = 1.0 if quick else 3.0  # seconds of measurement per figure (at least one run each)
     peak = matmul_gflops(min_run_time=t, device=device)
-    result = {"threads": threads, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "quick": quick, "matmul_gflops": peak, "identity": bench_identity(device, t),
-              "data": bench_data(t)}
+    result = {
+        "threads": threads,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "quick": quick,
+        "matmul_gflops": peak,
+        "identity": bench_identity(device, t),
+        "data": bench_data(t),
+    }
     epoch = measure(lightning_epoch(device), 2 * t)
-    result["epoch"] = {"seconds": epoch.median, "iqr_pct": round(100 * epoch.iqr / epoch.median, 1),
-                       "runs": len(epoch.times), "train_images": 45_000, "val_images": 5_000, "seq_len": 20}
+    result["epoch"] = {
+        "seconds": epoch.median,
+        "iqr_pct": round(100 * epoch.iqr / epoch.median, 1),
+        "runs": len(epoch.times),
+        "train_images": 45_000,
+        "val_images": 5_000,
+        "seq_len": 20,
+    }
     result["distill"] = bench_distill(device, t)
     result["models"] = bench_models(device, 2 * t, peak)
     print(format_bench(result))
@@ -259,35 +377,54 @@ def bench(quick=False, json_path=None, device=None, threads=0):
 
 
 def _cell(rate, width=12, digits=0):
-    """A rate and its spread: '   1,234 ±5%' (± half the interquartile range, in % of the median)."""
+    """A rate and its spread: '   1,234 ±5%' (± half the interquartile range, in % of the
+    median)."""
     return f"{rate['per_s']:>{width},.{digits}f} {'±%.0f%%' % (rate['iqr_pct'] / 2):>5}"
 
 
 def format_bench(r):
-    lines = [f"device {r['device']}, {r['threads']} threads, float32 matmul peak {r['matmul_gflops']:.0f} "
-             f"GFLOP/s; medians of repeated timings, ± half the interquartile range", "",
-             "identity sequence, BiLSTM(32)+FC(100), CIFAR-10 shapes, batch 256, training images/s",
-             f"{'L':>4} {'naive nn.LSTM':>18} {'fast (loop)':>18} {'ratio':>6} {'GFLOP/s':>8} "
-             f"{'hoisted+fused':>18}"]
+    lines = [
+        f"device {r['device']}, {r['threads']} threads, float32 matmul peak "
+        f"{r['matmul_gflops']:.0f} GFLOP/s; medians of repeated timings, ± half the "
+        "interquartile range",
+        "",
+        "identity sequence, BiLSTM(32)+FC(100), CIFAR-10 shapes, batch 256, training images/s",
+        f"{'L':>4} {'naive nn.LSTM':>18} {'fast (loop)':>18} {'ratio':>6} {'GFLOP/s':>8} "
+        f"{'hoisted+fused':>18}",
+    ]
     for L, v in r["identity"].items():
-        lines.append(f"{L:>4} {_cell(v['naive'])} {_cell(v['fast'])} {v['ratio']:>5.1f}x "
-                     f"{v['fast_gflops']:>8.1f} {_cell(v['fused'])}")
+        lines.append(
+            f"{L:>4} {_cell(v['naive'])} {_cell(v['fast'])} {v['ratio']:>5.1f}x "
+            f"{v['fast_gflops']:>8.1f} {_cell(v['fused'])}"
+        )
     d, e = r["data"], r["epoch"]
-    lines += ["", "data pipeline (normalise + flip + crop + identity L=20), images/s",
-              f"{'torchvision per-sample':>24} {_cell(d['torchvision'])}",
-              f"{'batched fast path':>24} {_cell(d['fast'])}   ({d['ratio']:.1f}x)", "",
-              f"one Lightning epoch of the test task at L={e['seq_len']} ({e['train_images']:,} training + "
-              f"{e['val_images']:,} validation images): {e['seconds']:.1f} s ±{e['iqr_pct'] / 2:.0f}% "
-              f"({e['runs']} runs)", ""]
+    lines += [
+        "",
+        "data pipeline (normalise + flip + crop + identity L=20), images/s",
+        f"{'torchvision per-sample':>24} {_cell(d['torchvision'])}",
+        f"{'batched fast path':>24} {_cell(d['fast'])}   ({d['ratio']:.1f}x)",
+        "",
+        f"one Lightning epoch of the test task at L={e['seq_len']} ({e['train_images']:,} "
+        f"training + {e['val_images']:,} validation images): {e['seconds']:.1f} s "
+        f"±{e['iqr_pct'] / 2:.0f}% "
+        f"({e['runs']} runs)",
+        "",
+    ]
     return "\n".join(lines + format_distill(r["distill"]) + format_models(r["models"]))
 
 
 def format_models(models):
-    lines = ["every model at its default input, batch 64: training images/s; training GFLOP per image",
-             "(FlopCounterMode: products, convolutions, attention, FFTs), achieved GFLOP/s, % of the peak",
-             f"{'model':<18} {'params':>10} {'train img/s':>16} {'GFLOP/img':>10} {'GFLOP/s':>8} "
-             f"{'% peak':>7}   default input"]
+    lines = [
+        "every model at its default input, batch 64: training images/s; training GFLOP per image",
+        "(FlopCounterMode: products, convolutions, attention, FFTs), achieved GFLOP/s, "
+        "% of the peak",
+        f"{'model':<18} {'params':>10} {'train img/s':>16} {'GFLOP/img':>10} {'GFLOP/s':>8} "
+        f"{'% peak':>7}   default input",
+    ]
     for k, v in models.items():
-        lines.append(f"{k:<18} {v['params']:>10,} {_cell(v['train'], 10, 1)} "
-                     f"{v['train_gflop_per_img']:>10.3f} {v['gflops']:>8.2f} {v['pct_peak']:>6.1f}%   {v['input']}")
+        lines.append(
+            f"{k:<18} {v['params']:>10,} {_cell(v['train'], 10, 1)} "
+            f"{v['train_gflop_per_img']:>10.3f} {v['gflops']:>8.2f} {v['pct_peak']:>6.1f}%   "
+            f"{v['input']}"
+        )
     return lines

@@ -1,6 +1,7 @@
 """The command line: `python seqlstm.py CMD` (or `python -m seqlab CMD`) with CMD one of report,
 train, tune, bench, datasets, transforms, models. A bad input is one line on stderr and exit
 status 2 before anything runs; failed runs exit 1 once everything else is done."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ def _interrupt_kernel_on_signals():
     def interrupt(signum, frame):
         for child in psutil.Process().children(recursive=True):
             child.send_signal(signal.SIGINT)
+
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
 
@@ -34,6 +36,7 @@ def _interrupt_kernel_on_signals():
 def report_command(args):
     """`report`: executes report.ipynb into outputs/NAME.ipynb and NAME.html."""
     import papermill as pm
+
     _interrupt_kernel_on_signals()
     try:
         executed, page = render.render_report(args.params, args.param, name=args.name)
@@ -42,8 +45,11 @@ def report_command(args):
     except pm.PapermillExecutionError as e:
         where = files.outputs() / f"{render.report_name(args.params, args.name)}.failed.html"
         if e.ename in ("KeyboardInterrupt", "SystemExit"):  # Lightning exits after an interrupt
-            print(f"\ninterrupted: the run in progress is marked KILLED; the same command continues "
-                  f"it from its last checkpoint\nsee {where}", file=sys.stderr)
+            print(
+                f"\ninterrupted: the run in progress is marked KILLED; the same command continues "
+                f"it from its last checkpoint\nsee {where}",
+                file=sys.stderr,
+            )
             sys.exit(130)
         print(f"\nthe report failed: {e.ename}: {e.evalue}\nsee {where}", file=sys.stderr)
         sys.exit(1)
@@ -64,8 +70,10 @@ def train_command(args):
     results = [runner.run_experiment(r, loaded[r.data.key]) for r in runs]
     if runner.process_rank(runs[0].compute) == 0:
         for run, r in zip(runs, results):
-            print(f"{r.status:<7} test_acc {r.row.get('test_acc', '-'):<7} "
-                  f"MLflow run {r.row['mlflow_run_id']}  {run.title()}")
+            print(
+                f"{r.status:<7} test_acc {r.row.get('test_acc', '-'):<7} "
+                f"MLflow run {r.row['mlflow_run_id']}  {run.title()}"
+            )
         try:
             report.end_report(results)
         except report.RunsFailed as e:
@@ -76,8 +84,11 @@ def train_command(args):
 def tune_command(args):
     """`tune`: a bad input or an unusable storage fails before any trial."""
     from seqlab import tune
+
     try:
-        code = tune.tune(args.params, args.trials, args.workers, args.storage, args.study, args.best)
+        code = tune.tune(
+            args.params, args.trials, args.workers, args.storage, args.study, args.best
+        )
     except BAD_INPUT as e:
         _fail(e)
     sys.exit(code)
@@ -85,6 +96,7 @@ def tune_command(args):
 
 def bench_command(args):
     from seqlab import bench
+
     bench.bench(quick=args.quick, json_path=args.json, threads=args.threads)
 
 
@@ -102,47 +114,79 @@ def datasets_command(args):
 
 def _runs_arguments(p, what):
     p.add_argument("params", nargs="?", help="params/NAME.yaml (overrides of the defaults)")
-    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="override one parameter (VALUE is YAML: 20, [5, 10], cifar10)")
+    p.add_argument(
+        "-p",
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="override one parameter (VALUE is YAML: 20, [5, 10], cifar10)",
+    )
     p.add_argument("--name", help=f"{what} (default: the params file's name)")
 
 
 def _tune_arguments(p):
     p.add_argument("params", help="a params file with a `search` space (and optionally `pruner`)")
-    p.add_argument("--trials", type=int, default=20, help="trials the study should hold, all "
-                   "workers together")
+    p.add_argument(
+        "--trials", type=int, default=20, help="trials the study should hold, all workers together"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--storage", default="", help="an SQLAlchemy URL (postgresql://...) or a "
-                   "journal file (default: outputs/optuna.db; with --workers, outputs/optuna.journal)")
+    p.add_argument(
+        "--storage",
+        default="",
+        help="an SQLAlchemy URL (postgresql://...) or a "
+        "journal file (default: outputs/optuna.db; with --workers, outputs/optuna.journal)",
+    )
     p.add_argument("--study", help="study name (default: the file's name); the same name continues")
-    p.add_argument("--best", help="where to write the best parameters (default: "
-                   "params/best_<study>.yaml)")
+    p.add_argument(
+        "--best", help="where to write the best parameters (default: params/best_<study>.yaml)"
+    )
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="seqlstm.py", description="seqlstm: classify images as "
-                                 "sequences (report, train, tune, bench, and what is registered)")
+    ap = argparse.ArgumentParser(
+        prog="seqlstm.py",
+        description="seqlstm: classify images as "
+        "sequences (report, train, tune, bench, and what is registered)",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    _runs_arguments(sub.add_parser("report", help="execute report.ipynb with a params file into "
-                                   "outputs/NAME.{ipynb,html}"), "output name and MLflow experiment")
-    _runs_arguments(sub.add_parser("train", help="a report's runs without the notebook (DDP: "
-                                   "devices, num_nodes, strategy)"), "MLflow experiment")
+    _runs_arguments(
+        sub.add_parser(
+            "report", help="execute report.ipynb with a params file into outputs/NAME.{ipynb,html}"
+        ),
+        "output name and MLflow experiment",
+    )
+    _runs_arguments(
+        sub.add_parser(
+            "train", help="a report's runs without the notebook (DDP: devices, num_nodes, strategy)"
+        ),
+        "MLflow experiment",
+    )
     _tune_arguments(sub.add_parser("tune", help="Optuna search over a tune file's space"))
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
     b.add_argument("--quick", action="store_true", help="shorter timings (each still a median)")
     b.add_argument("--json", help="also write the results as JSON to this path")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
     sub.add_parser("datasets", help="list datasets")
-    tr = sub.add_parser("transforms", help="list sequence transforms with T and F for an image size")
+    tr = sub.add_parser(
+        "transforms", help="list sequence transforms with T and F for an image size"
+    )
     tr.add_argument("--size", default="3x32x32", help="image size CxHxW (default 3x32x32)")
     tr.add_argument("--seq-len", type=int, default=10, help="L of identity and the series")
     sub.add_parser("models", help="list models")
     return ap
 
 
-COMMANDS = {"report": report_command, "train": train_command, "tune": tune_command,
-            "bench": bench_command, "datasets": datasets_command,
-            "transforms": transforms_command, "models": lambda args: print("\n".join(describe_models()))}
+COMMANDS = {
+    "report": report_command,
+    "train": train_command,
+    "tune": tune_command,
+    "bench": bench_command,
+    "datasets": datasets_command,
+    "transforms": transforms_command,
+    "models": lambda args: print("\n".join(describe_models())),
+}
 
 
 def main(argv=None):

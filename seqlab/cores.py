@@ -1,4 +1,5 @@
 """CPU threads: how many a run uses, and a note when other processes keep the cores busy."""
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,12 @@ def set_threads(threads=0):
 def other_load(seconds=0.25):
     """Cores kept busy by other processes over the next `seconds`: the machine's busy time (Linux
     /proc/stat, idle and iowait excluded) less this process's own; 0.0 where /proc is missing."""
+
     def busy():
         cpu = [int(v) for v in open("/proc/stat").readline().split()[1:]]
         own = open("/proc/self/stat").read().rsplit(")", 1)[1].split()[11:13]  # utime, stime
         return sum(cpu) - cpu[3] - cpu[4] - sum(int(v) for v in own)
+
     try:
         before = busy()
         time.sleep(seconds)
@@ -35,13 +38,17 @@ def other_load(seconds=0.25):
 
 
 def note_shared_cores(threads, cores=None, others=None):
-    """A note when other processes keep busy the cores this run's threads need: two 2-thread trainings
-    on 2 cores each ran 3.8x slower than one alone here, two 1-thread ones 1.3x (docs/speed.md). The
-    thread count is left as set: it changes floating-point sums, so it must not follow the load."""
+    """A note when other processes keep busy the cores this run's threads need: two 2-thread
+    trainings on 2 cores each ran 3.8x slower than one alone here, two 1-thread ones 1.3x
+    (docs/speed.md). The thread count is left as set: it changes floating-point sums, so it must
+    not follow the load."""
     cores = cores or usable_cores()
     others = other_load() if others is None else others
     if threads > 1 and others >= 0.5 and threads + others > cores + 0.25:
-        print(f"note: other processes keep {others:.1f} of this machine's {cores} cores busy, and this run "
-              f"uses {threads} threads: sharing cores this way trained 3.8x slower here (docs/speed.md). "
-              f"Give each job its share (threads: {max(1, cores - round(others))}), or start both with "
-              f"OMP_WAIT_POLICY=PASSIVE.", flush=True)
+        print(
+            f"note: other processes keep {others:.1f} of this machine's {cores} cores busy, and "
+            f"this run uses {threads} threads: sharing cores this way trained 3.8x slower here "
+            f"(docs/speed.md). Give each job its share (threads: "
+            f"{max(1, cores - round(others))}), or start both with OMP_WAIT_POLICY=PASSIVE.",
+            flush=True,
+        )

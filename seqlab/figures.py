@@ -1,5 +1,6 @@
 """Figures and tables of runs: a confusion matrix, one image's sequence as the model reads it,
 learning curves, a classification report as a table, and the comparisons of variants."""
+
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ def close(*figs):
     """Figures drawn for a file or a later display, closed now: a notebook's inline backend would
     otherwise show every open figure again at the end of the cell."""
     import matplotlib.pyplot as plt
+
     for fig in figs:
         if fig is not None:
             plt.close(fig)
@@ -19,9 +21,19 @@ def close(*figs):
 def plot_confusion(cm, classes, title=""):
     import matplotlib.pyplot as plt
     import seaborn as sns
+
     k = len(classes)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 0.9 + 0.5 * k))
-    sns.heatmap(cm, annot=k <= 20, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax, cbar=False)
+    sns.heatmap(
+        cm,
+        annot=k <= 20,
+        fmt="d",
+        cmap="Blues",
+        xticklabels=classes,
+        yticklabels=classes,
+        ax=ax,
+        cbar=False,
+    )
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     return fig
@@ -31,9 +43,12 @@ def report_table(report: dict):
     """sklearn's classification_report(output_dict=True) as a DataFrame, its accuracy entry as a row
     with the test-set size as support (sklearn gives a bare number there)."""
     import pandas as pd
+
     table = pd.DataFrame({k: v for k, v in report.items() if k != "accuracy"}).T
-    accuracy = pd.DataFrame({"f1-score": report["accuracy"], "support": table.loc["macro avg", "support"]},
-                            index=["accuracy"])
+    accuracy = pd.DataFrame(
+        {"f1-score": report["accuracy"], "support": table.loc["macro avg", "support"]},
+        index=["accuracy"],
+    )
     return pd.concat([table.iloc[:-2], accuracy, table.iloc[-2:]])
 
 
@@ -42,6 +57,7 @@ def plot_sequence(seq, image_shape, mean, std, transform, max_steps=10):
     crops and patches; for rows, columns and pixels the whole sequence as one picture, laid
     out row after row in reading order."""
     import matplotlib.pyplot as plt
+
     C, H, W = image_shape
     layout = STEP_LAYOUT.get(transform, "image")
     seq = seq.detach().cpu().float()
@@ -56,11 +72,17 @@ def plot_sequence(seq, image_shape, mean, std, transform, max_steps=10):
         s = math.isqrt(n_feat // C)
         steps = [v.reshape(C, s, s).permute(1, 2, 0) for v in seq[:max_steps]]
     steps = [(v * std + mean).clamp(0, 1).numpy() for v in steps]  # back to pixel values
-    fig, axes = plt.subplots(1, len(steps), figsize=(max(3.2, min(1.3 * len(steps), 13)), 1.9), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(steps), figsize=(max(3.2, min(1.3 * len(steps), 13)), 1.9), squeeze=False
+    )
     for t, (ax, img) in enumerate(zip(axes[0], steps)):
-        ax.imshow(img.squeeze(-1) if C == 1 else img, cmap="gray" if C == 1 else None, vmin=0, vmax=1)
+        ax.imshow(
+            img.squeeze(-1) if C == 1 else img, cmap="gray" if C == 1 else None, vmin=0, vmax=1
+        )
         ax.set_xticks([]), ax.set_yticks([])
-        ax.set_title("all steps, in reading order" if layout == "sequence" else f"step {t}", fontsize=8)
+        ax.set_title(
+            "all steps, in reading order" if layout == "sequence" else f"step {t}", fontsize=8
+        )
     shown = "" if layout == "sequence" or T <= max_steps else f" (first {max_steps} of {T} steps)"
     fig.suptitle(f"{transform}: T={T}, F={n_feat}{shown}", fontsize=9)
     fig.tight_layout()
@@ -72,11 +94,15 @@ def plot_history(history, title=""):
     import matplotlib.pyplot as plt
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
+
     h = pd.DataFrame(history).set_index("epoch")
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8))
-    h[[c for c in ("train_loss", "val_loss") if c in h]].plot(ax=a, marker=".", title=f"{title} loss".strip())
-    h[[c for c in ("train_acc", "val_acc") if c in h]].plot(ax=b, marker=".",
-                                                           title=f"{title} accuracy".strip())
+    h[[c for c in ("train_loss", "val_loss") if c in h]].plot(
+        ax=a, marker=".", title=f"{title} loss".strip()
+    )
+    h[[c for c in ("train_acc", "val_acc") if c in h]].plot(
+        ax=b, marker=".", title=f"{title} accuracy".strip()
+    )
     for ax in (a, b):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -85,13 +111,17 @@ def plot_history(history, title=""):
 
 
 def plot_variants(table):
-    """Bars per (model, variant): test accuracy, final training loss, gradient-norm range (log scale), time."""
+    """Bars per (model, variant): test accuracy, final training loss, gradient-norm range (log
+    scale), time."""
     import matplotlib.pyplot as plt
+
     labels = [f"{m}: {v}" for m, v in zip(table["model"], table["variant"])]
     fig, axes = plt.subplots(1, 4, figsize=(14, 0.32 * len(table) + 1.4), sharey=True)
     axes[0].barh(labels, 100 * table["test_acc"]), axes[0].set(xlabel="test accuracy %")
     axes[1].barh(labels, table["final_train_loss"]), axes[1].set(xlabel="final training loss")
-    axes[2].barh(labels, table["grad_norm_max"] - table["grad_norm_min"], left=table["grad_norm_min"])
+    axes[2].barh(
+        labels, table["grad_norm_max"] - table["grad_norm_min"], left=table["grad_norm_min"]
+    )
     axes[2].set(xlabel="gradient norm, min epoch mean .. max step", xscale="log")
     axes[3].barh(labels, table["train_seconds"]), axes[3].set(xlabel="training seconds")
     axes[0].invert_yaxis()
@@ -104,6 +134,7 @@ def plot_curves(results):
     training loss and the gradient norm (epoch mean) against the epoch."""
     import matplotlib.pyplot as plt
     import pandas as pd
+
     done = [r for r in results if r.status != "failed" and r.history]
     models = list(dict.fromkeys(r.row["model"] for r in done))
     fig, axes = plt.subplots(len(models), 3, figsize=(13, 3 * len(models)), squeeze=False)
@@ -113,7 +144,9 @@ def plot_curves(results):
             for ax, col in zip(row, ("val_acc", "train_loss", "grad_norm_mean")):
                 if col in h:
                     ax.plot(h.index, h[col], label=r.row.get("variant") or m)
-        for ax, col in zip(row, ("validation accuracy", "training loss", "gradient norm (epoch mean)")):
+        for ax, col in zip(
+            row, ("validation accuracy", "training loss", "gradient norm (epoch mean)")
+        ):
             ax.set(title=f"{m}: {col}", xlabel="epoch")
         row[2].set_yscale("log")
         row[0].legend(fontsize=7)
@@ -133,16 +166,27 @@ def plot_summary(summary, chance=0.0):
     """(figure, alt text) of a report's results: test accuracy against L for the runs whose L
     varied, else per run as bars; (None, None) for a single run. A dashed line marks chance."""
     import matplotlib.pyplot as plt
+
     groups = summary.groupby("run", sort=False)
     if groups["L"].nunique().max() > 1:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for name, g in groups:
             ax.plot(g["L"], 100 * g["test acc"], marker="o", label=name)
             for L, acc in zip(g["L"], g["test acc"]):
-                ax.annotate(f"{acc:.1%}", (L, 100 * acc), textcoords="offset points", xytext=(0, 6),
-                            ha="center", fontsize=7)
+                ax.annotate(
+                    f"{acc:.1%}",
+                    (L, 100 * acc),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=7,
+                )
         _accuracy_axis(ax, summary["test acc"], chance)
-        ax.set(xlabel="sequence length L", ylabel="test accuracy %", xticks=sorted(summary["L"].unique()))
+        ax.set(
+            xlabel="sequence length L",
+            ylabel="test accuracy %",
+            xticks=sorted(summary["L"].unique()),
+        )
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         return fig, "test accuracy against the sequence length L; the dashed line is chance"

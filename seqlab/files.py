@@ -1,5 +1,6 @@
 """Where a report's files live and how processes share them: the outputs folder, its checkpoints,
 inter-process locks, and whole-file writes (a temporary name, then a rename)."""
+
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ def checkpoint_dir(run_id: str) -> Path:
 def lock(name):
     """An inter-process lock under outputs/.locks (released by the OS if its holder dies)."""
     from filelock import FileLock
+
     folder = outputs() / ".locks"
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(str(folder / f"{name}.lock"))
@@ -39,8 +41,10 @@ def check_outputs(path=None):
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise SetupError(f"the outputs folder {path} is not writable ({e.strerror or e}): make it "
-                         f"writable or set $SEQLSTM_OUTPUTS to a folder that is") from None
+        raise SetupError(
+            f"the outputs folder {path} is not writable ({e.strerror or e}): make it "
+            f"writable or set $SEQLSTM_OUTPUTS to a folder that is"
+        ) from None
 
 
 def write_text(path, text: str) -> Path:

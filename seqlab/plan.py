@@ -1,6 +1,7 @@
 """A report's runs, planned from its parameters before anything trains: each a Run carrying its
 checked parameters and, read from them once, the typed objects the later steps use (DataSpec,
 SequenceSpec, ModelSpec, TrainSpec, DistillSpec, ComputeSpec: one per schema group)."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,14 +9,24 @@ import json
 from dataclasses import dataclass, fields
 from functools import cached_property
 
-from seqlstm import (INITS, MODELS, SEQUENCES, build_teacher, create_model, list_models,
-                     load_dataset, make_sequence, sequence_shape)
+from seqlstm import (
+    INITS,
+    MODELS,
+    SEQUENCES,
+    build_teacher,
+    create_model,
+    list_models,
+    load_dataset,
+    make_sequence,
+    sequence_shape,
+)
 from seqlab import schema
 
 
 @dataclass(frozen=True)
 class DataSpec:
     """Which images, and how they are loaded and split (0 and empty mean "the default")."""
+
     dataset: str
     data_dir: str
     dataset_args: dict
@@ -28,10 +39,16 @@ class DataSpec:
 
     def load_args(self) -> dict:
         """load_dataset's keyword arguments."""
-        return dict(data_dir=self.data_dir or None, val_fraction=self.val_fraction, seed=self.seed,
-                    limit_train=self.limit_train or None, image_size=self.image_size or None,
-                    grayscale=bool(self.grayscale), channels=self.channels or None,
-                    dataset_args=self.dataset_args or None)
+        return dict(
+            data_dir=self.data_dir or None,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            limit_train=self.limit_train or None,
+            image_size=self.image_size or None,
+            grayscale=bool(self.grayscale),
+            channels=self.channels or None,
+            dataset_args=self.dataset_args or None,
+        )
 
     @property
     def key(self):
@@ -68,8 +85,9 @@ class ModelSpec:
     init: str
 
     def build(self, in_features: int, num_classes: int):
-        model = create_model(self.model, in_features=in_features, num_classes=num_classes,
-                             **self.model_args)
+        model = create_model(
+            self.model, in_features=in_features, num_classes=num_classes, **self.model_args
+        )
         INITS[self.init](model)
         return model
 
@@ -125,6 +143,7 @@ def _view(cls, p: dict):
 class Run:
     """One planned training of a report: its checked parameters (per_model and variants applied),
     flat for its identity and its log, and the typed objects read from them."""
+
     params: dict
     variant: str = ""  # the name of its entry in `variants`, if any
 
@@ -161,29 +180,62 @@ class Run:
 
     def title(self, with_model=True):
         distilled = [self.distill.title()] if self.distill.teacher else []
-        return ", ".join([self.dataset] + [self.model] * with_model + [self.transform]
-                         + [f"L = {self.seq_len}"] * bool(self.seq_len)
-                         + [self.variant] * bool(self.variant) + distilled)
+        return ", ".join(
+            [self.dataset]
+            + [self.model] * with_model
+            + [self.transform]
+            + [f"L = {self.seq_len}"] * bool(self.seq_len)
+            + [self.variant] * bool(self.variant)
+            + distilled
+        )
 
 
 def takes_seq_len(transform):
     import inspect
-    return transform in SEQUENCES and "seq_len" in inspect.signature(SEQUENCES[transform]).parameters
+
+    return (
+        transform in SEQUENCES and "seq_len" in inspect.signature(SEQUENCES[transform]).parameters
+    )
 
 
 def plan_runs(datasets, transforms, seq_lens, models=(None,)):
     """(dataset, model, transform, seq_len) for every run of a report; transforms whose length the
     image fixes (rows, pixels, patches, crops) run once, with seq_len None."""
-    return [(ds, m, tr, L) for ds in datasets for m in models for tr in transforms
-            for L in (seq_lens if takes_seq_len(tr) else [None])]
+    return [
+        (ds, m, tr, L)
+        for ds in datasets
+        for m in models
+        for tr in transforms
+        for L in (seq_lens if takes_seq_len(tr) else [None])
+    ]
 
 
-PLANNED = ("dataset", "model", "per_model", "variants", "extra_runs", "experiment")  # fixed for a report
-PER_RUN = ("transform", "seq_len")  # per_model may set them; a variant may not (it compares at equal input)
+PLANNED = (
+    "dataset",
+    "model",
+    "per_model",
+    "variants",
+    "extra_runs",
+    "experiment",
+)  # fixed for a report
+PER_RUN = (
+    "transform",
+    "seq_len",
+)  # per_model may set them; a variant may not (it compares at equal input)
 DISTILL = ("distill_alpha", "distill_T", "distill_hard")  # one run per combination of their values
 TEACHER_PARAMS = ("teacher_args", "teacher_epochs", *DISTILL)  # meaningless without a teacher
-NOT_IN_KEY = ("resume", "overview_per_class", "per_model", "variants", "variant", "experiment", "data_dir",
-              "extra_runs", "tune_study", "tune_storage")  # how a run is reported, not what it is
+NOT_IN_KEY = (
+    "resume",
+    "overview_per_class",
+    "per_model",
+    "variants",
+    "variant",
+    "experiment",
+    "data_dir",
+    "extra_runs",
+    "tune_study",
+    "tune_storage",
+)  # how a run is reported, not what it is
 
 
 def run_identity(p: dict) -> dict:
@@ -196,8 +248,10 @@ def run_identity(p: dict) -> dict:
 
 def _check_student(params):
     if params.get("teacher") and not schema.as_list(params.get("model")):
-        raise schema.ParamError(f"parameter teacher = {params['teacher']!r} is set but model names no student: set "
-                         f"model to the sequence model(s) to distil into (valid: {list_models()})")
+        raise schema.ParamError(
+            f"parameter teacher = {params['teacher']!r} is set but model names no student: set "
+            f"model to the sequence model(s) to distil into (valid: {list_models()})"
+        )
 
 
 def with_distillation(p: dict) -> list:
@@ -215,7 +269,8 @@ def with_distillation(p: dict) -> list:
 
 
 def _override(p, over, where, fixed, types):
-    """`p` updated by the mapping `over` of parameters (not in `fixed`), checked again as a whole."""
+    """`p` updated by the mapping `over` of parameters (not in `fixed`), checked again as a
+    whole."""
     over = over or {}
     if not isinstance(over, dict):
         raise schema.ParamError(f"{where} = {over!r}: expected a mapping of parameter: value")
@@ -229,23 +284,38 @@ def _override(p, over, where, fixed, types):
 def _plan_grid(p: dict, types: dict) -> list:
     """The runs of one grid: dataset x model x variant x transform x seq_len x distillation
     settings, with `per_model` overrides and then each `variants` entry's applied and checked."""
-    unknown = sorted(set(p["per_model"]) - set(MODELS))  # registered models the report does not run may stay
+    unknown = sorted(
+        set(p["per_model"]) - set(MODELS)
+    )  # registered models the report does not run may stay
     if unknown:
-        raise schema.ParamError(f"per_model names {unknown}, which are not models: valid names are {list_models()}")
+        raise schema.ParamError(
+            f"per_model names {unknown}, which are not models: valid names are {list_models()}"
+        )
     planned = {}  # (model, variant) -> parameters
     for m in schema.as_list(p["model"]):
-        base = _override({**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types)
+        base = _override(
+            {**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types
+        )
         for v, over in (p["variants"] or {"": {}}).items():
             planned[m, v] = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
-    return [Run(q, v) for ds in schema.as_list(p["dataset"]) for (m, v), base in planned.items()
-            for _, _, tr, L in plan_runs([ds], schema.as_list(base["transform"]), schema.as_list(base["seq_len"]))
-            for q in with_distillation({**base, "dataset": ds, "transform": tr, "seq_len": L, "variant": v})]
+    return [
+        Run(q, v)
+        for ds in schema.as_list(p["dataset"])
+        for (m, v), base in planned.items()
+        for _, _, tr, L in plan_runs(
+            [ds], schema.as_list(base["transform"]), schema.as_list(base["seq_len"])
+        )
+        for q in with_distillation(
+            {**base, "dataset": ds, "transform": tr, "seq_len": L, "variant": v}
+        )
+    ]
 
 
 def plan_report(params: dict, types: dict = None) -> list:
     """Every run of a report, each with its parameters checked, `per_model` overrides (e.g.
-    {"pit": {"epochs": 1}}), `variants` and `extra_runs` grids included, so that a bad value in the
-    last run fails before the first; a run planned twice (e.g. a shared undistilled twin) runs once."""
+    {"pit": {"epochs": 1}}), `variants` and `extra_runs` grids included, so that a bad value in
+    the last run fails before the first; a run planned twice (e.g. a shared undistilled twin)
+    runs once."""
     types = types or schema.types()
     schema.check_params(params, types)
     _check_student(params)
@@ -255,7 +325,9 @@ def plan_report(params: dict, types: dict = None) -> list:
         where = f"extra_runs[{i}]: "
         if not isinstance(extra, dict):
             raise schema.ParamError(f"{where}{extra!r}: expected a mapping of parameter: value")
-        schema.check_params(extra, [k for k in types if k not in ("extra_runs", "experiment")], where=where)
+        schema.check_params(
+            extra, [k for k in types if k not in ("extra_runs", "experiment")], where=where
+        )
         try:
             _check_student({**p, **extra})
             runs += _plan_grid(schema.check_values({**p, **extra}, types), types)
@@ -280,15 +352,20 @@ def load_report_data(runs) -> dict:
 def _check_model(spec: ModelSpec, T, n_feat, n_classes):
     """The run's model built with its model_args and initialised with its init."""
     try:
-        model = create_model(spec.model, in_features=n_feat, num_classes=n_classes, **spec.model_args)
+        model = create_model(
+            spec.model, in_features=n_feat, num_classes=n_classes, **spec.model_args
+        )
     except (ValueError, TypeError, RuntimeError) as e:
-        raise schema.ParamError(f"model_args {spec.model_args} for model {spec.model!r} on {T} steps "
-                                f"of {n_feat} features: {e}") from None
+        raise schema.ParamError(
+            f"model_args {spec.model_args} for model {spec.model!r} on {T} steps "
+            f"of {n_feat} features: {e}"
+        ) from None
     try:
         INITS[spec.init](model)
     except ValueError as e:
-        raise schema.ParamError(f"parameter init = {spec.init!r} for model {spec.model!r}: "
-                                f"{e}") from None
+        raise schema.ParamError(
+            f"parameter init = {spec.init!r} for model {spec.model!r}: {e}"
+        ) from None
 
 
 def check_run_inputs(runs, loaded):
@@ -300,8 +377,10 @@ def check_run_inputs(runs, loaded):
         try:
             T, n_feat = sequence_shape(run.transform, data.image_shape, run.seq_len, **targs)
         except (ValueError, TypeError, RuntimeError) as e:
-            raise schema.ParamError(f"transform_args {targs} for transform {run.transform!r} on "
-                                    f"{_size(data)} images: {e}") from None
+            raise schema.ParamError(
+                f"transform_args {targs} for transform {run.transform!r} on "
+                f"{_size(data)} images: {e}"
+            ) from None
         key = (n_feat, len(data.classes), repr(run.network))
         if key not in built:
             _check_model(run.network, T, n_feat, len(data.classes))
@@ -320,6 +399,7 @@ def _check_teacher(d: DistillSpec, data, built):
     try:
         build_teacher(d.teacher, d.teacher_args, data.image_shape, len(data.classes))
     except (ValueError, TypeError, RuntimeError) as e:
-        raise schema.ParamError(f"teacher_args {d.teacher_args} for teacher {d.teacher!r} on "
-                                f"{_size(data)} images: {e}") from None
+        raise schema.ParamError(
+            f"teacher_args {d.teacher_args} for teacher {d.teacher!r} on {_size(data)} images: {e}"
+        ) from None
     built.add(key)

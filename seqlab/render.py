@@ -1,6 +1,7 @@
 """Rendering a report: report.ipynb executed by papermill with a params file into
 outputs/NAME.ipynb, then NAME.html, which reads like a paper: the code hidden (the notebook keeps
 it), the training log folded, the tables fitted to the page."""
+
 from __future__ import annotations
 
 import html
@@ -23,24 +24,38 @@ def _execute(executed: Path, params: dict):
     """Run the notebook into `executed`; what its cells print (run headers, epoch lines, results)
     goes to this terminal as it comes, and nothing else (no object reprs)."""
     import papermill as pm
-    pm.execute_notebook(str(files.NOTEBOOK), str(executed), parameters=params, cwd=str(files.ROOT),
-                        progress_bar=False, log_output=False, stdout_file=sys.stdout,
-                        stderr_file=sys.stderr, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+
+    pm.execute_notebook(
+        str(files.NOTEBOOK),
+        str(executed),
+        parameters=params,
+        cwd=str(files.ROOT),
+        progress_bar=False,
+        log_output=False,
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+    )
 
 
 def fold_logs(nb):
     """The printed lines of each cell tagged LOG_TAG, folded into one <details> block."""
     import nbformat
+
     for cell in nb.cells:
         if LOG_TAG not in cell.get("metadata", {}).get("tags", []):
             continue
-        text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
+        text = "".join(
+            o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream"
+        )
         rest = [o for o in cell.get("outputs", []) if o.output_type != "stream"]
         if text:
             lines = text.count("\n")
             title = cell.metadata.get("summary", "Log")
-            folded = (f"<details><summary>{html.escape(title)} ({lines:,} lines)</summary>"
-                      f"<pre>{html.escape(text)}</pre></details>")
+            folded = (
+                f"<details><summary>{html.escape(title)} ({lines:,} lines)</summary>"
+                f"<pre>{html.escape(text)}</pre></details>"
+            )
             rest.insert(0, nbformat.v4.new_output("display_data", data={"text/html": folded}))
         cell.outputs = rest
     return nb
@@ -50,9 +65,11 @@ def to_html(notebook: Path) -> Path:
     """NAME.html beside NAME.ipynb: no code, no prompts, training logs folded."""
     import nbformat
     from nbconvert import HTMLExporter
+
     nb = fold_logs(nbformat.read(str(notebook), as_version=4))
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True)
+    exporter = HTMLExporter(
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
+    )
     body, _ = exporter.from_notebook_node(nb)
     body = body.replace("</head>", f"<style>{PAGE_CSS}</style>\n</head>", 1)
     return files.write_text(notebook.with_suffix(".html"), body)

@@ -1,12 +1,14 @@
 """What a report shows, for the notebook and the command line alike: every check before the first
 run (prepare_report), the tables of results (summary, distillation, variants, tuning), and the
 report's last word on failed runs."""
+
 from __future__ import annotations
 
 import json
 import warnings
 
 from seqlab import files, plan, studies, tracking
+
 
 class RunsFailed(RuntimeError):
     """Some runs of a report failed; the report rendered all the others."""
@@ -36,15 +38,22 @@ def teacher_title(t: dict) -> str:
     """A teacher's heading in the report: accuracy (with its test-time views: the one-view figure
     beside it), epochs, training time and where it is kept."""
     tta = t["recipe"].get("tta", "none")
-    views = f" ({tta} test-time views; one view {t['test_acc_one_view']:.2%})" if tta != "none" else ""
-    return (f"### Teacher `{t['name']}` on {t['dataset']}: test accuracy **{t['test_acc']:.2%}**{views}, "
-            f"{t['epochs']} epochs, {t['train_seconds'] / 60:.1f} min of training ({t['train_images_per_s']:,} "
-            f"images/s); MLflow run `{t['mlflow_run_id']}`, key `{t['key']}`")
+    views = (
+        f" ({tta} test-time views; one view {t['test_acc_one_view']:.2%})" if tta != "none" else ""
+    )
+    return (
+        f"### Teacher `{t['name']}` on {t['dataset']}: test accuracy "
+        f"**{t['test_acc']:.2%}**{views}, {t['epochs']} epochs, "
+        f"{t['train_seconds'] / 60:.1f} min of training ({t['train_images_per_s']:,} images/s); "
+        f"MLflow run `{t['mlflow_run_id']}`, key `{t['key']}`"
+    )
 
 
 def _class_gains(report, base_report, classes, shown=3):
     """The classes whose test recall rose most, and those that fell, in points."""
-    gains = sorted(((100 * (report[c]["recall"] - base_report[c]["recall"]), c) for c in classes), reverse=True)
+    gains = sorted(
+        ((100 * (report[c]["recall"] - base_report[c]["recall"]), c) for c in classes), reverse=True
+    )
     up = ", ".join(f"{c} {g:+.1f}" for g, c in gains[:shown] if g > 0) or "none"
     down = ", ".join(f"{c} {g:+.1f}" for g, c in gains[::-1][:shown] if g < 0) or "none"
     return up, down
@@ -56,11 +65,16 @@ def distillation_table(results):
     the teacher's (and the twin's), and the classes whose recall rose and fell most."""
     import numpy as np
     import pandas as pd
+
     def twin_id(p):
         return json.dumps(plan.run_identity({**p, "teacher": ""}), sort_keys=True, default=str)
 
     def agreement(preds, teacher):
-        return float(np.mean(np.array(preds) == np.array(teacher["preds"]))) if len(preds) else float("nan")
+        return (
+            float(np.mean(np.array(preds) == np.array(teacher["preds"])))
+            if len(preds)
+            else float("nan")
+        )
 
     ok = [r for r in results if r.status != "failed"]
     twins = {twin_id(r.params): r for r in ok if not r.params.get("teacher")}
@@ -68,14 +82,22 @@ def distillation_table(results):
     for r in (r for r in ok if r.params.get("teacher")):
         base = twins.get(twin_id(r.params))
         up, down = _class_gains(r.report, base.report, r.classes) if base else ("", "")
-        rows.append({"student": plan.Run({**r.params, "teacher": ""}).title(),
-                     "distillation": plan.Run(r.params).distill.title(),
-                     "epochs": r.params["epochs"], "test_acc": r.row["test_acc"],
-                     "without": base.row["test_acc"] if base else float("nan"),
-                     "gain (points)": 100 * (r.row["test_acc"] - base.row["test_acc"]) if base else float("nan"),
-                     "agreement": agreement(r.preds, r.teacher),
-                     "agreement without": agreement(base.preds, r.teacher) if base else float("nan"),
-                     "classes up": up, "classes down": down})
+        rows.append(
+            {
+                "student": plan.Run({**r.params, "teacher": ""}).title(),
+                "distillation": plan.Run(r.params).distill.title(),
+                "epochs": r.params["epochs"],
+                "test_acc": r.row["test_acc"],
+                "without": base.row["test_acc"] if base else float("nan"),
+                "gain (points)": 100 * (r.row["test_acc"] - base.row["test_acc"])
+                if base
+                else float("nan"),
+                "agreement": agreement(r.preds, r.teacher),
+                "agreement without": agreement(base.preds, r.teacher) if base else float("nan"),
+                "classes up": up,
+                "classes down": down,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -84,11 +106,17 @@ def end_report(results):
     line) exit non-zero once everything else has rendered."""
     failed = [r for r in results if r.status == "failed"]
     reused = sum(r.status == "reused" for r in results)
-    print(f"{len(results) - len(failed) - reused} run(s) trained, {reused} reused, {len(failed)} failed")
+    trained = len(results) - len(failed) - reused
+    print(f"{trained} run(s) trained, {reused} reused, {len(failed)} failed")
     if failed:
-        raise RunsFailed("failed runs:\n" + "\n".join(
-            f"- {r.params['dataset']}, {r.params['model']}, {r.params['transform']}, L = {r.params['seq_len']}: "
-            f"{r.error}" for r in failed))
+        raise RunsFailed(
+            "failed runs:\n"
+            + "\n".join(
+                f"- {r.params['dataset']}, {r.params['model']}, {r.params['transform']}, "
+                f"L = {r.params['seq_len']}: {r.error}"
+                for r in failed
+            )
+        )
 
 
 def variant_table(results):
@@ -96,16 +124,23 @@ def variant_table(results):
     range of the per-epoch gradient norms (before clipping: the lowest epoch mean to the highest
     step), training time."""
     import pandas as pd
+
     rows = []
     for r in results:
         if r.status == "failed" or not r.history:
             continue
         h = r.history
-        rows.append({"model": r.row["model"], "variant": r.row.get("variant", ""),
-                     "test_acc": float(r.row["test_acc"]), "final_train_loss": h[-1].get("train_loss"),
-                     "grad_norm_min": min(e.get("grad_norm_mean", 0) for e in h),
-                     "grad_norm_max": max(e.get("grad_norm_max", 0) for e in h),
-                     "train_seconds": float(r.row["train_seconds"])})
+        rows.append(
+            {
+                "model": r.row["model"],
+                "variant": r.row.get("variant", ""),
+                "test_acc": float(r.row["test_acc"]),
+                "final_train_loss": h[-1].get("train_loss"),
+                "grad_norm_min": min(e.get("grad_norm_mean", 0) for e in h),
+                "grad_norm_max": max(e.get("grad_norm_max", 0) for e in h),
+                "train_seconds": float(r.row["train_seconds"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -115,27 +150,44 @@ def tuning_figures(study_name, storage=""):
     import optuna
     import pandas as pd
     from optuna.visualization import matplotlib as plots
+
     storage = studies.open_storage(studies.storage_url(storage))
     study = optuna.load_study(study_name=study_name, storage=storage)
     figs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for its matplotlib plots
-        for plot in (plots.plot_optimization_history, plots.plot_param_importances,
-                     plots.plot_parallel_coordinate):
+        for plot in (
+            plots.plot_optimization_history,
+            plots.plot_param_importances,
+            plots.plot_parallel_coordinate,
+        ):
             try:
                 axes = plot(study)
                 figs.append((axes.flat[0] if hasattr(axes, "flat") else axes).figure)
-            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few finished trials for it
+            except (
+                ValueError,
+                RuntimeError,
+                ZeroDivisionError,
+            ) as e:  # too few finished trials for it
                 print(f"{plot.__name__}: {e}")
     best = study.best_trial
-    table = pd.DataFrame({"best trial": {"trial": best.number, "validation accuracy": round(best.value, 4),
-                                         "test accuracy": best.user_attrs.get("test_acc"), **best.params,
-                                         "MLflow run": best.user_attrs.get("mlflow_run_id")}})
+    table = pd.DataFrame(
+        {
+            "best trial": {
+                "trial": best.number,
+                "validation accuracy": round(best.value, 4),
+                "test accuracy": best.user_attrs.get("test_acc"),
+                **best.params,
+                "MLflow run": best.user_attrs.get("mlflow_run_id"),
+            }
+        }
+    )
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     return figs, table, states
 
 
 # ---- the runs, one after another, and what the Results section says of them
+
 
 def outcome_line(r) -> str:
     """A run's result as one line of text: accuracy, macro-F1, time (or why it failed)."""
@@ -143,13 +195,16 @@ def outcome_line(r) -> str:
         return f"   FAILED: {r.error}"
     m = r.row
     how = "reused, " if r.status == "reused" else ""
-    return (f"   {how}test accuracy {float(m['test_acc']):.2%}, macro-F1 {float(m['macro_f1']):.3f}, "
-            f"{float(m['train_seconds']):,.0f} s of training")
+    return (
+        f"   {how}test accuracy {float(m['test_acc']):.2%}, macro-F1 {float(m['macro_f1']):.3f}, "
+        f"{float(m['train_seconds']):,.0f} s of training"
+    )
 
 
 def train_all(runs, datasets, with_model=True) -> list:
     """Every run of the report, in turn, each headed and ended by a line of text."""
     from seqlab import runner
+
     results = []
     for i, run in enumerate(runs, 1):
         print(f"\n== run {i}/{len(runs)}: {run.title(with_model)}", flush=True)
@@ -161,13 +216,25 @@ def train_all(runs, datasets, with_model=True) -> list:
 def summary_frame(results, with_model=True):
     """The finished runs, one row each, as compact as the page needs."""
     import pandas as pd
-    rows = [{"run": plan.Run({**r.params, "seq_len": None}, r.row.get("variant", "")).title(with_model),
-             "L": int(r.row["seq_len"]), "test acc": float(r.row["test_acc"]),
-             "macro-F1": float(r.row["macro_f1"]), "epochs": int(r.row["epochs"]),
-             "train s": float(r.row["train_seconds"]), "images/s": float(r.row["train_images_per_s"]),
-             "params": int(r.row["n_params"]), "status": r.status,
-             "MLflow run": str(r.row["mlflow_run_id"])[:8]}
-            for r in results if r.status != "failed"]
+
+    rows = [
+        {
+            "run": plan.Run({**r.params, "seq_len": None}, r.row.get("variant", "")).title(
+                with_model
+            ),
+            "L": int(r.row["seq_len"]),
+            "test acc": float(r.row["test_acc"]),
+            "macro-F1": float(r.row["macro_f1"]),
+            "epochs": int(r.row["epochs"]),
+            "train s": float(r.row["train_seconds"]),
+            "images/s": float(r.row["train_images_per_s"]),
+            "params": int(r.row["n_params"]),
+            "status": r.status,
+            "MLflow run": str(r.row["mlflow_run_id"])[:8],
+        }
+        for r in results
+        if r.status != "failed"
+    ]
     return pd.DataFrame(rows)
 
 
@@ -182,10 +249,13 @@ def conditions(results) -> str:
 
     def values(key):
         return ", ".join(sorted({str(r.params.get(key, "?")) for r in done}))
-    return (f"Trained on {values('device')} with {values('threads')} thread(s), "
-            f"{values('epochs')} epochs, seed {values('seed')}; data: {values('data_source')}. Test "
-            f"metrics are those of the best-validation checkpoint; one seed per run, so differences "
-            f"of about a point are within seed noise.")
+
+    return (
+        f"Trained on {values('device')} with {values('threads')} thread(s), "
+        f"{values('epochs')} epochs, seed {values('seed')}; data: {values('data_source')}. Test "
+        f"metrics are those of the best-validation checkpoint; one seed per run, so differences "
+        f"of about a point are within seed noise."
+    )
 
 
 def _group_line(name, g):
@@ -193,9 +263,11 @@ def _group_line(name, g):
     spread = 100 * (best["test acc"] - worst["test acc"])
     line = f"- **{name}**: best test accuracy {best['test acc']:.2%} at L = {best['L']}"
     if len(g) > 1:
-        line += (f", worst {worst['test acc']:.2%} at L = {worst['L']} (a spread of {spread:.1f} "
-                 f"points{': within the noise of one seed' if spread < 1 else ''})")
-    rates = sorted({int(g['images/s'].min()), int(g['images/s'].max())})
+        line += (
+            f", worst {worst['test acc']:.2%} at L = {worst['L']} (a spread of {spread:.1f} "
+            f"points{': within the noise of one seed' if spread < 1 else ''})"
+        )
+    rates = sorted({int(g["images/s"].min()), int(g["images/s"].max())})
     line += f". Training ran at {'–'.join(f'{v:,}' for v in rates)} images/s"
     if "identity" in name.split(", ") and len(g) > 1:
         line += ", nearly independent of L: the input projection is computed once per image"
@@ -215,21 +287,31 @@ def reading(summary, what="runs") -> list:
     if summary["run"].nunique() > 1:
         ranked = summary.sort_values("test acc", ascending=False)
         top, low = ranked.iloc[0], ranked.iloc[-1]
-        lines.append(f"- Across {what}, **{top['run']}** (L = {top['L']}) reached the best test "
-                     f"accuracy, {top['test acc']:.2%}, and **{low['run']}** the lowest, "
-                     f"{low['test acc']:.2%}"
-                     + (f", at the same epochs ({top['epochs']})." if summary["epochs"].nunique() == 1
-                        else f", after {top['epochs']} and {low['epochs']} epochs."))
+        lines.append(
+            f"- Across {what}, **{top['run']}** (L = {top['L']}) reached the best test "
+            f"accuracy, {top['test acc']:.2%}, and **{low['run']}** the lowest, "
+            f"{low['test acc']:.2%}"
+            + (
+                f", at the same epochs ({top['epochs']})."
+                if summary["epochs"].nunique() == 1
+                else f", after {top['epochs']} and {low['epochs']} epochs."
+            )
+        )
     return lines
 
 
 def result_line(r) -> str:
     """A run's result in the report: accuracy, macro-F1, size, epochs, time, data, MLflow run."""
     m, p = r.row, r.params
-    reused = (" — **reused**: this run had finished with the same parameters, data and code"
-              if r.status == "reused" else "")
-    return (f"**Test accuracy {float(m['test_acc']):.2%}**, macro-F1 {float(m['macro_f1']):.3f}, "
-            f"{int(m['n_params']):,} parameters, {m['epochs']} epochs, "
-            f"{float(m['train_seconds']):.0f} s of training ({int(float(m['train_images_per_s'])):,} "
-            f"training images/s on {p.get('device')}, {p.get('threads')} threads); data: "
-            f"{p.get('data_source')}; MLflow run `{m['mlflow_run_id']}`{reused}")
+    reused = (
+        " — **reused**: this run had finished with the same parameters, data and code"
+        if r.status == "reused"
+        else ""
+    )
+    return (
+        f"**Test accuracy {float(m['test_acc']):.2%}**, macro-F1 {float(m['macro_f1']):.3f}, "
+        f"{int(m['n_params']):,} parameters, {m['epochs']} epochs, "
+        f"{float(m['train_seconds']):.0f} s of training ({int(float(m['train_images_per_s'])):,} "
+        f"training images/s on {p.get('device')}, {p.get('threads')} threads); data: "
+        f"{p.get('data_source')}; MLflow run `{m['mlflow_run_id']}`{reused}"
+    )

@@ -1,6 +1,7 @@
 """One run of a report: reuse | resume | new (its teacher first) -> build -> fit -> evaluate ->
 track. A failure inside a run is contained (recorded FAILED, the report goes on); an interrupt
 marks it KILLED. Under DDP every rank fits its share, rank 0 alone tracks."""
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ class RunResult:
 @dataclass
 class Fitted:
     """What fit_run leaves for evaluation and tracking."""
+
     trainer: object
     timer: lightning.TrainTimer
     module: lightning.SeqClassifier
@@ -44,7 +46,7 @@ class Fitted:
 def eval_batch_size(steps: int) -> int:
     """Evaluation batch: 1024 images, fewer for long sequences so that activations of 1,024-step
     models (attention maps above all) stay in cache; measured 2x faster for PiT at 128 than 1024."""
-    return max(16, min(1024, 2 ** 17 // steps))
+    return max(16, min(1024, 2**17 // steps))
 
 
 def example_sequence(run: plan.Run, data: ImageData):
@@ -59,38 +61,66 @@ def build_run(run: plan.Run, data: ImageData, teacher=None):
     model = run.network.build(example.shape[1], len(data.classes))
     t, d = run.train, run.distill
     module = lightning.SeqClassifier(
-        model, to_seq=to_seq, mean=data.mean, std=data.std, augment=t.augment, lr=t.lr,
-        weight_decay=t.weight_decay, optimizer=t.optimizer, schedule=t.schedule,
-        warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing, seed=t.seed,
-        teacher=teacher, distill_alpha=d.distill_alpha, distill_T=d.distill_T,
-        distill_hard=d.distill_hard)
+        model,
+        to_seq=to_seq,
+        mean=data.mean,
+        std=data.std,
+        augment=t.augment,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        schedule=t.schedule,
+        warmup_epochs=t.warmup_epochs,
+        label_smoothing=t.label_smoothing,
+        seed=t.seed,
+        teacher=teacher,
+        distill_alpha=d.distill_alpha,
+        distill_T=d.distill_T,
+        distill_hard=d.distill_hard,
+    )
     return example, module
 
 
 def run_facts(data, module, example, threads):
     """What a run's parameters do not say: sizes, data source, versions, device."""
-    return {"threads": threads, "n_params": count_params(module.model),
-            "seq_steps": example.shape[0], "seq_features": example.shape[1],
-            "image_shape": list(data.image_shape), "data_source": data.source,
-            **{f"n_{k}": v for k, v in data.counts().items()}, "torch": str(torch.__version__),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "code": tracking.code_version()}
+    return {
+        "threads": threads,
+        "n_params": count_params(module.model),
+        "seq_steps": example.shape[0],
+        "seq_features": example.shape[1],
+        "image_shape": list(data.image_shape),
+        "data_source": data.source,
+        **{f"n_{k}": v for k, v in data.counts().items()},
+        "torch": str(torch.__version__),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "code": tracking.code_version(),
+    }
 
 
 def process_rank(compute: plan.ComputeSpec):
     """This process's global rank under DDP, from the launcher's environment (0 before a launch)."""
     if "RANK" in os.environ:  # torchrun, SLURM through Lightning
         return int(os.environ["RANK"])
-    return (int(os.environ.get("NODE_RANK", 0)) * compute.devices
-            + int(os.environ.get("LOCAL_RANK", 0)))
+    return int(os.environ.get("NODE_RANK", 0)) * compute.devices + int(
+        os.environ.get("LOCAL_RANK", 0)
+    )
 
 
 def summary_row(run: plan.Run, status, run_id="", **values):
     teacher = run.distill.title().removeprefix("distilled from ") if run.distill.teacher else ""
-    return {"report": run.experiment, "status": status, "dataset": run.dataset, "model": run.model,
-            "variant": run.variant, "transform": run.transform,
-            "seq_len": values.pop("seq_len", run.seq_len), "epochs": run.train.epochs,
-            "teacher": teacher, "mlflow_run_id": run_id, **values}
+    return {
+        "report": run.experiment,
+        "status": status,
+        "dataset": run.dataset,
+        "model": run.model,
+        "variant": run.variant,
+        "transform": run.transform,
+        "seq_len": values.pop("seq_len", run.seq_len),
+        "epochs": run.train.epochs,
+        "teacher": teacher,
+        "mlflow_run_id": run_id,
+        **values,
+    }
 
 
 def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, callbacks=()):
@@ -111,34 +141,65 @@ def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, c
     steps = -(-len(data.train_y) // run.compute.world_size // run.train.batch_size)
     marks = tracker.epoch_marks(run_id) if tracker else []  # a printed epoch is a recorded one
     trainer, timer = lightning.make_trainer(
-        run.train, run.compute, checkpoints=files.checkpoint_dir(run_id or "rank0"),
-        steps_per_epoch=steps, logger=tracker.lightning_logger(run_id) if tracker else False,
-        callbacks=[*marks, *callbacks])
+        run.train,
+        run.compute,
+        checkpoints=files.checkpoint_dir(run_id or "rank0"),
+        steps_per_epoch=steps,
+        logger=tracker.lightning_logger(run_id) if tracker else False,
+        callbacks=[*marks, *callbacks],
+    )
     rank, world = trainer.global_rank, trainer.world_size  # each rank reads its share (Batches)
-    train = Batches(data.train_x, data.train_y, run.train.batch_size, shuffle=True,
-                    seed=run.train.seed, rank=rank, world=world,
-                    with_index=taught is not None and taught.table is not None)
+    train = Batches(
+        data.train_x,
+        data.train_y,
+        run.train.batch_size,
+        shuffle=True,
+        seed=run.train.seed,
+        rank=rank,
+        world=world,
+        with_index=taught is not None and taught.table is not None,
+    )
     val = Batches(data.val_x, data.val_y, eval_batch, rank=rank, world=world)
     trainer.fit(module, train, val, ckpt_path=resume_from)
-    return Fitted(trainer, timer, module, example, {**facts, "world_size": world}, taught,
-                  eval_batch)
+    return Fitted(
+        trainer, timer, module, example, {**facts, "world_size": world}, taught, eval_batch
+    )
 
 
-def train_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None,
-              callbacks=()) -> RunResult:
+def train_run(
+    run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, callbacks=()
+) -> RunResult:
     """Fit (fit_run), evaluate and track one run."""
     fit = fit_run(run, data, tracker, run_id, resume_from, callbacks)
     metrics, report, cm, preds = lightning.evaluate(fit.trainer, fit.module, data, fit.eval_batch)
     timer = fit.timer
-    row = summary_row(run, "ok", run_id, seq_len=fit.example.shape[0],
-                      n_params=fit.facts["n_params"], test_acc=round(metrics["test_acc"], 4),
-                      macro_f1=round(metrics["macro_f1"], 4), train_seconds=round(timer.wall, 1),
-                      train_images_per_s=round(timer.images * fit.facts["world_size"]  # all ranks
-                                               / max(timer.seconds, 1e-9)))
+    row = summary_row(
+        run,
+        "ok",
+        run_id,
+        seq_len=fit.example.shape[0],
+        n_params=fit.facts["n_params"],
+        test_acc=round(metrics["test_acc"], 4),
+        macro_f1=round(metrics["macro_f1"], 4),
+        train_seconds=round(timer.wall, 1),
+        train_images_per_s=round(
+            timer.images
+            * fit.facts["world_size"]  # all ranks
+            / max(timer.seconds, 1e-9)
+        ),
+    )
     fig = figures.plot_sequence(fit.example, data.image_shape, data.mean, data.std, run.transform)
-    result = RunResult(row=row, history=fit.module.history, report=report, confusion=cm,
-                       classes=data.classes, params=fit.facts, sequence_fig=fig,
-                       preds=preds.tolist(), teacher=fit.teacher.info if fit.teacher else {})
+    result = RunResult(
+        row=row,
+        history=fit.module.history,
+        report=report,
+        confusion=cm,
+        classes=data.classes,
+        params=fit.facts,
+        sequence_fig=fig,
+        preds=preds.tolist(),
+        teacher=fit.teacher.info if fit.teacher else {},
+    )
     track_run(tracker, run_id, run, result, metrics)
     return result
 
@@ -147,15 +208,32 @@ def track_run(tracker, run_id, run: plan.Run, result: RunResult, metrics: dict):
     """Test metrics, artifacts (classification report, confusion matrix, the sequence, params,
     result.json for reuse), the summary row, and the run finished with status ok."""
     m = result.row
-    tracker.log_metrics(run_id, {**metrics, "train_seconds": m["train_seconds"],
-                                 "train_images_per_s": m["train_images_per_s"]})
+    tracker.log_metrics(
+        run_id,
+        {
+            **metrics,
+            "train_seconds": m["train_seconds"],
+            "train_images_per_s": m["train_images_per_s"],
+        },
+    )
     title = f"{run.dataset}-{run.model}-{run.transform}-T{m['seq_len']}"
     confusion = figures.plot_confusion(result.confusion, result.classes, title)
-    saved = {"row": m, "history": result.history, "report": result.report,
-             "confusion": result.confusion.tolist(), "classes": result.classes,
-             "params": result.params, "preds": result.preds, "teacher": result.teacher}
-    tracker.log_result(run_id, saved, result.params, {"confusion_matrix.png": confusion,
-                                                      "sequence.png": result.sequence_fig})
+    saved = {
+        "row": m,
+        "history": result.history,
+        "report": result.report,
+        "confusion": result.confusion.tolist(),
+        "classes": result.classes,
+        "params": result.params,
+        "preds": result.preds,
+        "teacher": result.teacher,
+    }
+    tracker.log_result(
+        run_id,
+        saved,
+        result.params,
+        {"confusion_matrix.png": confusion, "sequence.png": result.sequence_fig},
+    )
     figures.close(confusion, result.sequence_fig)
     tracking.append_summary(m)
 
@@ -163,18 +241,29 @@ def track_run(tracker, run_id, run: plan.Run, result: RunResult, metrics: dict):
 def reuse_run(tracker, run_id, run: plan.Run, data: ImageData) -> RunResult:
     """A finished run with the same parameters, data and code, read back from the tracker."""
     import numpy as np
+
     saved = tracker.read_result(run_id)
-    print(f"reused MLflow run {run_id}: it finished with the same parameters, data and code",
-          flush=True)
+    print(
+        f"reused MLflow run {run_id}: it finished with the same parameters, data and code",
+        flush=True,
+    )
     row = {**saved["row"], "status": "reused", "report": run.experiment, "variant": run.variant}
     tracking.append_summary(row)
     _, example = example_sequence(run, data)
     fig = figures.plot_sequence(example, data.image_shape, data.mean, data.std, run.transform)
     figures.close(fig)  # as a fresh run's: shown once, where the report displays it
-    return RunResult(row=row, history=saved["history"], report=saved["report"],
-                     confusion=np.array(saved["confusion"]), classes=saved["classes"],
-                     params=saved["params"], sequence_fig=fig, status="reused",
-                     preds=saved.get("preds", []), teacher=saved.get("teacher", {}))
+    return RunResult(
+        row=row,
+        history=saved["history"],
+        report=saved["report"],
+        confusion=np.array(saved["confusion"]),
+        classes=saved["classes"],
+        params=saved["params"],
+        sequence_fig=fig,
+        status="reused",
+        preds=saved.get("preds", []),
+        teacher=saved.get("teacher", {}),
+    )
 
 
 def fail_run(tracker, run_id, run: plan.Run, error: BaseException) -> RunResult:
@@ -186,8 +275,16 @@ def fail_run(tracker, run_id, run: plan.Run, error: BaseException) -> RunResult:
         tracker.fail(run_id, message, "".join(traceback.format_exception(error)))
     row = summary_row(run, "failed", run_id, error=message[:500])
     tracking.append_summary(row)
-    return RunResult(row=row, history=[], report={}, confusion=None, classes=[],
-                     params=dict(run.params), status="failed", error=message)
+    return RunResult(
+        row=row,
+        history=[],
+        report={},
+        confusion=None,
+        classes=[],
+        params=dict(run.params),
+        status="failed",
+        error=message,
+    )
 
 
 def rank_run(run: plan.Run, data: ImageData):

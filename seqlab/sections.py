@@ -3,6 +3,7 @@ plot, a reading of the numbers), then a section per run, distillation, variants 
 the report has them (a section with nothing to show is left out), the data, and the parameters
 as an appendix. Everything is displayed as HTML or Markdown with a plain-text twin; figures carry
 alt text and are closed once shown, so each is drawn once."""
+
 from __future__ import annotations
 
 import base64
@@ -11,13 +12,19 @@ import io
 
 from seqlab import figures, report, schema
 
-NUMBERS = {"test acc": "{:.2%}", "macro-F1": "{:.3f}", "train s": "{:,.0f}", "images/s": "{:,.0f}",
-           "params": "{:,.0f}"}
+NUMBERS = {
+    "test acc": "{:.2%}",
+    "macro-F1": "{:.3f}",
+    "train s": "{:,.0f}",
+    "images/s": "{:,.0f}",
+    "params": "{:,.0f}",
+}
 
 
 def show(markdown: str = None, *, html_text: str = None, text: str = ""):
     """One output: Markdown or HTML, with `text` (default: the Markdown) for plain viewers."""
     from IPython.display import display
+
     data = {"text/plain": text or markdown or ""}
     data.update({"text/markdown": markdown} if markdown else {"text/html": html_text})
     display(data, raw=True)
@@ -50,22 +57,35 @@ def table(frame, formats=None, index=False):
 def side_by_side(*parts: str, text=""):
     """Tables and images in one row (wrapping on a narrow page)."""
     cells = "".join(f"<div>{p}</div>" for p in parts)
-    show(html_text=f'<div style="display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start">'
-                   f"{cells}</div>", text=text)
+    show(
+        html_text=f'<div style="display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start">'
+        f"{cells}</div>",
+        text=text,
+    )
 
 
 def _class_table(rep) -> str:
-    return table_html(figures.report_table(rep), {"precision": "{:.3f}", "recall": "{:.3f}",
-                                                  "f1-score": "{:.3f}", "support": "{:.0f}"},
-                      index=True)
+    return table_html(
+        figures.report_table(rep),
+        {"precision": "{:.3f}", "recall": "{:.3f}", "f1-score": "{:.3f}", "support": "{:.0f}"},
+        index=True,
+    )
 
 
 def show_models(models, per_model):
     """The models of this report, from the registry, with their per-model overrides."""
     from seqlstm import MODEL_INFO
-    show("\n".join(["| model | input form | source | per-model overrides |", "|---|---|---|---|"]
-                   + [f"| `{m}` | {MODEL_INFO[m]['input_form']} | {MODEL_INFO[m]['paper']} | "
-                      f"{(per_model or {}).get(m) or ''} |" for m in models]))
+
+    show(
+        "\n".join(
+            ["| model | input form | source | per-model overrides |", "|---|---|---|---|"]
+            + [
+                f"| `{m}` | {MODEL_INFO[m]['input_form']} | {MODEL_INFO[m]['paper']} | "
+                f"{(per_model or {}).get(m) or ''} |"
+                for m in models
+            ]
+        )
+    )
 
 
 def show_results(results, models):
@@ -85,56 +105,88 @@ def show_results(results, models):
 def _run_section(r, name):
     show(f"### {name}")
     if r.status == "failed":  # contained: shown here, listed at the end; the other runs went on
-        return show(f"**This run failed** and was recorded as FAILED (MLflow run "
-                    f"`{r.row['mlflow_run_id']}`): `{r.error}`")
+        return show(
+            f"**This run failed** and was recorded as FAILED (MLflow run "
+            f"`{r.row['mlflow_run_id']}`): `{r.error}`"
+        )
     show(report.result_line(r))
-    side_by_side(image(r.sequence_fig, f"{name}: one test image's sequence, step by step"),
-                 image(figures.plot_history(r.history), f"{name}: loss and accuracy per epoch"),
-                 text=f"[figures: {name}: the sequence; loss and accuracy per epoch]")
+    side_by_side(
+        image(r.sequence_fig, f"{name}: one test image's sequence, step by step"),
+        image(figures.plot_history(r.history), f"{name}: loss and accuracy per epoch"),
+        text=f"[figures: {name}: the sequence; loss and accuracy per epoch]",
+    )
     confusion = figures.plot_confusion(r.confusion, r.classes, "confusion matrix (test)")
-    side_by_side(_class_table(r.report), image(confusion, f"{name}: confusion matrix, test split"),
-                 text=report.outcome_line(r))
+    side_by_side(
+        _class_table(r.report),
+        image(confusion, f"{name}: confusion matrix, test split"),
+        text=report.outcome_line(r),
+    )
 
 
 def show_runs(runs, results, models):
     """## Runs: per run what the model sees, learning curves, per-class report, confusion."""
-    show("## Runs\n\nOne training per (dataset, model, transform, L): one test image's sequence as "
-         "the model reads it, the learning curves, the per-class report on the test split and the "
-         "confusion matrix.")
+    show(
+        "## Runs\n\nOne training per (dataset, model, transform, L): one test image's sequence as "
+        "the model reads it, the learning curves, the per-class report on the test split and the "
+        "confusion matrix."
+    )
     for run, r in zip(runs, results):
         _run_section(r, run.title(len(models) > 1))
 
 
 def show_distillation(results):
-    """## Distillation, if a run had a teacher: each teacher, then the students against their twins."""
+    """## Distillation, if a run had a teacher: each teacher, then the students against their
+    twins."""
     teachers = report.report_teachers(results)
     if not teachers:
         return
-    show("## Distillation\n\nEach student was also trained from a CNN teacher (Hinton et al., 2015; "
-         "`distill_hard`: DeiT's hard-label variant) beside its undistilled twin, at equal epochs; "
-         "agreement is the share of test images whose top-1 prediction matches the teacher's.")
+    show(
+        "## Distillation\n\nEach student was also trained from a CNN teacher (Hinton et al., 2015; "
+        "`distill_hard`: DeiT's hard-label variant) beside its undistilled twin, at equal epochs; "
+        "agreement is the share of test images whose top-1 prediction matches the teacher's."
+    )
     for t in teachers:
         show(report.teacher_title(t))
         confusion = figures.plot_confusion(t["confusion"], t["classes"], "confusion matrix (test)")
-        side_by_side(_class_table(t["report"]),
-                     image(confusion, f"teacher {t['name']}: confusion matrix, test split"))
-    table(report.distillation_table(results),
-          {"test_acc": "{:.2%}", "without": "{:.2%}", "gain (points)": "{:+.1f}",
-           "agreement": "{:.1%}", "agreement without": "{:.1%}"})
+        side_by_side(
+            _class_table(t["report"]),
+            image(confusion, f"teacher {t['name']}: confusion matrix, test split"),
+        )
+    table(
+        report.distillation_table(results),
+        {
+            "test_acc": "{:.2%}",
+            "without": "{:.2%}",
+            "gain (points)": "{:+.1f}",
+            "agreement": "{:.1%}",
+            "agreement without": "{:.1%}",
+        },
+    )
 
 
 def show_variants(results, variants):
     """## Strategies and components, if the report has variants."""
     if not variants:
         return
-    show("## Strategies and components\n\nEvery model under each variant at the same epochs: test "
-         "accuracy, final training loss, the gradient norm's range before clipping (the lowest "
-         "epoch mean to the largest step) and the training time.")
+    show(
+        "## Strategies and components\n\nEvery model under each variant at the same epochs: test "
+        "accuracy, final training loss, the gradient norm's range before clipping (the lowest "
+        "epoch mean to the largest step) and the training time."
+    )
     strategies = report.variant_table(results)
-    table(strategies, {"test_acc": "{:.2%}", "final_train_loss": "{:.3f}",
-                       "grad_norm_min": "{:.3g}", "grad_norm_max": "{:.3g}",
-                       "train_seconds": "{:.0f}"})
-    figure(figures.plot_variants(strategies), "test accuracy, loss, gradient norm and time per variant")
+    table(
+        strategies,
+        {
+            "test_acc": "{:.2%}",
+            "final_train_loss": "{:.3f}",
+            "grad_norm_min": "{:.3g}",
+            "grad_norm_max": "{:.3g}",
+            "train_seconds": "{:.0f}",
+        },
+    )
+    figure(
+        figures.plot_variants(strategies), "test accuracy, loss, gradient norm and time per variant"
+    )
     figure(figures.plot_curves(results), "learning curves of the variants, one row per model")
 
 
@@ -143,9 +195,12 @@ def show_tuning(study, storage):
     if not study:
         return
     figs, best, states = report.tuning_figures(study, storage)
-    show(f"## Tuning\n\nStudy `{study}`: " + ", ".join(f"{n} {s.lower()}" for s, n in states.items())
-         + " trials. The best trial is selected on validation accuracy; its test accuracy is shown, "
-         "never used to choose.")
+    show(
+        f"## Tuning\n\nStudy `{study}`: "
+        + ", ".join(f"{n} {s.lower()}" for s, n in states.items())
+        + " trials. The best trial is selected on validation accuracy; its test accuracy is shown, "
+        "never used to choose."
+    )
     for fig in figs:
         figure(fig, f"Optuna study {study}")
     table(best, {}, index=True)
@@ -154,31 +209,51 @@ def show_tuning(study, storage):
 def show_data(datasets, per_class):
     """## Data: each dataset's splits, images per class and sample images."""
     from seqlstm import dataset_overview
+
     if not per_class:
         return
-    show("## Data\n\nImages per class and split (validation is carved from train with the seed), "
-         "and sample training images per class.")
+    show(
+        "## Data\n\nImages per class and split (validation is carved from train with the seed), "
+        "and sample training images per class."
+    )
     for data in datasets.values():
         counts, fig = dataset_overview(data, per_class=per_class)
         n = data.counts()
-        show(f"### {data.name}: {len(data.classes)} classes, images "
-             f"{' x '.join(map(str, data.image_shape))}, {n['train']:,} train / {n['val']:,} val / "
-             f"{n['test']:,} test ({data.source})")
-        shown = counts if len(counts) <= 20 else counts.describe().loc[["count", "min", "mean", "max"]]
-        side_by_side(table_html(shown, {}, index=True),
-                     image(fig, f"sample training images of {data.name}, per class"))
+        show(
+            f"### {data.name}: {len(data.classes)} classes, images "
+            f"{' x '.join(map(str, data.image_shape))}, {n['train']:,} train / {n['val']:,} val / "
+            f"{n['test']:,} test ({data.source})"
+        )
+        shown = (
+            counts if len(counts) <= 20 else counts.describe().loc[["count", "min", "mean", "max"]]
+        )
+        side_by_side(
+            table_html(shown, {}, index=True),
+            image(fig, f"sample training images of {data.name}, per class"),
+        )
 
 
 def show_parameters(params: dict):
     """## Appendix: the parameters that differ from the defaults, all of them one click away."""
     defaults = schema.defaults()
     changed = {k: v for k, v in params.items() if v != defaults.get(k)}
-    rows = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td><code>{html.escape(repr(v))}"
-                   f"</code></td><td>{html.escape(schema.SCHEMA[k].help)}</td></tr>"
-                   for k, v in params.items())
-    show("## Appendix: parameters\n\n" + ("Set for this report (the others are at their defaults): "
-         + ", ".join(f"`{k}` = `{v!r}`" for k, v in changed.items()) if changed
-         else "Every parameter is at its default."))
-    show(html_text=f"<details><summary>All {len(params)} parameters</summary><table>"
-                   f"<tr><th>parameter</th><th>value</th><th>meaning</th></tr>{rows}</table>"
-                   f"</details>", text=", ".join(f"{k}={v!r}" for k, v in params.items()))
+    rows = "".join(
+        f"<tr><td><code>{html.escape(k)}</code></td><td><code>{html.escape(repr(v))}"
+        f"</code></td><td>{html.escape(schema.SCHEMA[k].help)}</td></tr>"
+        for k, v in params.items()
+    )
+    show(
+        "## Appendix: parameters\n\n"
+        + (
+            "Set for this report (the others are at their defaults): "
+            + ", ".join(f"`{k}` = `{v!r}`" for k, v in changed.items())
+            if changed
+            else "Every parameter is at its default."
+        )
+    )
+    show(
+        html_text=f"<details><summary>All {len(params)} parameters</summary><table>"
+        f"<tr><th>parameter</th><th>value</th><th>meaning</th></tr>{rows}</table>"
+        f"</details>",
+        text=", ".join(f"{k}={v!r}" for k, v in params.items()),
+    )

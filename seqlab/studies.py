@@ -1,6 +1,7 @@
 """Where Optuna studies live and how workers share one: an SQLite file, a journal file (several
 workers on one machine) or PostgreSQL (workers on several machines), and the lock under which a
 worker claims a trial."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from seqlab import files, schema
+
 
 def storage_url(storage="", workers=1):
     """The study's storage: given, else an SQLite file under outputs/ for one worker and a journal
@@ -39,9 +41,13 @@ def study_lock(storage, study_name):
     on several machines share, else a file lock beside the SQLite or journal file."""
     if storage.startswith("postgresql"):
         import sqlalchemy
-        key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)  # fits PostgreSQL's bigint
-        engine = sqlalchemy.create_engine(_driver_url(storage), poolclass=sqlalchemy.pool.NullPool,
-                                          **_engine_kwargs(storage))
+
+        key = int(
+            hashlib.sha1(study_name.encode()).hexdigest()[:15], 16
+        )  # fits PostgreSQL's bigint
+        engine = sqlalchemy.create_engine(
+            _driver_url(storage), poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(storage)
+        )
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
@@ -50,9 +56,11 @@ def study_lock(storage, study_name):
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         return
     if _is_url(storage) and not storage.startswith("sqlite:///"):
-        raise files.SetupError(f"tune coordinates workers through PostgreSQL, SQLite or a journal file, "
-                         f"not {storage}")
+        raise files.SetupError(
+            f"tune coordinates workers through PostgreSQL, SQLite or a journal file, not {storage}"
+        )
     from filelock import FileLock
+
     with FileLock(f"{storage.removeprefix('sqlite:///')}.{study_name}.lock"):
         yield
 
@@ -62,6 +70,7 @@ def open_storage(storage):
     (JournalStorage on a JournalFileBackend). A database that does not answer fails here."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
+
     if not _is_url(storage):
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
@@ -69,9 +78,13 @@ def open_storage(storage):
         files.check_outputs(Path(storage.removeprefix("sqlite:///")).parent)
     try:
         with study_lock(storage, "(tables)"):  # first workers on a new database race creating them
-            return optuna.storages.RDBStorage(_driver_url(storage), engine_kwargs=_engine_kwargs(storage))
+            return optuna.storages.RDBStorage(
+                _driver_url(storage), engine_kwargs=_engine_kwargs(storage)
+            )
     except (SQLAlchemyError, ImportError, ValueError) as e:
-        raise files.SetupError(f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}") from None
+        raise files.SetupError(
+            f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def check_study(name, storage=""):
@@ -79,7 +92,10 @@ def check_study(name, storage=""):
     if not name:
         return
     import optuna
+
     names = optuna.study.get_all_study_names(open_storage(storage_url(storage)))
     if name not in names:
-        raise schema.ParamError(f"parameter tune_study = {name!r}: no such study in "
-                                f"{storage_url(storage)}; the studies there are {names}")
+        raise schema.ParamError(
+            f"parameter tune_study = {name!r}: no such study in "
+            f"{storage_url(storage)}; the studies there are {names}"
+        )

@@ -1,6 +1,7 @@
 """The teacher of a distilled run: trained once per (data, teacher, arguments, epochs, recipe) by
 TEACHER_RECIPE in a tracked run of its own, kept in the cache folder and as that run's artifact,
 found there by every later run and report (on this machine or another on the same server)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from seqlstm import Batches, ImageData, Teacher, build_teacher, cache_dir, count_params, logits_table
+from seqlstm import (
+    Batches,
+    ImageData,
+    Teacher,
+    build_teacher,
+    cache_dir,
+    count_params,
+    logits_table,
+)
 from seqlab import files, lightning, plan, tracking
 
 TEACHER_RECIPE = {  # how every teacher trains, teacher_epochs long; part of its cache key
@@ -25,7 +34,7 @@ TEACHER_RECIPE = {  # how every teacher trains, teacher_epochs long; part of its
     "weight_decay": 5e-4,  # L2 penalty, as torch's SGD couples it to the lr
     "label_smoothing": 0.2,  # airbench's
     "augment": "flip_crop",  # mirror + reflect-padded random crops (side // 8), on uint8 batches
-    "tta": "flip_shift",  # TEST_VIEWS: its answers (accuracy, logits) average 6 views, as airbench's
+    "tta": "flip_shift",  # TEST_VIEWS: its accuracy and logits average 6 views, as airbench's
 }
 TEACHER_EXPERIMENT = "seqlstm-teachers"  # one MLflow experiment holds the teachers of every report
 
@@ -34,8 +43,14 @@ def teacher_key(run: plan.Run, data: ImageData) -> str:
     """The teacher's identity: the data (dataset, image policy, split seed: data_fingerprint), its
     name, arguments, epochs and recipe; not the code's hash, so an edit elsewhere keeps it."""
     d = run.distill
-    ident = {"data": tracking.data_fingerprint(data), "teacher": d.teacher, "args": d.teacher_args,
-             "epochs": d.teacher_epochs, "recipe": TEACHER_RECIPE, "seed": run.train.seed}
+    ident = {
+        "data": tracking.data_fingerprint(data),
+        "teacher": d.teacher,
+        "args": d.teacher_args,
+        "epochs": d.teacher_epochs,
+        "recipe": TEACHER_RECIPE,
+        "seed": run.train.seed,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -47,9 +62,12 @@ def _read_teacher(path: Path, data: ImageData):
     saved = torch.load(path, weights_only=False)
     info = saved["info"]
     if info["classes"] != data.classes or tuple(info["image_shape"]) != data.image_shape:
-        print(f"note: the cached teacher {path} was trained on {len(info['classes'])} classes of "
-              f"{tuple(info['image_shape'])} images, not this data's {len(data.classes)} classes "
-              f"of {data.image_shape}: training it again", flush=True)
+        print(
+            f"note: the cached teacher {path} was trained on {len(info['classes'])} classes of "
+            f"{tuple(info['image_shape'])} images, not this data's {len(data.classes)} classes "
+            f"of {data.image_shape}: training it again",
+            flush=True,
+        )
         return None
     return saved
 
@@ -72,22 +90,42 @@ def _teacher_module(run: plan.Run, data: ImageData):
     r, d = TEACHER_RECIPE, run.distill
     model, to_input = build_teacher(d.teacher, d.teacher_args, data.image_shape, len(data.classes))
     module = lightning.SeqClassifier(
-        model, to_seq=to_input, mean=data.mean, std=data.std, augment=r["augment"], lr=r["lr"],
-        weight_decay=r["weight_decay"], optimizer=r["optimizer"], schedule=r["schedule"],
-        seed=run.train.seed, label_smoothing=r["label_smoothing"])
+        model,
+        to_seq=to_input,
+        mean=data.mean,
+        std=data.std,
+        augment=r["augment"],
+        lr=r["lr"],
+        weight_decay=r["weight_decay"],
+        optimizer=r["optimizer"],
+        schedule=r["schedule"],
+        seed=run.train.seed,
+        label_smoothing=r["label_smoothing"],
+    )
     return model, to_input, module
 
 
 def _teacher_info(run, data, module, timer, one_view, scores, run_id):
     metrics, report, cm, preds = scores
     d = run.distill
-    return {"name": d.teacher, "args": d.teacher_args, "epochs": d.teacher_epochs,
-            "recipe": TEACHER_RECIPE, "classes": data.classes, "image_shape": list(data.image_shape),
-            "dataset": data.name, **metrics, "test_acc_one_view": one_view["test_acc"],
-            "train_seconds": round(timer.wall, 1),
-            "train_images_per_s": round(timer.images / max(timer.seconds, 1e-9)), "report": report,
-            "confusion": cm.tolist(), "preds": preds.tolist(), "mlflow_run_id": run_id,
-            "history": module.history}
+    return {
+        "name": d.teacher,
+        "args": d.teacher_args,
+        "epochs": d.teacher_epochs,
+        "recipe": TEACHER_RECIPE,
+        "classes": data.classes,
+        "image_shape": list(data.image_shape),
+        "dataset": data.name,
+        **metrics,
+        "test_acc_one_view": one_view["test_acc"],
+        "train_seconds": round(timer.wall, 1),
+        "train_images_per_s": round(timer.images / max(timer.seconds, 1e-9)),
+        "report": report,
+        "confusion": cm.tolist(),
+        "preds": preds.tolist(),
+        "mlflow_run_id": run_id,
+        "history": module.history,
+    }
 
 
 def _fit_teacher(run: plan.Run, data: ImageData, tracker, run_id) -> dict:
@@ -95,23 +133,43 @@ def _fit_teacher(run: plan.Run, data: ImageData, tracker, run_id) -> dict:
     r, d = TEACHER_RECIPE, run.distill
     pl.seed_everything(run.train.seed, workers=True, verbose=False)
     model, to_input, module = _teacher_module(run, data)
-    tracker.log_params(run_id, {"teacher": d.teacher, "teacher_args": d.teacher_args,
-                                "epochs": d.teacher_epochs, **r, "dataset": data.name,
-                                "data_source": data.source, "n_params": count_params(model)})
+    tracker.log_params(
+        run_id,
+        {
+            "teacher": d.teacher,
+            "teacher_args": d.teacher_args,
+            "epochs": d.teacher_epochs,
+            **r,
+            "dataset": data.name,
+            "data_source": data.source,
+            "n_params": count_params(model),
+        },
+    )
     train = Batches(data.train_x, data.train_y, r["batch_size"], shuffle=True, seed=run.train.seed)
     recipe = dataclasses.replace(run.train, epochs=d.teacher_epochs, grad_clip=0.0)
     trainer, timer = lightning.make_trainer(
-        recipe, run.compute, checkpoints=files.checkpoint_dir(run_id), steps_per_epoch=len(train),
-        logger=tracker.lightning_logger(run_id))
-    print(f"training the teacher {d.teacher} on {data.name} for {d.teacher_epochs} epochs", flush=True)
+        recipe,
+        run.compute,
+        checkpoints=files.checkpoint_dir(run_id),
+        steps_per_epoch=len(train),
+        logger=tracker.lightning_logger(run_id),
+    )
+    print(
+        f"training the teacher {d.teacher} on {data.name} for {d.teacher_epochs} epochs", flush=True
+    )
     trainer.fit(module, train, Batches(data.val_x, data.val_y, 512))
-    one_view = lightning.evaluate(trainer, module, data, 512)[0]  # the module keeps the best weights
+    one_view = lightning.evaluate(trainer, module, data, 512)[
+        0
+    ]  # the module keeps the best weights
     teacher = Teacher(module.model, to_input, data.mean, data.std, tta=r["tta"])
     answers = torch.cat([teacher.live(x).argmax(1) for x in data.test_x.split(512)]).numpy()
     scores = lightning.test_scores(answers, data)
     info = _teacher_info(run, data, module, timer, one_view, scores, run_id)
-    return {"state_dict": module.model.state_dict(), "info": info,
-            "table": logits_table(teacher, data.train_x)}
+    return {
+        "state_dict": module.model.state_dict(),
+        "info": info,
+        "table": logits_table(teacher, data.train_x),
+    }
 
 
 def train_teacher(run: plan.Run, data: ImageData, key: str, path: Path) -> dict:
@@ -130,7 +188,9 @@ def train_teacher(run: plan.Run, data: ImageData, key: str, path: Path) -> dict:
         torch.save(saved, Path(tmp) / "teacher.pt")
         tracker.log_file(run_id, Path(tmp) / "teacher.pt")
         os.replace(shutil.copy(Path(tmp) / "teacher.pt", path.with_suffix(".tmp")), path)  # atomic
-    tracker.log_metrics(run_id, {k: saved["info"][k] for k in ("test_acc", "macro_f1", "train_seconds")})
+    tracker.log_metrics(
+        run_id, {k: saved["info"][k] for k in ("test_acc", "macro_f1", "train_seconds")}
+    )
     tracker.tag(run_id, {tracking.STATUS: "ok"})
     tracker.end(run_id)
     return saved
@@ -143,11 +203,20 @@ def teacher_for(run: plan.Run, data: ImageData) -> Teacher:
     key, d = teacher_key(run, data), run.distill
     path = cache_dir() / "teachers" / f"{d.teacher}-{key}.pt"
     with files.lock(f"teacher-{key}"):
-        saved = (_read_teacher(path, data) or _download_teacher(key, path, data)
-                 or train_teacher(run, data, key, path))
+        saved = (
+            _read_teacher(path, data)
+            or _download_teacher(key, path, data)
+            or train_teacher(run, data, key, path)
+        )
     model, to_input = build_teacher(d.teacher, d.teacher_args, data.image_shape, len(data.classes))
     model.load_state_dict(saved["state_dict"])
     table = saved["table"] if run.train.augment in ("none", "flip") else None
-    return Teacher(model, to_input, data.mean, data.std, table=table,
-                   info={**saved["info"], "key": key},
-                   tta=saved["info"]["recipe"].get("tta", "none"))  # older caches had no tta
+    return Teacher(
+        model,
+        to_input,
+        data.mean,
+        data.std,
+        table=table,
+        info={**saved["info"], "key": key},
+        tta=saved["info"]["recipe"].get("tta", "none"),
+    )  # older caches had no tta

@@ -1,5 +1,6 @@
 """Tracking: every call to MLflow lives here (Tracker), so another backend is this one file; the
 identity of a run (its parameters, data and code: run_key) and summary.csv, a row per run."""
+
 from __future__ import annotations
 
 import csv
@@ -25,15 +26,19 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "m
 
 
 def tracking_uri():
-    """$MLFLOW_TRACKING_URI, else an SQLite store under outputs/ (MLflow's file store is deprecated)."""
-    return (os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{(files.outputs() / 'mlflow.db').resolve()}")
+    """$MLFLOW_TRACKING_URI, else an SQLite store under outputs/ (MLflow's file store is
+    deprecated)."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(files.outputs() / 'mlflow.db').resolve()}"
+    )
 
 
 def check_tracking(uri=None, timeout=5.0):
     """A tracking server that does not answer is found in `timeout` seconds, not after MLflow's
     retries (minutes); a local SQLite store needs a writable folder."""
     from urllib.parse import urlparse
+
     uri = uri or tracking_uri()
     url = urlparse(uri)
     if url.scheme == "sqlite":
@@ -41,30 +46,42 @@ def check_tracking(uri=None, timeout=5.0):
     port = url.port or DEFAULT_PORTS.get(url.scheme.split("+")[0])
     if not url.hostname or not port:
         return None
-    print(f"MLflow tracking: connecting to {url.hostname}:{port} ({uri}, {timeout:.0f} s timeout) ...",
-          flush=True)
+    print(
+        f"MLflow tracking: connecting to {url.hostname}:{port} ({uri}, {timeout:.0f} s "
+        "timeout) ...",
+        flush=True,
+    )
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
     except OSError as e:
-        raise files.SetupError(f"MLflow tracking server {uri} does not answer ({e}): start it, or "
-                               f"unset MLFLOW_TRACKING_URI to track in outputs/mlflow.db") from None
+        raise files.SetupError(
+            f"MLflow tracking server {uri} does not answer ({e}): start it, or "
+            f"unset MLFLOW_TRACKING_URI to track in outputs/mlflow.db"
+        ) from None
 
 
 def _quiet_mlflow():
     """MLflow (re)configures its loggers when imported: keep their start-up notes (database
     creation, alembic migrations) out of reports."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in reports
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # no tqdm bars in reports
     import mlflow  # noqa: F401
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ---- the identity of a run
 
+
 def _code_files() -> dict:
     package = Path(__file__).resolve().parent
-    return {"seqlstm_py": files.ROOT / "seqlstm.py", "report_ipynb": files.NOTEBOOK,
-            **{f"seqlab_{p.stem}": p for p in sorted(package.glob("*.py"))}}
+    return {
+        "seqlstm_py": files.ROOT / "seqlstm.py",
+        "report_ipynb": files.NOTEBOOK,
+        **{f"seqlab_{p.stem}": p for p in sorted(package.glob("*.py"))},
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,10 +89,17 @@ def code_version() -> dict:
     """The code that runs: sha256 of seqlstm.py, report.ipynb and the package's files together
     (sha256_seqlab); the git commit and whether the work tree differs from it, in a repository."""
     found = {k: p.read_bytes() for k, p in _code_files().items() if p.exists()}
-    version = {f"sha256_{k}": hashlib.sha256(v).hexdigest() for k, v in found.items()
-               if not k.startswith("seqlab_")}
-    version["sha256_seqlab"] = hashlib.sha256(b"".join(
-        k.encode() + hashlib.sha256(v).digest() for k, v in found.items() if k.startswith("seqlab_"))
+    version = {
+        f"sha256_{k}": hashlib.sha256(v).hexdigest()
+        for k, v in found.items()
+        if not k.startswith("seqlab_")
+    }
+    version["sha256_seqlab"] = hashlib.sha256(
+        b"".join(
+            k.encode() + hashlib.sha256(v).digest()
+            for k, v in found.items()
+            if k.startswith("seqlab_")
+        )
     ).hexdigest()
     git = partial(subprocess.run, cwd=files.ROOT, capture_output=True, text=True, timeout=10)
     try:
@@ -107,16 +131,32 @@ def run_key(p: dict, data: ImageData) -> str:
     """Identity of a run: its parameters, its data and the code's file hashes. A finished run
     with the same key is reused; a killed one is resumed."""
     ident = plan.run_identity(p)
-    ident.update(data=data_fingerprint(data),
-                 code={k: v for k, v in code_version().items() if "sha256" in k})
+    ident.update(
+        data=data_fingerprint(data), code={k: v for k, v in code_version().items() if "sha256" in k}
+    )
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 # ---- summary.csv
 
-SUMMARY_FIELDS = ["report", "status", "dataset", "model", "variant", "transform", "seq_len", "epochs",
-                  "teacher", "test_acc", "macro_f1", "n_params", "train_seconds",
-                  "train_images_per_s", "mlflow_run_id", "error"]
+SUMMARY_FIELDS = [
+    "report",
+    "status",
+    "dataset",
+    "model",
+    "variant",
+    "transform",
+    "seq_len",
+    "epochs",
+    "teacher",
+    "test_acc",
+    "macro_f1",
+    "n_params",
+    "train_seconds",
+    "train_images_per_s",
+    "mlflow_run_id",
+    "error",
+]
 
 
 def append_summary(row, path=None):
@@ -141,8 +181,10 @@ def append_summary(row, path=None):
 
 # ---- the tracking server
 
+
 def _param(key, value):
     from mlflow.entities import Param
+
     return Param(key, str(value)[:6000])
 
 
@@ -154,11 +196,18 @@ class Tracker:
     def __init__(self, experiment: str):
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
+
         with files.lock("mlflow"):
             self.client = MlflowClient(tracking_uri())
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found is not None else self.client.create_experiment(
-                experiment, artifact_location=(files.outputs() / "mlartifacts").resolve().as_uri())
+            self.experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(
+                    experiment,
+                    artifact_location=(files.outputs() / "mlartifacts").resolve().as_uri(),
+                )
+            )
         self.experiment = experiment
 
     def mlflow(self):
@@ -166,8 +215,12 @@ class Tracker:
         return self.client, self.experiment_id
 
     def _search(self, query, max_results=1000):
-        return self.client.search_runs([self.experiment_id], query, max_results=max_results,
-                                       order_by=["attributes.start_time DESC"])
+        return self.client.search_runs(
+            [self.experiment_id],
+            query,
+            max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
 
     def finished(self, tag: str, value: str):
         """The id of the newest run tagged `tag` = `value` that finished with results, or None."""
@@ -188,15 +241,19 @@ class Tracker:
             if r.info.status in ("RUNNING", "KILLED") and last.exists():
                 self.client.update_run(r.info.run_id, status="RUNNING")
                 done = r.data.tags.get(LAST_EPOCH, "?")
-                print(f"resuming MLflow run {r.info.run_id} after epoch {done} from its last "
-                      f"checkpoint", flush=True)
+                print(
+                    f"resuming MLflow run {r.info.run_id} after epoch {done} from its last "
+                    f"checkpoint",
+                    flush=True,
+                )
                 return r.info.run_id, last
         return self.create(title, {KEY: key, **(tags or {})}), None
 
     def create(self, name: str, tags=None) -> str:
         """A new run, tagged with the code version; its id."""
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**code_tags(), **(tags or {})})
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={**code_tags(), **(tags or {})}
+        )
         return run.info.run_id
 
     def reopen(self, run_id: str):
@@ -230,7 +287,10 @@ class Tracker:
         class RunLogger(MLFlowLogger):
             def finalize(self, status="success"):
                 pass
-        return RunLogger(experiment_name=self.experiment, run_id=run_id, tracking_uri=tracking_uri())
+
+        return RunLogger(
+            experiment_name=self.experiment, run_id=run_id, tracking_uri=tracking_uri()
+        )
 
     def epoch_marks(self, run_id: str) -> list:
         """Callbacks recording the last finished epoch as a tag, so a run killed without warning

@@ -112,7 +112,8 @@ def test_unwritable_outputs_and_silent_tracking_server_fail_in_seconds(tmp_path,
 # ---- resume, reuse, contained failures
 
 RUNNER = """
-import json, sys, seqlstm
+import json, sys
+from seqlab import report, runner, schema
 params = {**schema.defaults(), **json.loads(sys.argv[1])}
 runs, loaded = report.prepare_report(params, schema.types())
 r = runner.run_experiment(runs[0], loaded[runs[0].data.key])
