@@ -278,35 +278,25 @@ def _endless(batches):
         yield from batches
 
 
-def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
-    """Training images/s of the test-task student (BiLSTM + FC, identity L = seq_len, flips, batch
-    256) without a teacher, with a cached logits table and with the teacher run live; and the
-    teacher's own training images/s (TEACHER_RECIPE). The teacher is untrained: speed does not
-    depend on its weights."""
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,))
-    mean, std = torch.full((3,), 0.47, device=device), torch.full((3,), 0.25, device=device)
-    model, to_input = build_teacher(teacher, {}, (3, 32, 32), 10)
-    live = Teacher(model.to(device), to_input, mean, std, tta=teacher.TEACHER_RECIPE["tta"])
-    cached = Teacher(model, to_input, mean, std, table=logits_table(live, images.to(device)))
-    result = {}
-    for name, t in (("none", None), ("cached", cached), ("live", live)):
-        student = BiLSTMFC(in_features=3 * 32 * 32, num_classes=10)
-        module = lightning.SeqClassifier(
-            student,
-            to_seq=make_sequence("identity", seq_len=seq_len),
-            mean=mean,
-            std=std,
-            augment="flip",
-            teacher=t,
-            distill_alpha=0.9,
-            distill_T=4.0,
-        ).to(device)
-        batches = _endless(
-            Batches(images.to(device), labels.to(device), 256, shuffle=True, with_index=True)
-        )
-        step = _train_step(module, lambda: next(batches), device, loss=module.train_loss)
-        result[name] = _rate(256, measure(step, min_run_time))
+def _student_rate(device, images, labels, mean, std, seq_len, taught, min_run_time):
+    """Training images/s of the test-task student (batch 256, flips), taught by `taught`."""
+    module = lightning.SeqClassifier(
+        BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
+        to_seq=make_sequence("identity", seq_len=seq_len),
+        mean=mean,
+        std=std,
+        augment="flip",
+        teacher=taught,
+        distill_alpha=0.9,
+        distill_T=4.0,
+    ).to(device)
+    batches = _endless(Batches(images, labels, 256, shuffle=True, with_index=True))
+    step = _train_step(module, lambda: next(batches), device, loss=module.train_loss)
+    return _rate(256, measure(step, min_run_time))
+
+
+def _teacher_rate(device, model, to_input, images, labels, mean, std, min_run_time):
+    """The teacher's own training images/s by TEACHER_RECIPE."""
     r = teacher.TEACHER_RECIPE
     net = lightning.SeqClassifier(
         model.train().requires_grad_(True),
@@ -316,15 +306,31 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
         augment=r["augment"],
         label_smoothing=r["label_smoothing"],
     ).to(device)
-    batches = _endless(
-        Batches(
-            images.to(device), labels.to(device), r["batch_size"], shuffle=True, with_index=True
-        )
-    )
+    batches = _endless(Batches(images, labels, r["batch_size"], shuffle=True, with_index=True))
     step = _train_step(net, lambda: next(batches), device, loss=net.train_loss)
-    result["teacher_train"] = _rate(r["batch_size"], measure(step, min_run_time))
+    return _rate(r["batch_size"], measure(step, min_run_time))
+
+
+def bench_distill(device, min_run_time, seq_len=10, teacher_name="fast_cnn", n=2048):
+    """Training images/s of the test-task student (BiLSTM + FC, identity L = seq_len, flips, batch
+    256) without a teacher, with a cached logits table and with the teacher run live; and the
+    teacher's own training images/s (TEACHER_RECIPE). The teacher is untrained: speed does not
+    depend on its weights."""
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (n,)).to(device)
+    mean, std = torch.full((3,), 0.47, device=device), torch.full((3,), 0.25, device=device)
+    model, to_input = build_teacher(teacher_name, {}, (3, 32, 32), 10)
+    live = Teacher(model.to(device), to_input, mean, std, tta=teacher.TEACHER_RECIPE["tta"])
+    cached = Teacher(model, to_input, mean, std, table=logits_table(live, images))
+    result = {
+        name: _student_rate(device, images, labels, mean, std, seq_len, t, min_run_time)
+        for name, t in (("none", None), ("cached", cached), ("live", live))
+    }
+    result["teacher_train"] = _teacher_rate(
+        device, model, to_input, images, labels, mean, std, min_run_time
+    )
     ratio = result["cached"]["per_s"] / result["none"]["per_s"]
-    return {**result, "cached_ratio": round(ratio, 2), "seq_len": seq_len, "teacher": teacher}
+    return {**result, "cached_ratio": round(ratio, 2), "seq_len": seq_len, "teacher": teacher_name}
 
 
 def format_distill(t):

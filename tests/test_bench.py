@@ -48,3 +48,12 @@ def test_measure_times_one_call_as_the_median_of_several():
     assert len(m.times) >= 4 and 0.01 <= m.median < 0.015 and m.iqr >= 0
     rate = bench._rate(10, m)
     assert rate["per_s"] == 10 / m.median and rate["runs"] == len(m.times)
+
+
+def test_the_distillation_bench_measures_each_way_and_formats_a_table():
+    from seqlab import teacher
+    t = bench.bench_distill("cpu", 0.01, seq_len=2, n=512)
+    assert {"none", "cached", "live", "teacher_train"} <= set(t) and t["teacher"] == "fast_cnn"
+    assert all(t[k]["per_s"] > 0 for k in ("none", "cached", "live", "teacher_train"))
+    lines = bench.format_distill(t)
+    assert f"(test-time views: {teacher.TEACHER_RECIPE['tta']})" in lines[3]
