@@ -1,4 +1,5 @@
 """Test isolation: set before seqlstm is imported (it reads $SEQLSTM_OUTPUTS at import time)."""
+
 import atexit
 import os
 import shutil
@@ -11,10 +12,14 @@ import torch
 _OUTPUTS = tempfile.mkdtemp(prefix="seqlstm-test-outputs-")
 atexit.register(shutil.rmtree, _OUTPUTS, ignore_errors=True)
 os.environ["SEQLSTM_OUTPUTS"] = _OUTPUTS  # runs, checkpoints and summary.csv never touch outputs/
-os.environ.pop("MLFLOW_TRACKING_URI", None)  # tracking goes to the SQLite store under the tmp outputs
+os.environ.pop(
+    "MLFLOW_TRACKING_URI", None
+)  # tracking goes to the SQLite store under the tmp outputs
 os.environ.setdefault("SEQLSTM_DATA", str(Path(__file__).resolve().parents[1] / "data"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))  # small tensors: more threads only add contention
+torch.set_num_threads(
+    min(2, torch.get_num_threads())
+)  # small tensors: more threads only add contention
 
 
 @pytest.fixture
@@ -25,8 +30,11 @@ def data_dir(request):
     marker = request.node.get_closest_marker("needs_data")
     wanted = marker.args if marker else ()
     if not root.is_dir() or (wanted and not any((root / w).is_dir() for w in wanted)):
-        pytest.skip(f"no {' or '.join(wanted) or 'data folder'} under {root}: unpack ../shared/data/*.tar.gz "
-                    f"there (or set $SEQLSTM_DATA to the folder that holds them)")
+        pytest.skip(
+            f"no {' or '.join(wanted) or 'data folder'} under {root}: unpack "
+            "../shared/data/*.tar.gz "
+            f"there (or set $SEQLSTM_DATA to the folder that holds them)"
+        )
     return root
 
 
@@ -41,8 +49,16 @@ def outputs(tmp_path, monkeypatch):
     return out
 
 
-QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01, "threads": 1,
-         "overview_per_class": 0, "experiment": "runs"}
+QUICK = {
+    "dataset": "digits",
+    "seq_len": 4,
+    "epochs": 1,
+    "batch_size": 64,
+    "lr": 0.01,
+    "threads": 1,
+    "overview_per_class": 0,
+    "experiment": "runs",
+}
 
 
 @pytest.fixture
@@ -53,5 +69,6 @@ def quick_report():
 
     def plan(**overrides):
         return report.prepare_report({**schema.defaults(), **QUICK, **overrides})
+
     plan.params = QUICK
     return plan

@@ -1,4 +1,5 @@
 """The benchmark's FLOP counting and timing helpers."""
+
 import math
 import time
 
@@ -10,9 +11,10 @@ from seqlab import bench
 
 
 def test_flop_counting_agrees_with_the_analytical_count_for_bilstm_fc():
-    """FlopCounterMode over one training step of bilstm_fc against bilstm_train_flops (3x the forward
-    multiply-adds): the counted figure is about 0.70x, because the backward pass computes no gradient
-    for the input images (the input projection, 2/3 of the forward work, costs 2x rather than 3x)."""
+    """FlopCounterMode over one training step of bilstm_fc against bilstm_train_flops (3x the
+    forward multiply-adds): the counted figure is about 0.70x, because the backward pass computes
+    no gradient for the input images (the input projection, 2/3 of the forward work, costs 2x
+    rather than 3x)."""
     x, n_feat, args = seqlstm.model_input("bilstm_fc", 8)
     model = seqlstm.create_model("bilstm_fc", in_features=n_feat, num_classes=10, **args)
     counted = bench.train_flops(model, x, torch.randint(0, 10, (8,)))
@@ -22,9 +24,10 @@ def test_flop_counting_agrees_with_the_analytical_count_for_bilstm_fc():
 
 
 def test_flop_counting_covers_lstm_kernels_and_ffts():
-    """nn.LSTM's CPU kernel and FFTs, which FlopCounterMode does not count by itself, are counted: a
-    1-layer LSTM is 3x its forward products (gates and head), and S4D's count gains at least its
-    forward FFTs (per layer: the kernel's rfft, the input's rfft and the output's irfft, of 2L points)."""
+    """nn.LSTM's CPU kernel and FFTs, which FlopCounterMode does not count by itself, are
+    counted: a 1-layer LSTM is 3x its forward products (gates and head), and S4D's count gains at
+    least its forward FFTs (per layer: the kernel's rfft, the input's rfft and the output's
+    irfft, of 2L points)."""
     x, n_feat, _ = seqlstm.model_input("lstm", 4)  # rows of 3x32x32: T = 32, F = 96
     model = seqlstm.create_model("lstm", in_features=n_feat, num_classes=10, hidden=16)
     T, I, H = 32, 96, 16
@@ -35,7 +38,10 @@ def test_flop_counting_covers_lstm_kernels_and_ffts():
     u = torch.randn(B, L, D)
     with torch.no_grad(), FlopCounterMode(display=False) as plain:  # products only
         layer.conv(u)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=bench.EXTRA_FLOPS) as counted:
+    with (
+        torch.no_grad(),
+        FlopCounterMode(display=False, custom_mapping=bench.EXTRA_FLOPS) as counted,
+    ):
         layer.conv(u)
     real_fft = 2.5 * 2 * L * math.log2(2 * L)  # one real transform of 2L points: half of 5 n log2 n
     # the kernel's rfft (D channels), the input's rfft and the output's irfft (B x D each)
@@ -43,7 +49,8 @@ def test_flop_counting_covers_lstm_kernels_and_ffts():
 
 
 def test_measure_times_one_call_as_the_median_of_several():
-    """A 10 ms sleep (independent of the CPU load): several timed blocks, a median per call near 10 ms."""
+    """A 10 ms sleep (independent of the CPU load): several timed blocks, a median per call near
+    10 ms."""
     m = bench.measure(lambda: time.sleep(0.01), 0.2)
     assert len(m.times) >= 4 and 0.01 <= m.median < 0.015 and m.iqr >= 0
     rate = bench._rate(10, m)
@@ -52,6 +59,7 @@ def test_measure_times_one_call_as_the_median_of_several():
 
 def test_the_distillation_bench_measures_each_way_and_formats_a_table():
     from seqlab import teacher
+
     t = bench.bench_distill("cpu", 0.01, seq_len=2, n=512)
     assert {"none", "cached", "live", "teacher_train"} <= set(t) and t["teacher"] == "fast_cnn"
     assert all(t[k]["per_s"] > 0 for k in ("none", "cached", "live", "teacher_train"))

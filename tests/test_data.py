@@ -1,4 +1,6 @@
-"""Datasets: splits, statistics, ImageFolder copies, the decode cache, and errors that say what to do."""
+"""Datasets: splits, statistics, ImageFolder copies, the decode cache, and errors that say what
+to do."""
+
 from collections import Counter
 from functools import partial
 
@@ -10,11 +12,23 @@ from torchvision.transforms.v2.functional import resize
 
 import seqlstm
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def as_multiset(x, y):
-    """Each (image, label) pair as bytes: equal multisets mean the same samples, duplicates included."""
+    """Each (image, label) pair as bytes: equal multisets mean the same samples, duplicates
+    included."""
     return Counter((img.numpy().tobytes(), int(label)) for img, label in zip(x, y))
 
 
@@ -32,6 +46,7 @@ def train_stats(x):
 # ----------------------------------------------------------------------------------------
 # scikit-learn digits (bundled, no files)
 
+
 @pytest.fixture(scope="module")
 def digits():
     return seqlstm.load_dataset("digits", val_fraction=0.1, seed=0)
@@ -40,7 +55,11 @@ def digits():
 def test_digits_shapes_dtypes_and_splits(digits):
     check_dtypes(digits)
     n_train = 1797 - 360  # the fixed stratified 80/20 split
-    assert digits.counts() == {"train": n_train - round(0.1 * n_train), "val": round(0.1 * n_train), "test": 360}
+    assert digits.counts() == {
+        "train": n_train - round(0.1 * n_train),
+        "val": round(0.1 * n_train),
+        "test": 360,
+    }
     for split in ("train", "val", "test"):
         x, y = getattr(digits, f"{split}_x"), getattr(digits, f"{split}_y")
         assert x.shape == (len(y), 1, 8, 8)
@@ -48,7 +67,9 @@ def test_digits_shapes_dtypes_and_splits(digits):
     assert set(digits.train_y.tolist()) == set(range(10))
     assert digits.image_shape == (1, 8, 8)
     assert digits.classes == [str(i) for i in range(10)]
-    assert digits.train_x.max() == 255 and digits.train_x.min() == 0  # 0..16 scaled to the full uint8 range
+    assert (
+        digits.train_x.max() == 255 and digits.train_x.min() == 0
+    )  # 0..16 scaled to the full uint8 range
     assert "digits" in digits.source
 
 
@@ -81,7 +102,9 @@ def test_digits_limit_train_truncates_and_stats_come_from_train(digits):
         assert data.mean.shape == data.std.shape == (1,)
         torch.testing.assert_close(data.mean, mean, atol=1e-5, rtol=0)
         torch.testing.assert_close(data.std, std, atol=1e-5, rtol=0)
-    assert not torch.allclose(small.mean, digits.mean, atol=1e-4, rtol=0)  # really from the (limited) train split
+    assert not torch.allclose(
+        small.mean, digits.mean, atol=1e-4, rtol=0
+    )  # really from the (limited) train split
     everything = torch.cat([digits.train_x, digits.val_x, digits.test_x])
     assert not torch.allclose(digits.mean, train_stats(everything)[0], atol=1e-5, rtol=0)
 
@@ -98,11 +121,17 @@ def test_bad_val_fraction_raises(val_fraction):
 CLASSES = ["cat", "ant", "bee"]  # written unsorted: labels follow the sorted folder names
 
 
-def write_folder(root, *, n_train=4, n_test=2, size=6, test_name="test", classes=CLASSES, test_classes=None):
-    """root/{train,test_name}/<class>/NN.png with known pixels; returns {split: (x, y)} in ImageFolder order."""
+def write_folder(
+    root, *, n_train=4, n_test=2, size=6, test_name="test", classes=CLASSES, test_classes=None
+):
+    """root/{train,test_name}/<class>/NN.png with known pixels; returns {split: (x, y)} in
+    ImageFolder order."""
     rng = np.random.default_rng(0)
     expected = {}
-    for split, n, names in (("train", n_train, classes), (test_name, n_test, test_classes or classes)):
+    for split, n, names in (
+        ("train", n_train, classes),
+        (test_name, n_test, test_classes or classes),
+    ):
         xs, ys = [], []
         for name in names:
             (root / split / name).mkdir(parents=True)
@@ -111,9 +140,13 @@ def write_folder(root, *, n_train=4, n_test=2, size=6, test_name="test", classes
                 Image.fromarray(pixels, "RGB").save(root / split / name / f"{i:02d}.png")
                 xs.append(torch.from_numpy(pixels).permute(2, 0, 1))
                 ys.append(sorted(names).index(name))
-        order = sorted(range(len(ys)), key=lambda j: ys[j])  # ImageFolder: by class, then by file name
-        expected["test" if split == test_name else split] = (torch.stack([xs[j] for j in order]),
-                                                             torch.tensor([ys[j] for j in order]))
+        order = sorted(
+            range(len(ys)), key=lambda j: ys[j]
+        )  # ImageFolder: by class, then by file name
+        expected["test" if split == test_name else split] = (
+            torch.stack([xs[j] for j in order]),
+            torch.tensor([ys[j] for j in order]),
+        )
     return expected
 
 
@@ -144,8 +177,9 @@ def test_image_folder_classes_labels_and_exact_pixels(folder, tmp_path, cache_di
     assert torch.equal(data.test_x, test_x) and torch.equal(data.test_y, test_y)  # PNG is lossless
     assert test_y.tolist() == [0, 0, 1, 1, 2, 2]
     train_x, train_y = expected["train"]
-    assert as_multiset(data.train_x, data.train_y) + as_multiset(data.val_x, data.val_y) == \
-        as_multiset(train_x, train_y)
+    assert as_multiset(data.train_x, data.train_y) + as_multiset(
+        data.val_x, data.val_y
+    ) == as_multiset(train_x, train_y)
     assert "ImageFolder" in data.source and str(folder.resolve()) in data.source
 
 
@@ -163,7 +197,8 @@ def test_image_folder_second_load_reads_the_cache(folder, tmp_path, cache_dir, m
         assert torch.equal(getattr(first, f"{split}_x"), getattr(second, f"{split}_x"))
         assert torch.equal(getattr(first, f"{split}_y"), getattr(second, f"{split}_y"))
     assert second.classes == first.classes and second.source == first.source
-    # images of one size are cached at that size: every image_size is served by the same entry, resized
+    # images of one size are cached at that size: every image_size is served by the same entry,
+    # resized
     small = load(folder, tmp_path, image_size=4)
     assert small.image_shape == (3, 4, 4) and len(list(cache_dir.glob("*.pt"))) == 1
     assert torch.equal(small.test_x, resize(first.test_x, [4, 4], antialias=True))
@@ -183,7 +218,9 @@ def test_image_folder_with_val_instead_of_test(folder, tmp_path, cache_dir):
     expected = write_folder(folder, test_name="val", n_test=3)
     data = load(folder, tmp_path)
     assert data.classes == ["ant", "bee", "cat"]
-    assert torch.equal(data.test_x, expected["test"][0]) and torch.equal(data.test_y, expected["test"][1])
+    assert torch.equal(data.test_x, expected["test"][0]) and torch.equal(
+        data.test_y, expected["test"][1]
+    )
 
 
 def test_image_folder_different_class_sets_raise(folder, tmp_path, cache_dir):
@@ -228,25 +265,56 @@ def test_image_folder_mixed_sizes_raise_unless_image_size(folder, tmp_path, cach
 # ----------------------------------------------------------------------------------------
 # names and missing data
 
+
 def test_unknown_dataset_lists_valid_names(tmp_path):
     with pytest.raises(ValueError, match="no-such-dataset") as e:
         seqlstm.load_dataset("no-such-dataset", data_dir=tmp_path)
     for name in ("'cifar10'", "'mnist'", "'digits'", "'cifar100'", "'tiny_imagenet'"):
         assert name in str(e.value)
-    assert seqlstm.list_datasets() == ["cifar10", "cifar100", "cifar100_coarse", "digits", "fashion_mnist",
-                                       "imagenette", "mnist", "svhn", "svhn_extra", "tiny_imagenet"]
+    assert seqlstm.list_datasets() == [
+        "cifar10",
+        "cifar100",
+        "cifar100_coarse",
+        "digits",
+        "fashion_mnist",
+        "imagenette",
+        "mnist",
+        "svhn",
+        "svhn_extra",
+        "tiny_imagenet",
+    ]
 
 
-@pytest.mark.parametrize("name, layouts", [
-    ("mnist", ["MNIST/raw"]),
-    ("cifar10", ["cifar-10-batches-py", "cifar10-jpeg"]),
-    ("cifar100", ["cifar-100-python/{train,test,meta}", "cifar-100-python.tar.gz"]),
-    ("svhn", ["SVHN/{train,test}_32x32.mat", "ufldl.stanford.edu/housenumbers"]),
-    ("svhn_extra", ["SVHN/{train,test,extra}_32x32.mat"]),
-    ("fashion_mnist", ["FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", "fashion-mnist"]),
-    ("imagenette", ["imagenette-64/{train,val}/<wnid>", "imagenette2-160/{train,val}", "imagenette2-160.tgz"]),
-    ("tiny_imagenet", ["tiny-imagenet-200/", "val/val_annotations.txt", "cs231n.stanford.edu/tiny-imagenet-200.zip"]),
-])
+@pytest.mark.parametrize(
+    "name, layouts",
+    [
+        ("mnist", ["MNIST/raw"]),
+        ("cifar10", ["cifar-10-batches-py", "cifar10-jpeg"]),
+        ("cifar100", ["cifar-100-python/{train,test,meta}", "cifar-100-python.tar.gz"]),
+        ("svhn", ["SVHN/{train,test}_32x32.mat", "ufldl.stanford.edu/housenumbers"]),
+        ("svhn_extra", ["SVHN/{train,test,extra}_32x32.mat"]),
+        (
+            "fashion_mnist",
+            ["FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", "fashion-mnist"],
+        ),
+        (
+            "imagenette",
+            [
+                "imagenette-64/{train,val}/<wnid>",
+                "imagenette2-160/{train,val}",
+                "imagenette2-160.tgz",
+            ],
+        ),
+        (
+            "tiny_imagenet",
+            [
+                "tiny-imagenet-200/",
+                "val/val_annotations.txt",
+                "cs231n.stanford.edu/tiny-imagenet-200.zip",
+            ],
+        ),
+    ],
+)
 def test_missing_dataset_offline_says_where_to_put_it(name, layouts, tmp_path):
     with pytest.raises(seqlstm.DatasetNotFound) as e:
         seqlstm.load_dataset(name, data_dir=tmp_path, download=False)
@@ -257,11 +325,14 @@ def test_missing_dataset_offline_says_where_to_put_it(name, layouts, tmp_path):
     for layout in layouts:
         assert layout in message
     assert "http" in message
-    assert not (tmp_path / ".cache").exists() or not any((tmp_path / ".cache").iterdir())  # nothing cached
+    assert not (tmp_path / ".cache").exists() or not any(
+        (tmp_path / ".cache").iterdir()
+    )  # nothing cached
 
 
 # ----------------------------------------------------------------------------------------
 # the shared copies (skipped where they are not unpacked)
+
 
 @pytest.mark.needs_data("MNIST/raw")
 def test_mnist_shared_copy(data_dir):
@@ -309,53 +380,94 @@ def test_imagenette_shared_copy(data_dir):
 def test_tiny_imagenet_shared_copy(data_dir):
     data = seqlstm.load_dataset("tiny_imagenet", data_dir=data_dir, val_fraction=0)
     check_dtypes(data)
-    n_train = len(list((data_dir / "tiny-imagenet-200" / "train").glob("*/images/*.JPEG")))  # 10,000 in the subset
+    n_train = len(
+        list((data_dir / "tiny-imagenet-200" / "train").glob("*/images/*.JPEG"))
+    )  # 10,000 in the subset
     assert data.counts() == {"train": n_train, "val": 0, "test": 10000}
     assert data.image_shape == (3, 64, 64)
     assert len(data.classes) == 200 and len(set(data.classes)) == 200
     assert data.classes[0] == "goldfish"  # n01443537, the first wnid in sorted order
-    assert torch.bincount(data.test_y, minlength=200).tolist() == [50] * 200  # 50 labelled val images per class
+    assert (
+        torch.bincount(data.test_y, minlength=200).tolist() == [50] * 200
+    )  # 50 labelled val images per class
     assert torch.bincount(data.train_y, minlength=200).min() > 0
     assert "Tiny-ImageNet" in data.source
-    gray = seqlstm.load_dataset("tiny_imagenet", data_dir=data_dir, grayscale=True, image_size=32, limit_train=1000)
+    gray = seqlstm.load_dataset(
+        "tiny_imagenet", data_dir=data_dir, grayscale=True, image_size=32, limit_train=1000
+    )
     assert gray.image_shape == (1, 32, 32) and gray.test_x.shape == (10000, 1, 32, 32)
     assert gray.mean.shape == gray.std.shape == (1,)
 
 
 # ----------------------------------------------------------------------------------------
-# torchvision datasets without a shared copy: small files written here in torchvision's exact layouts
+# torchvision datasets without a shared copy: small files written in torchvision's exact layouts
 
-IMAGENETTE_NAMES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
-                    "garbage truck", "gas pump", "golf ball", "parachute"]
+IMAGENETTE_NAMES = [
+    "tench",
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas pump",
+    "golf ball",
+    "parachute",
+]
 
 
 def write_cifar100(data_dir, n_train=12, n_test=6):
-    """cifar-100-python/{train,test,meta}: pickled dicts as in the official archive; returns {split: (x, fine, coarse)}."""
+    """cifar-100-python/{train,test,meta}: pickled dicts as in the official archive; returns
+    {split: (x, fine, coarse)}."""
     import pickle
+
     rng = np.random.default_rng(1)
     folder = data_dir / "cifar-100-python"
     folder.mkdir(parents=True)
     expected = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)  # rows: R plane, G plane, B plane
+        data = rng.integers(
+            0, 256, (n, 3 * 32 * 32), dtype=np.uint8
+        )  # rows: R plane, G plane, B plane
         fine = rng.integers(0, 100, n).tolist()
         coarse = [f // 5 for f in fine]
         with open(folder / split, "wb") as f:
-            pickle.dump({"filenames": [f"img_{i}.png" for i in range(n)], "batch_label": f"{split} batch",
-                         "fine_labels": fine, "coarse_labels": coarse, "data": data}, f)
-        expected[split] = torch.from_numpy(data).view(n, 3, 32, 32), torch.tensor(fine), torch.tensor(coarse)
+            pickle.dump(
+                {
+                    "filenames": [f"img_{i}.png" for i in range(n)],
+                    "batch_label": f"{split} batch",
+                    "fine_labels": fine,
+                    "coarse_labels": coarse,
+                    "data": data,
+                },
+                f,
+            )
+        expected[split] = (
+            torch.from_numpy(data).view(n, 3, 32, 32),
+            torch.tensor(fine),
+            torch.tensor(coarse),
+        )
     with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"fine_{i:02d}" for i in range(100)],
-                     "coarse_label_names": [f"coarse_{i:02d}" for i in range(20)]}, f)
+        pickle.dump(
+            {
+                "fine_label_names": [f"fine_{i:02d}" for i in range(100)],
+                "coarse_label_names": [f"coarse_{i:02d}" for i in range(20)],
+            },
+            f,
+        )
     return expected
 
 
 @pytest.fixture
 def no_cifar_checksums(monkeypatch):
-    """The files written here are not the official ones: skip torchvision's md5 checks of CIFAR-100."""
+    """The files written here are not the official ones: skip torchvision's md5 checks of
+    CIFAR-100."""
     import torchvision
+
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True)  # meta
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True
+    )  # meta
 
 
 def test_cifar100_damaged_copy_names_its_folder(tmp_path):
@@ -375,11 +487,14 @@ def test_cifar100_fine_and_coarse_labels(tmp_path, no_cifar_checksums):
     test_x, test_fine, test_coarse = expected["test"]
     assert torch.equal(fine.test_x, test_x) and torch.equal(fine.test_y, test_fine)
     train_x, train_fine, train_coarse = expected["train"]
-    assert as_multiset(fine.train_x, fine.train_y) + as_multiset(fine.val_x, fine.val_y) == \
-        as_multiset(train_x, train_fine)
+    assert as_multiset(fine.train_x, fine.train_y) + as_multiset(
+        fine.val_x, fine.val_y
+    ) == as_multiset(train_x, train_fine)
     assert fine.source == "torchvision CIFAR100"
 
-    coarse = seqlstm.load_dataset("cifar100", data_dir=tmp_path, val_fraction=0.25, dataset_args={"labels": "coarse"})
+    coarse = seqlstm.load_dataset(
+        "cifar100", data_dir=tmp_path, val_fraction=0.25, dataset_args={"labels": "coarse"}
+    )
     assert coarse.classes == [f"coarse_{i:02d}" for i in range(20)]
     assert torch.equal(coarse.test_x, test_x) and torch.equal(coarse.test_y, test_coarse)
     assert torch.equal(coarse.train_x, fine.train_x)  # the same images, the same seeded split
@@ -411,8 +526,10 @@ def test_dataset_args_are_checked(tmp_path, no_cifar_checksums):
 
 
 def write_svhn(folder, sizes):
-    """{split}_32x32.mat as in the official files: X (32, 32, 3, N) uint8, y (N, 1) with 10 for the digit 0."""
+    """{split}_32x32.mat as in the official files: X (32, 32, 3, N) uint8, y (N, 1) with 10 for
+    the digit 0."""
     from scipy.io import savemat
+
     rng = np.random.default_rng(2)
     folder.mkdir(parents=True, exist_ok=True)
     expected = {}
@@ -420,13 +537,17 @@ def write_svhn(folder, sizes):
         x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         y = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)  # 1..10
         savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
-        expected[split] = torch.from_numpy(x).permute(3, 2, 0, 1), torch.from_numpy(y[:, 0] % 10).long()
+        expected[split] = (
+            torch.from_numpy(x).permute(3, 2, 0, 1),
+            torch.from_numpy(y[:, 0] % 10).long(),
+        )
     return expected
 
 
 @pytest.fixture
 def no_svhn_checksums(monkeypatch):
     import torchvision
+
     monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
 
 
@@ -438,31 +559,48 @@ def test_svhn_labels_0_to_9_and_extra(subfolder, tmp_path, no_svhn_checksums):
     assert data.counts() == {"train": 15, "val": 5, "test": 10}
     assert data.image_shape == (3, 32, 32)
     assert data.classes == [str(i) for i in range(10)]
-    assert torch.equal(data.test_x, expected["test"][0]) and torch.equal(data.test_y, expected["test"][1])
+    assert torch.equal(data.test_x, expected["test"][0]) and torch.equal(
+        data.test_y, expected["test"][1]
+    )
     assert data.test_y.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # the file's 10 is the digit 0
-    assert as_multiset(data.train_x, data.train_y) + as_multiset(data.val_x, data.val_y) == \
-        as_multiset(*expected["train"])
+    assert as_multiset(data.train_x, data.train_y) + as_multiset(
+        data.val_x, data.val_y
+    ) == as_multiset(*expected["train"])
 
-    extra = seqlstm.load_dataset("svhn", data_dir=tmp_path, val_fraction=0, dataset_args={"extra": True})
+    extra = seqlstm.load_dataset(
+        "svhn", data_dir=tmp_path, val_fraction=0, dataset_args={"extra": True}
+    )
     assert extra.counts() == {"train": 25, "val": 0, "test": 10}
-    assert as_multiset(extra.train_x, extra.train_y) == as_multiset(*expected["train"]) + as_multiset(*expected["extra"])
+    assert as_multiset(extra.train_x, extra.train_y) == as_multiset(
+        *expected["train"]
+    ) + as_multiset(*expected["extra"])
     assert "extra" in extra.source
-    assert seqlstm.load_dataset("svhn_extra", data_dir=tmp_path, val_fraction=0).counts() == extra.counts()
+    assert (
+        seqlstm.load_dataset("svhn_extra", data_dir=tmp_path, val_fraction=0).counts()
+        == extra.counts()
+    )
 
 
 def test_svhn_extra_missing_offline(tmp_path, no_svhn_checksums):
     write_svhn(tmp_path / "SVHN", {"train": 4, "test": 2})
     assert seqlstm.load_dataset("svhn", data_dir=tmp_path, download=False).counts()["test"] == 2
     with pytest.raises(seqlstm.DatasetNotFound, match=r"SVHN/\{train,test,extra\}_32x32\.mat"):
-        seqlstm.load_dataset("svhn", data_dir=tmp_path, download=False, dataset_args={"extra": True})
+        seqlstm.load_dataset(
+            "svhn", data_dir=tmp_path, download=False, dataset_args={"extra": True}
+        )
 
 
 def write_idx(path, array):
-    """An idx-ubyte file as in (Fashion-)MNIST: big-endian magic 0x0800 + ndim, the sizes, then the bytes."""
+    """An idx-ubyte file as in (Fashion-)MNIST: big-endian magic 0x0800 + ndim, the sizes, then
+    the bytes."""
     import struct
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) +
-                     array.astype(np.uint8).tobytes())
+    path.write_bytes(
+        struct.pack(">I", 0x0800 + array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
 
 
 def write_fashion_mnist(data_dir, n_train=16, n_test=8):
@@ -480,19 +618,24 @@ def write_fashion_mnist(data_dir, n_train=16, n_test=8):
 
 def test_fashion_mnist_from_raw_idx_files(tmp_path):
     from torchvision.datasets import FashionMNIST
+
     expected = write_fashion_mnist(tmp_path)
     data = seqlstm.load_dataset("fashion_mnist", data_dir=tmp_path, val_fraction=0.25)
     check_dtypes(data)
     assert data.counts() == {"train": 12, "val": 4, "test": 8}
     assert data.image_shape == (1, 28, 28)
     assert data.classes == FashionMNIST.classes and data.classes[0] == "T-shirt/top"
-    assert torch.equal(data.test_x, expected["test"][0]) and torch.equal(data.test_y, expected["test"][1])
+    assert torch.equal(data.test_x, expected["test"][0]) and torch.equal(
+        data.test_y, expected["test"][1]
+    )
     assert data.source == "torchvision FashionMNIST"
 
 
 def test_download_is_tried_and_its_failure_says_where_to_put_the_data(tmp_path, monkeypatch):
-    """Online, each loader asks torchvision to download the official files (here the network is stubbed out)."""
+    """Online, each loader asks torchvision to download the official files (here the network is
+    stubbed out)."""
     import torchvision
+
     tried = []
 
     def offline(url, *args, **kw):
@@ -501,12 +644,16 @@ def test_download_is_tried_and_its_failure_says_where_to_put_the_data(tmp_path, 
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
     monkeypatch.setattr(torchvision.datasets.svhn, "download_url", offline)
-    for name, url in [("cifar100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-                      ("svhn", "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"),
-                      ("fashion_mnist", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-                                        "train-images-idx3-ubyte.gz"),
-                      ("imagenette", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"),
-                      ("tiny_imagenet", "http://cs231n.stanford.edu/tiny-imagenet-200.zip")]:
+    for name, url in [
+        ("cifar100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+        ("svhn", "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"),
+        (
+            "fashion_mnist",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
+        ),
+        ("imagenette", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"),
+        ("tiny_imagenet", "http://cs231n.stanford.edu/tiny-imagenet-200.zip"),
+    ]:
         tried.clear()
         with pytest.raises(seqlstm.DatasetNotFound) as e:
             seqlstm.load_dataset(name, data_dir=tmp_path / name, download=True)
@@ -521,23 +668,37 @@ def test_download_is_tried_and_its_failure_says_where_to_put_the_data(tmp_path, 
 # ----------------------------------------------------------------------------------------
 # Imagenette and Tiny-ImageNet layouts written here
 
+
 def test_imagenette_folder_names_classes_by_wnid(tmp_path, cache_dir):
     wnids = list(seqlstm.IMAGENETTE_CLASSES)
     write_folder(tmp_path / "imagenette2-160", classes=wnids, n_train=1, n_test=1, test_name="val")
     with pytest.raises(ValueError, match="image_size"):  # mixed sizes, as in fastai's releases
-        Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(tmp_path / "imagenette2-160" / "val" / wnids[3] / "b.JPEG")
+        Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(
+            tmp_path / "imagenette2-160" / "val" / wnids[3] / "b.JPEG"
+        )
         seqlstm.load_dataset("imagenette", data_dir=tmp_path)
     data = seqlstm.load_dataset("imagenette", data_dir=tmp_path, image_size=5, val_fraction=0)
     assert data.classes == IMAGENETTE_NAMES
     assert data.counts() == {"train": 10, "val": 0, "test": 11} and data.image_shape == (3, 5, 5)
     assert "imagenette2-160" in data.source
-    with pytest.raises(seqlstm.DatasetNotFound, match="imagenette2-320"):  # an explicit size looks for that copy
-        seqlstm.load_dataset("imagenette", data_dir=tmp_path, download=False, dataset_args={"size": "320px"})
+    with pytest.raises(
+        seqlstm.DatasetNotFound, match="imagenette2-320"
+    ):  # an explicit size looks for that copy
+        seqlstm.load_dataset(
+            "imagenette", data_dir=tmp_path, download=False, dataset_args={"size": "320px"}
+        )
 
 
-TINY_WNIDS = {"n01443537": "goldfish, Carassius auratus", "n01629819": "European fire salamander, Salamandra",
-              "n01641577": "bullfrog, Rana catesbeiana"}
-TINY_COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]  # one solid colour per class (sorted wnids)
+TINY_WNIDS = {
+    "n01443537": "goldfish, Carassius auratus",
+    "n01629819": "European fire salamander, Salamandra",
+    "n01641577": "bullfrog, Rana catesbeiana",
+}
+TINY_COLOURS = [
+    (220, 30, 30),
+    (30, 220, 30),
+    (30, 30, 220),
+]  # one solid colour per class (sorted wnids)
 TINY_VAL = [2, 0, 1, 1, 2, 0, 0]  # the class of val_0 .. val_6
 TINY_VAL_ORDER = [3, 0, 6, 1, 5, 2, 4]  # the order of val_annotations.txt: not by file name
 
@@ -547,18 +708,26 @@ def write_tiny(data_dir, n_train=3, size=8):
     root = data_dir / "tiny-imagenet-200"
     wnids = sorted(TINY_WNIDS)
     (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")  # unsorted, as in the release
-    (root / "words.txt").write_text("n00001740\tentity\n" + "".join(f"{w}\t{t}\n" for w, t in TINY_WNIDS.items()))
+    (root / "wnids.txt").write_text(
+        "\n".join(reversed(wnids)) + "\n"
+    )  # unsorted, as in the release
+    (root / "words.txt").write_text(
+        "n00001740\tentity\n" + "".join(f"{w}\t{t}\n" for w, t in TINY_WNIDS.items())
+    )
     for k, wnid in enumerate(wnids):
         images = root / "train" / wnid / "images"
         images.mkdir(parents=True)
         (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
         for i in range(n_train):
-            Image.new("RGB", (size, size), TINY_COLOURS[k]).save(images / f"{wnid}_{i}.JPEG", quality=95)
+            Image.new("RGB", (size, size), TINY_COLOURS[k]).save(
+                images / f"{wnid}_{i}.JPEG", quality=95
+            )
     lines = []
     for i in TINY_VAL_ORDER:
         k = TINY_VAL[i]
-        Image.new("RGB", (size, size), TINY_COLOURS[k]).save(root / "val" / "images" / f"val_{i}.JPEG", quality=95)
+        Image.new("RGB", (size, size), TINY_COLOURS[k]).save(
+            root / "val" / "images" / f"val_{i}.JPEG", quality=95
+        )
         lines.append(f"val_{i}.JPEG\t{wnids[k]}\t0\t0\t{size - 1}\t{size - 1}\n")
     (root / "val" / "val_annotations.txt").write_text("".join(lines))
     return root
@@ -576,7 +745,9 @@ def test_tiny_imagenet_layout(tmp_path, cache_dir):
     assert data.classes == ["goldfish", "European fire salamander", "bullfrog"]
     assert data.counts() == {"train": 9, "val": 0, "test": 7}
     assert data.image_shape == (3, 8, 8)
-    assert data.test_y.tolist() == [TINY_VAL[i] for i in TINY_VAL_ORDER]  # from val_annotations.txt, in its order
+    assert data.test_y.tolist() == [
+        TINY_VAL[i] for i in TINY_VAL_ORDER
+    ]  # from val_annotations.txt, in its order
     assert torch.equal(colour_labels(data.test_x), data.test_y)  # each file got its own label
     assert torch.equal(colour_labels(data.train_x), data.train_y)
     assert torch.bincount(data.train_y).tolist() == [3, 3, 3]
@@ -597,10 +768,16 @@ def test_tiny_imagenet_second_load_reads_the_cache(tmp_path, cache_dir, monkeypa
         assert torch.equal(getattr(first, f"{split}_x"), getattr(second, f"{split}_x"))
         assert torch.equal(getattr(first, f"{split}_y"), getattr(second, f"{split}_y"))
     assert second.classes == first.classes
-    assert seqlstm.load_dataset("tiny_imagenet", data_dir=tmp_path, image_size=4).image_shape == (3, 4, 4)
+    assert seqlstm.load_dataset("tiny_imagenet", data_dir=tmp_path, image_size=4).image_shape == (
+        3,
+        4,
+        4,
+    )
     # a relabelled val image is a new cache entry, not a stale one
     annotations = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"
-    annotations.write_text(annotations.read_text().replace("val_0.JPEG\tn01641577", "val_0.JPEG\tn01443537"))
+    annotations.write_text(
+        annotations.read_text().replace("val_0.JPEG\tn01641577", "val_0.JPEG\tn01443537")
+    )
     with pytest.raises(AssertionError, match="decoded again"):
         seqlstm.load_dataset("tiny_imagenet", data_dir=tmp_path)
 
@@ -609,7 +786,12 @@ def break_unknown_wnid(root):
     Image.new("RGB", (8, 8)).save(root / "val" / "images" / "val_7.JPEG")
     with open(root / "val" / "val_annotations.txt", "a") as f:
         f.write("val_7.JPEG\tn09999999\t0\t0\t7\t7\n")
-    return ValueError, ["n09999999", "val_7.JPEG", "line 8", str(root / "val" / "val_annotations.txt")]
+    return ValueError, [
+        "n09999999",
+        "val_7.JPEG",
+        "line 8",
+        str(root / "val" / "val_annotations.txt"),
+    ]
 
 
 def break_missing_val_image(root):
@@ -635,8 +817,16 @@ def break_corrupt_image(root):
     return ValueError, ["decode", str(bad)]
 
 
-@pytest.mark.parametrize("damage", [break_unknown_wnid, break_missing_val_image, break_empty_class,
-                                    break_extra_class_folder, break_corrupt_image])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        break_unknown_wnid,
+        break_missing_val_image,
+        break_empty_class,
+        break_extra_class_folder,
+        break_corrupt_image,
+    ],
+)
 def test_tiny_imagenet_bad_layout_names_the_file(damage, tmp_path, cache_dir):
     error, parts = damage(write_tiny(tmp_path))
     with pytest.raises(error) as e:
@@ -649,10 +839,17 @@ def test_tiny_imagenet_bad_layout_names_the_file(damage, tmp_path, cache_dir):
 # ----------------------------------------------------------------------------------------
 # the image policy: size, grayscale, channels; normalisation statistics
 
+
 def test_image_size_resizes_every_split_of_a_tensor_dataset(tmp_path):
     expected = write_fashion_mnist(tmp_path)
-    data = seqlstm.load_dataset("fashion_mnist", data_dir=tmp_path, image_size=14, val_fraction=0.25)
-    assert data.image_shape == (1, 14, 14) and data.val_x.shape[1:] == data.test_x.shape[1:] == (1, 14, 14)
+    data = seqlstm.load_dataset(
+        "fashion_mnist", data_dir=tmp_path, image_size=14, val_fraction=0.25
+    )
+    assert data.image_shape == (1, 14, 14) and data.val_x.shape[1:] == data.test_x.shape[1:] == (
+        1,
+        14,
+        14,
+    )
     assert data.test_x.dtype == torch.uint8
     assert torch.equal(data.test_x, resize(expected["test"][0], [14, 14], antialias=True))
     mean, std = train_stats(data.train_x)  # statistics of the resized images
@@ -681,13 +878,21 @@ def test_grayscale_is_itu_r_601_luma(tmp_path, cache_dir):
         assert (gray.test_x[gray.test_y == k] == luma[name]).all(), name
     assert gray.mean.shape == gray.std.shape == (1,)
     torch.testing.assert_close(gray.mean, train_stats(gray.train_x)[0], atol=1e-5, rtol=0)
-    assert torch.equal(seqlstm.load_dataset(str(tmp_path / "rgb"), val_fraction=0, channels=1).test_x, gray.test_x)
+    assert torch.equal(
+        seqlstm.load_dataset(str(tmp_path / "rgb"), val_fraction=0, channels=1).test_x, gray.test_x
+    )
     as_rgb = seqlstm.load_dataset(str(tmp_path / "rgb"), val_fraction=0, grayscale=True, channels=3)
     assert as_rgb.image_shape == (3, 5, 5) and (as_rgb.test_x == gray.test_x).all()
 
 
-@pytest.mark.parametrize("kw, match", [({"image_size": 0}, "image_size"), ({"image_size": 2.5}, "image_size"),
-                                       ({"channels": 2}, "channels")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": 2.5}, "image_size"),
+        ({"channels": 2}, "channels"),
+    ],
+)
 def test_bad_image_policy_raises(kw, match):
     with pytest.raises(ValueError, match=match):
         seqlstm.load_dataset("digits", **kw)
@@ -697,30 +902,46 @@ def test_chunked_policy_and_statistics_match_the_whole_set_computation():
     x = torch.randint(0, 256, (37, 3, 9, 7), dtype=torch.uint8)
     for elements in (1, 500, 9 * 7 * 3 * 10, 1 << 24):  # one image per chunk .. everything at once
         whole = resize(x, [4, 4], antialias=True)
-        torch.testing.assert_close(seqlstm._chunked(x, partial(resize, size=[4, 4], antialias=True), elements),
-                                   whole, atol=0, rtol=0)
+        torch.testing.assert_close(
+            seqlstm._chunked(x, partial(resize, size=[4, 4], antialias=True), elements),
+            whole,
+            atol=0,
+            rtol=0,
+        )
         mean, std = seqlstm._channel_stats(x, elements)
         ref_mean, ref_std = train_stats(x)
         torch.testing.assert_close(mean, ref_mean, atol=1e-6, rtol=0)
         torch.testing.assert_close(std, ref_std, atol=1e-6, rtol=0)
-    assert seqlstm._chunked(x[:0], partial(resize, size=[4, 4], antialias=True)).shape == (0, 3, 4, 4)
+    assert seqlstm._chunked(x[:0], partial(resize, size=[4, 4], antialias=True)).shape == (
+        0,
+        3,
+        4,
+        4,
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # the report's overview
 
+
 def test_dataset_overview_counts_and_grid(digits):
     import matplotlib.pyplot as plt
+
     counts, fig = seqlstm.dataset_overview(digits, per_class=3)
     try:
-        assert list(counts.columns) == ["train", "val", "test"] and list(counts.index) == digits.classes
+        assert (
+            list(counts.columns) == ["train", "val", "test"]
+            and list(counts.index) == digits.classes
+        )
         assert counts.sum().to_dict() == digits.counts()
         assert counts["test"].tolist() == torch.bincount(digits.test_y, minlength=10).tolist()
         assert len(fig.axes) == 10 * 3  # one row per class, per_class columns
         assert [fig.axes[3 * r].get_ylabel() for r in range(10)] == digits.classes
         assert all(len(ax.images) == 1 for ax in fig.axes)
         first = fig.axes[0].images[0].get_array()
-        assert np.array_equal(first, digits.train_x[(digits.train_y == 0).nonzero()[0, 0], 0].numpy())
+        assert np.array_equal(
+            first, digits.train_x[(digits.train_y == 0).nonzero()[0, 0], 0].numpy()
+        )
         assert "of" not in fig._suptitle.get_text()
     finally:
         plt.close(fig)
@@ -728,12 +949,23 @@ def test_dataset_overview_counts_and_grid(digits):
 
 def test_dataset_overview_caps_the_classes_shown():
     import matplotlib.pyplot as plt
+
     k = 30
     y = torch.arange(k).repeat_interleave(2)[:-1]  # the last class has one train image
     x = torch.randint(0, 256, (len(y), 3, 4, 4), dtype=torch.uint8)
     empty = torch.zeros(0, dtype=torch.int64)
-    data = seqlstm.ImageData("many", [f"class {i}" for i in range(k)], x, y, x[:0], empty, x[:5], y[:5],
-                             torch.zeros(3), torch.ones(3))
+    data = seqlstm.ImageData(
+        "many",
+        [f"class {i}" for i in range(k)],
+        x,
+        y,
+        x[:0],
+        empty,
+        x[:5],
+        y[:5],
+        torch.zeros(3),
+        torch.ones(3),
+    )
     counts, fig = seqlstm.dataset_overview(data, per_class=2)
     try:
         assert len(counts) == k and counts.sum().to_dict() == {"train": len(y), "val": 0, "test": 5}
@@ -741,6 +973,9 @@ def test_dataset_overview_caps_the_classes_shown():
         assert len(fig.axes) == 20 * 2 and len(rows) == 20 and len(set(rows)) == 20
         assert rows[0] == "class 0" and rows[-1] == "class 29"
         assert "20 of 30 classes" in fig._suptitle.get_text()
-        assert [len(ax.images) for ax in fig.axes[-2:]] == [1, 0]  # fewer images than per_class: a blank cell
+        assert [len(ax.images) for ax in fig.axes[-2:]] == [
+            1,
+            0,
+        ]  # fewer images than per_class: a blank cell
     finally:
         plt.close(fig)

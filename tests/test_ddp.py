@@ -1,5 +1,6 @@
 """Scale-out: a 2-process DDP run on CPU (gloo) shards every epoch by rank, tests once and is
 tracked once, by rank 0."""
+
 import csv
 import json
 import os
@@ -41,9 +42,14 @@ def test_shards_are_disjoint_equal_and_cover_the_epoch():
             b.set_epoch(epoch)
         a, b = (s.indices() for s in shards)
         assert len(a) == len(b) == 5 and not set(a.tolist()) & set(b.tolist())
-        assert torch.equal(torch.cat([a, b]), shards[0].order(epoch))  # the epoch's permutation, split
+        assert torch.equal(
+            torch.cat([a, b]), shards[0].order(epoch)
+        )  # the epoch's permutation, split
     assert len(shards[0]) == 2  # batches of this rank's 5 images
-    odd = [seqlstm.Batches(torch.arange(7), torch.arange(7), 2, rank=r, world=2).indices() for r in (0, 1)]
+    odd = [
+        seqlstm.Batches(torch.arange(7), torch.arange(7), 2, rank=r, world=2).indices()
+        for r in (0, 1)
+    ]
     assert sorted(torch.cat(odd).tolist()) == list(range(7))  # evaluation: every image once
 
 
@@ -56,10 +62,20 @@ def test_two_process_ddp_sees_every_training_image_once_per_epoch(tmp_path):
     out = tmp_path / "outputs"
     env = {**os.environ, "SEQLSTM_OUTPUTS": str(out), "PL_DISABLE_FORK": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    args = {"dataset": "digits", "seq_len": 4, "epochs": 2, "batch_size": 64, "limit_train": 1000, "threads": 1,
-            "overview_per_class": 0, "strategy": "ddp", "devices": 2}
+    args = {
+        "dataset": "digits",
+        "seq_len": 4,
+        "epochs": 2,
+        "batch_size": 64,
+        "limit_train": 1000,
+        "threads": 1,
+        "overview_per_class": 0,
+        "strategy": "ddp",
+        "devices": 2,
+    }
     cmd = [sys.executable, str(script), "train", "--name", "ddp"] + [
-        a for k, v in args.items() for a in ("-p", k, json.dumps(v))]
+        a for k, v in args.items() for a in ("-p", k, json.dumps(v))
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_train = seqlstm.load_dataset("digits", limit_train=1000).counts()["train"]
@@ -70,6 +86,7 @@ def test_two_process_ddp_sees_every_training_image_once_per_epoch(tmp_path):
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [(r["status"], r["epochs"]) for r in rows] == [("ok", "2")]  # rank 0 alone writes
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

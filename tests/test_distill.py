@@ -1,6 +1,7 @@
 """Knowledge distillation: a teacher trained once and cached, its logits looked up or computed live
 for the very batch the student sees, the teacher untouched by the student's steps, the undistilled
 twin planned beside each student, and a distillation report end to end."""
+
 import csv
 import json
 import os
@@ -17,8 +18,18 @@ from seqlab import lightning, plan, report, runner, schema, teacher, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
-QUICK = {"dataset": "digits", "seq_len": 4, "epochs": 1, "batch_size": 64, "lr": 0.01, "threads": 1,
-         "overview_per_class": 0, "experiment": "distill", "teacher": "fast_cnn", "teacher_epochs": 1}
+QUICK = {
+    "dataset": "digits",
+    "seq_len": 4,
+    "epochs": 1,
+    "batch_size": 64,
+    "lr": 0.01,
+    "threads": 1,
+    "overview_per_class": 0,
+    "experiment": "distill",
+    "teacher": "fast_cnn",
+    "teacher_epochs": 1,
+}
 
 
 def planned(**overrides):
@@ -27,7 +38,9 @@ def planned(**overrides):
 
 
 def images(n=24, shape=(3, 8, 8), seed=0):
-    return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def tiny_teacher(shape=(3, 8, 8), seed=0):
@@ -46,6 +59,7 @@ def tiny_teacher(shape=(3, 8, 8), seed=0):
 
 
 # ---- the batch the student sees, and the teacher's logits for it
+
 
 @pytest.mark.parametrize("augment", seqlstm.AUGMENTS)
 def test_flip_flags_say_which_images_were_mirrored(augment):
@@ -73,9 +87,15 @@ def test_cached_logits_equal_the_live_teachers_for_flipped_and_unflipped_images(
     idx = torch.randperm(24)[:16]
     seen, flip = seqlstm.augment_with_flips(x[idx], "flip", torch.Generator().manual_seed(0))
     assert 0 < flip.sum() < 16
-    torch.testing.assert_close(cached.logits(seen, idx, flip), live.logits(seen), atol=2e-2, rtol=1e-2)
-    torch.testing.assert_close(cached.logits(x[idx], idx, None), live.logits(x[idx]), atol=2e-2, rtol=1e-2)
-    assert not torch.allclose(cached.logits(seen, idx, ~flip), live.logits(seen), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        cached.logits(seen, idx, flip), live.logits(seen), atol=2e-2, rtol=1e-2
+    )
+    torch.testing.assert_close(
+        cached.logits(x[idx], idx, None), live.logits(x[idx]), atol=2e-2, rtol=1e-2
+    )
+    assert not torch.allclose(
+        cached.logits(seen, idx, ~flip), live.logits(seen), atol=2e-2, rtol=1e-2
+    )
 
 
 def test_moved_shifts_one_pixel_sideways_reflecting_the_edge():
@@ -110,15 +130,27 @@ def test_a_mirror_invariant_teachers_table_is_computed_once_and_matches_live():
     cached = seqlstm.Teacher(t.model, t.to_input, t.mean, t.std, table=table, tta="flip_shift")
     flip = torch.arange(24) % 2 == 0
     seen = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    torch.testing.assert_close(cached.logits(seen, torch.arange(24), flip), t.live(seen), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        cached.logits(seen, torch.arange(24), flip), t.live(seen), atol=2e-2, rtol=1e-2
+    )
 
 
 def test_a_student_step_leaves_the_teacher_untouched():
     t = tiny_teacher()
-    before = {k: v.clone() for k, v in t.model.state_dict().items()}  # weights and batch-norm statistics
+    before = {
+        k: v.clone() for k, v in t.model.state_dict().items()
+    }  # weights and batch-norm statistics
     student = seqlstm.create_model("bilstm_fc", in_features=3 * 8 * 8, num_classes=K)
-    module = lightning.SeqClassifier(student, to_seq=seqlstm.make_sequence("identity", seq_len=3), mean=t.mean,
-                                   std=t.std, augment="flip_crop", teacher=t, distill_alpha=0.5, distill_T=2.0)
+    module = lightning.SeqClassifier(
+        student,
+        to_seq=seqlstm.make_sequence("identity", seq_len=3),
+        mean=t.mean,
+        std=t.std,
+        augment="flip_crop",
+        teacher=t,
+        distill_alpha=0.5,
+        distill_T=2.0,
+    )
     module.train()  # what Lightning does before each training epoch
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
     x, y = images(), torch.arange(24) % K
@@ -131,36 +163,64 @@ def test_a_student_step_leaves_the_teacher_untouched():
     assert all(p.grad is None for p in t.model.parameters())
     after = t.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(k.startswith("teacher") for k in module.state_dict())  # not saved with the student
+    assert not any(
+        k.startswith("teacher") for k in module.state_dict()
+    )  # not saved with the student
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
 # ---- planning: the undistilled twin, the sweep, bad input
 
+
 def test_each_student_is_planned_beside_its_undistilled_twin_once():
     types = schema.types()
-    params = {**schema.defaults(), **QUICK, "seq_len": [4, 8], "distill_T": [2, 4],
-              "extra_runs": [{"seq_len": 8, "distill_hard": True, "distill_T": [2, 4]}]}
+    params = {
+        **schema.defaults(),
+        **QUICK,
+        "seq_len": [4, 8],
+        "distill_T": [2, 4],
+        "extra_runs": [{"seq_len": 8, "distill_hard": True, "distill_T": [2, 4]}],
+    }
     runs = plan.plan_report(params, types)
-    settings = [(r.seq_len, r.params["teacher"], r.params["distill_T"], r.params["distill_hard"]) for r in runs]
-    assert settings == [(4, "", 2.0, False), (4, "fast_cnn", 2.0, False), (4, "fast_cnn", 4.0, False),
-                        (8, "", 2.0, False), (8, "fast_cnn", 2.0, False), (8, "fast_cnn", 4.0, False),
-                        (8, "fast_cnn", 2.0, True)]  # the twin of L = 8 and the hard run (no T) once each
+    settings = [
+        (r.seq_len, r.params["teacher"], r.params["distill_T"], r.params["distill_hard"])
+        for r in runs
+    ]
+    assert settings == [
+        (4, "", 2.0, False),
+        (4, "fast_cnn", 2.0, False),
+        (4, "fast_cnn", 4.0, False),
+        (8, "", 2.0, False),
+        (8, "fast_cnn", 2.0, False),
+        (8, "fast_cnn", 4.0, False),
+        (8, "fast_cnn", 2.0, True),
+    ]  # the twin of L = 8 and the hard run (no T) once each
     data = seqlstm.load_dataset("digits")
     twin, distilled = runs[0].params, runs[1].params
     assert tracking.run_key(twin, data) == tracking.run_key({**twin, "distill_alpha": 0.1}, data)
-    assert tracking.run_key(distilled, data) != tracking.run_key({**distilled, "distill_alpha": 0.1}, data)
+    assert tracking.run_key(distilled, data) != tracking.run_key(
+        {**distilled, "distill_alpha": 0.1}, data
+    )
 
 
 BAD = [
-    ({"teacher": "resnet"}, r"parameter teacher = 'resnet': valid values are \['', 'bilstm_fc'.*'fast_cnn'"),
+    (
+        {"teacher": "resnet"},
+        r"parameter teacher = 'resnet': valid values are \['', 'bilstm_fc'.*'fast_cnn'",
+    ),
     ({"distill_alpha": 1.5}, r"parameter distill_alpha = 1.5: must be between 0 and 1"),
     ({"distill_alpha": [0.5, -0.1]}, r"parameter distill_alpha = -0.1: must be between 0 and 1"),
     ({"distill_T": 0}, r"parameter distill_T = 0.0: must be > 0"),
     ({"teacher_epochs": 0}, r"parameter teacher_epochs = 0: must be >= 1"),
     ({"model": []}, r"teacher = 'fast_cnn' is set but model names no student"),
-    ({"teacher_args": {"width": 8}}, r"teacher_args \{'width': 8\} for teacher 'fast_cnn' on 1x8x8 images"),
-    ({"extra_runs": [{"distill_T": -1}]}, r"extra_runs\[0\]: parameter distill_T = -1.0: must be > 0"),
+    (
+        {"teacher_args": {"width": 8}},
+        r"teacher_args \{'width': 8\} for teacher 'fast_cnn' on 1x8x8 images",
+    ),
+    (
+        {"extra_runs": [{"distill_T": -1}]},
+        r"extra_runs\[0\]: parameter distill_T = -1.0: must be > 0",
+    ),
     ({"extra_runs": [{"seq_lenn": 3}]}, r"extra_runs\[0\]: unknown parameter\(s\) \['seq_lenn'\]"),
 ]
 
@@ -175,16 +235,20 @@ def test_bad_distillation_input_fails_before_any_run(outputs, monkeypatch, overr
 
 # ---- the teacher: trained once, cached, found again
 
+
 def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys):
     runs, loaded = planned()
-    p, data = runs[1].params, loaded[runs[1].data.key]
+    data = loaded[runs[1].data.key]
     fits = []
     fit = teacher._fit_teacher
     monkeypatch.setattr(teacher, "_fit_teacher", lambda *a: fits.append(1) or fit(*a))
     first = teacher.teacher_for(runs[1], data)
     again = teacher.teacher_for(runs[1], data)  # from the cache folder
     assert len(fits) == 1 and again.info["key"] == first.info["key"]
-    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values())
+    )
     assert torch.equal(again.table, first.table)
     cached = next((outputs.parent / "cache" / "teachers").iterdir())
     cached.unlink()  # another machine: an empty cache, the same tracking server
@@ -198,7 +262,9 @@ def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys
     assert len(fits) == 1 and "training it again" in capsys.readouterr().out
     assert torch.load(cached, weights_only=False)["info"]["classes"] == data.classes
     torch.save(saved, cached)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{outputs / 'other.db'}")  # and no MLflow copy either
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", f"sqlite:///{outputs / 'other.db'}"
+    )  # and no MLflow copy either
     teacher.teacher_for(runs[1], data)
     assert len(fits) == 2 and "training it again" in capsys.readouterr().out
 
@@ -210,7 +276,10 @@ def test_distilled_run_tags_its_teachers_key_and_differs_from_its_twin(outputs):
     twin, distilled = results
     client, _ = tracking.Tracker("distill").mlflow()
     tags = client.get_run(distilled.row["mlflow_run_id"]).data.tags
-    assert tags["seqlstm.teacher_key"] == distilled.teacher["key"] and len(distilled.teacher["preds"]) == 360
+    assert (
+        tags["seqlstm.teacher_key"] == distilled.teacher["key"]
+        and len(distilled.teacher["preds"]) == 360
+    )
     assert "seqlstm.teacher_key" not in client.get_run(twin.row["mlflow_run_id"]).data.tags
     assert twin.history[0]["train_loss"] != distilled.history[0]["train_loss"]
     table = report.distillation_table(results)
@@ -219,18 +288,49 @@ def test_distilled_run_tags_its_teachers_key_and_differs_from_its_twin(outputs):
 
 @pytest.mark.slow
 def test_distillation_report_end_to_end(tmp_path):
-    env = {**os.environ, "SEQLSTM_OUTPUTS": str(tmp_path / "outputs"), "SEQLSTM_CACHE": str(tmp_path / "cache"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    cmd = [sys.executable, "seqlstm.py", "report", "params/smoke.yaml", "-p", "teacher", "fast_cnn",
-           "-p", "teacher_epochs", "4", "-p", "seq_len", "[2]", "-p", "distill_alpha", "[0.5, 0.9]",
-           "-p", "overview_per_class", "0", "-p", "threads", "1"]
+    env = {
+        **os.environ,
+        "SEQLSTM_OUTPUTS": str(tmp_path / "outputs"),
+        "SEQLSTM_CACHE": str(tmp_path / "cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    cmd = [
+        sys.executable,
+        "seqlstm.py",
+        "report",
+        "params/smoke.yaml",
+        "-p",
+        "teacher",
+        "fast_cnn",
+        "-p",
+        "teacher_epochs",
+        "4",
+        "-p",
+        "seq_len",
+        "[2]",
+        "-p",
+        "distill_alpha",
+        "[0.5, 0.9]",
+        "-p",
+        "overview_per_class",
+        "0",
+        "-p",
+        "threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
-    assert [r["teacher"] for r in rows] == ["", "fast_cnn (α = 0.5, T = 4)", "fast_cnn (α = 0.9, T = 4)"]
+    assert [r["teacher"] for r in rows] == [
+        "",
+        "fast_cnn (α = 0.5, T = 4)",
+        "fast_cnn (α = 0.9, T = 4)",
+    ]
     nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "code" and "show_distillation" in c.source)
     shown = json.dumps(cell.outputs)
-    assert "Teacher `fast_cnn` on digits: test accuracy" in shown and "precision" in shown  # its per-class report
+    assert (
+        "Teacher `fast_cnn` on digits: test accuracy" in shown and "precision" in shown
+    )  # its per-class report
     assert '<img alt=\\"teacher fast_cnn: confusion matrix' in shown  # and its confusion matrix
     assert "gain (points)" in shown and "agreement" in shown and "classes up" in shown

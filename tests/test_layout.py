@@ -1,6 +1,7 @@
 """The shape of the project: one parameter schema that the notebook and the command line agree
 with, a thin seqlstm.py that imports no tracking, search or notebook library, a package that
 imports it (never the reverse), one module for every MLflow call, typed runs."""
+
 import ast
 import dataclasses
 import subprocess
@@ -20,7 +21,9 @@ def test_the_notebooks_parameters_cell_is_the_schemas():
     nb = nbformat.read(ROOT / "report.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert cell.source == schema.parameters_cell(), "run `python -m seqlab.schema` to rewrite it"
-    inferred = pm.inspect_notebook(str(ROOT / "report.ipynb"))  # what papermill --help-notebook shows
+    inferred = pm.inspect_notebook(
+        str(ROOT / "report.ipynb")
+    )  # what papermill --help-notebook shows
     assert list(inferred) == [p.name for p in schema.PARAMS]
     for p in schema.PARAMS:
         assert inferred[p.name]["inferred_type_name"] == p.type
@@ -37,8 +40,10 @@ def test_a_changed_schema_no_longer_matches_the_cell(monkeypatch):
 
 
 def test_importing_seqlstm_imports_no_tracking_search_notebook_or_training_library():
-    code = ("import sys, seqlstm; print(sorted(m for m in ('mlflow', 'optuna', 'papermill', "
-            "'pytorch_lightning', 'seqlab', 'IPython') if m in sys.modules))")
+    code = (
+        "import sys, seqlstm; print(sorted(m for m in ('mlflow', 'optuna', 'papermill', "
+        "'pytorch_lightning', 'seqlab', 'IPython') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
@@ -46,7 +51,9 @@ def test_importing_seqlstm_imports_no_tracking_search_notebook_or_training_libra
 
 def _imports(path: Path, skip_main=False):
     tree = ast.parse(path.read_text())
-    nodes = [n for n in tree.body if not (skip_main and isinstance(n, ast.If))]  # the __main__ hand-off
+    nodes = [
+        n for n in tree.body if not (skip_main and isinstance(n, ast.If))
+    ]  # the __main__ hand-off
     found = set()
     for node in (n for top in nodes for n in ast.walk(top)):
         if isinstance(node, ast.Import):
@@ -64,8 +71,14 @@ def test_seqlstm_never_imports_the_package_and_one_module_talks_to_mlflow():
 
 
 def test_every_parameter_reaches_a_run_as_a_typed_field():
-    views = {"data": plan.DataSpec, "sequence": plan.SequenceSpec, "model": plan.ModelSpec,
-             "train": plan.TrainSpec, "distill": plan.DistillSpec, "compute": plan.ComputeSpec}
+    views = {
+        "data": plan.DataSpec,
+        "sequence": plan.SequenceSpec,
+        "model": plan.ModelSpec,
+        "train": plan.TrainSpec,
+        "distill": plan.DistillSpec,
+        "compute": plan.ComputeSpec,
+    }
     for group, cls in views.items():
         named = {p.name for p in schema.PARAMS if p.group == group}
         assert named <= {f.name for f in dataclasses.fields(cls)}, group
@@ -76,9 +89,11 @@ def test_every_parameter_reaches_a_run_as_a_typed_field():
 
 
 def test_both_spellings_of_the_command_line_agree():
-    old = subprocess.run([sys.executable, "seqlstm.py", "models"], cwd=ROOT, capture_output=True,
-                         text=True)
-    new = subprocess.run([sys.executable, "-m", "seqlab", "models"], cwd=ROOT, capture_output=True,
-                         text=True)
+    old = subprocess.run(
+        [sys.executable, "seqlstm.py", "models"], cwd=ROOT, capture_output=True, text=True
+    )
+    new = subprocess.run(
+        [sys.executable, "-m", "seqlab", "models"], cwd=ROOT, capture_output=True, text=True
+    )
     assert old.returncode == new.returncode == 0 and old.stdout == new.stdout
     assert "bilstm_fc" in old.stdout

@@ -1,4 +1,6 @@
-"""Models: shapes, gradients, equivalence of the hoisted BiLSTM with nn.LSTM, the registry, the losses."""
+"""Models: shapes, gradients, equivalence of the hoisted BiLSTM with nn.LSTM, the registry, the
+losses."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,10 @@ def max_diff(a, b):
 # ----------------------------------------------------------------------------------------
 # forward / backward
 
-@pytest.mark.parametrize("name", ["bilstm_fc"])  # the registry at each model's own input: test_zoo.py
+
+@pytest.mark.parametrize(
+    "name", ["bilstm_fc"]
+)  # the registry at each model's own input: test_zoo.py
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("sequence", ["identity", "general"])
 def test_forward_shape_and_finite_gradients(name, layers, sequence):
@@ -62,19 +67,38 @@ def test_general_sequence_depends_on_every_step():
 # ----------------------------------------------------------------------------------------
 # equivalence of the hoisted (and the unhoisted) model with nn.LSTM on the repeated sequence
 
+
 def grad_pairs(model, ref):
     """(name, model gradient, reference gradient) for every weight of the network."""
     D = model.dirs
     pairs = []
     for d, suffix in enumerate(["", "_reverse"][:D]):
         pairs += [
-            (f"in_proj.weight[{d}]", model.in_proj.weight.grad.chunk(D)[d], getattr(ref.rnn, f"weight_ih_l0{suffix}").grad),
-            (f"in_proj.bias[{d}]", model.in_proj.bias.grad.chunk(D)[d], getattr(ref.rnn, f"bias_ih_l0{suffix}").grad),
-            (f"recur[{d}].weight_hh_l0", model.recur[d].weight_hh_l0.grad, getattr(ref.rnn, f"weight_hh_l0{suffix}").grad),
-            (f"recur[{d}].bias_hh_l0", model.recur[d].bias_hh_l0.grad, getattr(ref.rnn, f"bias_hh_l0{suffix}").grad),
+            (
+                f"in_proj.weight[{d}]",
+                model.in_proj.weight.grad.chunk(D)[d],
+                getattr(ref.rnn, f"weight_ih_l0{suffix}").grad,
+            ),
+            (
+                f"in_proj.bias[{d}]",
+                model.in_proj.bias.grad.chunk(D)[d],
+                getattr(ref.rnn, f"bias_ih_l0{suffix}").grad,
+            ),
+            (
+                f"recur[{d}].weight_hh_l0",
+                model.recur[d].weight_hh_l0.grad,
+                getattr(ref.rnn, f"weight_hh_l0{suffix}").grad,
+            ),
+            (
+                f"recur[{d}].bias_hh_l0",
+                model.recur[d].bias_hh_l0.grad,
+                getattr(ref.rnn, f"bias_hh_l0{suffix}").grad,
+            ),
         ]
-    for name, p in (model.upper.named_parameters() if model.upper else []):
-        kind, layer = name.rsplit("_l", 1)  # weight_ih_l0_reverse -> upper layer 0, reverse direction
+    for name, p in model.upper.named_parameters() if model.upper else []:
+        kind, layer = name.rsplit(
+            "_l", 1
+        )  # weight_ih_l0_reverse -> upper layer 0, reverse direction
         num, _, suffix = layer.partition("_")
         ref_name = f"{kind}_l{int(num) + 1}{'_' + suffix if suffix else ''}"
         pairs.append((f"upper.{name}", p.grad, getattr(ref.rnn, ref_name).grad))
@@ -101,7 +125,9 @@ def test_hoisted_model_equals_nn_lstm_on_repeated_sequence(bidirectional, layers
     seq = x_fast.view(B, 1, -1).expand(B, seq_len, -1)  # the identity sequence, time stride 0
     out_fast, dx_fast = run(model, seq, x_fast, weights)
     x_ref = images.clone().requires_grad_()
-    out_ref, dx_ref = run(ref, x_ref.view(B, 1, -1).expand(B, seq_len, -1).contiguous(), x_ref, weights)
+    out_ref, dx_ref = run(
+        ref, x_ref.view(B, 1, -1).expand(B, seq_len, -1).contiguous(), x_ref, weights
+    )
 
     assert out_fast.shape == (B, K)
     assert max_diff(out_fast, out_ref) <= 1e-5
@@ -118,7 +144,9 @@ def test_hoisted_model_equals_nn_lstm_on_repeated_sequence(bidirectional, layers
     model.zero_grad()
     model.hoist = False
     x_slow = images.clone().requires_grad_()
-    out_slow, dx_slow = run(model, x_slow.view(B, 1, -1).expand(B, seq_len, -1).contiguous(), x_slow, weights)
+    out_slow, dx_slow = run(
+        model, x_slow.view(B, 1, -1).expand(B, seq_len, -1).contiguous(), x_slow, weights
+    )
     assert max_diff(out_slow, out_ref) <= 1e-5
     assert max_diff(dx_slow, dx_ref) <= 1e-5
     for name, g, g_ref in grad_pairs(model, ref):
@@ -136,16 +164,26 @@ def test_unhoisted_model_equals_nn_lstm_on_general_sequence(bidirectional):
 @pytest.mark.parametrize("readout", ["last", "mean", "attention"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("layers,bidirectional", [(1, True), (1, False), (2, True)])
-def test_every_component_keeps_the_hoisted_path_equal_to_the_plain_network(cell, readout, layers, bidirectional):
+def test_every_component_keeps_the_hoisted_path_equal_to_the_plain_network(
+    cell, readout, layers, bidirectional
+):
     """Cell, directions, depth and readout: the hoisted loop, the hoisted fused kernel and the
-    unhoisted path each equal nn.LSTM / nn.GRU on the repeated sequence, values and input gradients."""
+    unhoisted path each equal nn.LSTM / nn.GRU on the repeated sequence, values and input
+    gradients."""
     model = make_model(cell=cell, readout=readout, layers=layers, bidirectional=bidirectional)
     ref = seqlstm.ReferenceBiLSTMFC(model)
     assert isinstance(ref.rnn, torch.nn.GRU if cell == "gru" else torch.nn.LSTM)
-    images, weights = random_images().flatten(1), torch.randn(B, K, generator=torch.Generator().manual_seed(2))
+    images, weights = (
+        random_images().flatten(1),
+        torch.randn(B, K, generator=torch.Generator().manual_seed(2)),
+    )
     x_ref = images.clone().requires_grad_()
     out_ref, dx_ref = run(ref, x_ref.view(B, 1, -1).expand(B, 6, -1).contiguous(), x_ref, weights)
-    for recurrence, hoist, contiguous in [("loop", True, False), ("fused", True, False), ("loop", False, True)]:
+    for recurrence, hoist, contiguous in [
+        ("loop", True, False),
+        ("fused", True, False),
+        ("loop", False, True),
+    ]:
         model.recurrence, model.hoist = recurrence, hoist
         x = images.clone().requires_grad_()
         seq = x.view(B, 1, -1).expand(B, 6, -1)
@@ -159,11 +197,15 @@ def test_readouts_read_different_features():
     attention = make_model(readout="attention")
     last, mean = make_model(readout="last"), make_model(readout="mean")
     for other in (last, mean):
-        other.load_state_dict(attention.state_dict(), strict=False)  # the same weights, the pool aside
+        other.load_state_dict(
+            attention.state_dict(), strict=False
+        )  # the same weights, the pool aside
     assert max_diff(last(x), mean(x)) > 1e-4 and max_diff(mean(x), attention(x)) > 1e-4
     torch.nn.init.zeros_(attention.pool.score.weight)  # equal scores: attention pooling is the mean
     assert max_diff(mean(x), attention(x)) <= 1e-6
-    with pytest.raises(ValueError, match=r"unknown readout 'max': valid values are \['last', 'mean', 'attention'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown readout 'max': valid values are \['last', 'mean', 'attention'\]"
+    ):
         make_model(readout="max")
     with pytest.raises(ValueError, match=r"unknown cell 'rnn': valid values are \['lstm', 'gru'\]"):
         make_model(cell="rnn")
@@ -194,6 +236,7 @@ def test_hoisted_path_is_taken_only_for_expanded_input(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # registry and factory
 
+
 def test_create_model_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="bilstm_fc") as e:
         seqlstm.create_model("no_such_model", in_features=4, num_classes=2)
@@ -208,7 +251,9 @@ def test_create_model_bad_kwarg_lists_valid_keys():
 
 
 def test_create_model_overrides_win():
-    model = seqlstm.create_model("bilstm_fc", in_features=4, num_classes=3, hidden=6, layers=2, bidirectional=False)
+    model = seqlstm.create_model(
+        "bilstm_fc", in_features=4, num_classes=3, hidden=6, layers=2, bidirectional=False
+    )
     assert model.hidden == 6 and model.dirs == 1 and model.upper.num_layers == 1
     assert model.head[-1].out_features == 3
 
@@ -217,18 +262,29 @@ def test_create_model_overrides_win():
 def test_bilstm_fc_rejects_non_positive_sizes(kw):
     with pytest.raises(ValueError, match=">= 1"):
         seqlstm.create_model("bilstm_fc", in_features=4, num_classes=2, **kw)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_count_params_counts_only_trainable(layers, bidirectional):
     f, h, fc, k = 12, 8, 10, 5
-    model = seqlstm.BiLSTMFC(in_features=f, num_classes=k, hidden=h, layers=layers, fc=fc,
-                             bidirectional=bidirectional)
+    model = seqlstm.BiLSTMFC(
+        in_features=f, num_classes=k, hidden=h, layers=layers, fc=fc, bidirectional=bidirectional
+    )
     d = 2 if bidirectional else 1
-    lstm_layer = lambda n_in: d * (4 * h * n_in + 4 * h * h + 8 * h)  # W_ih, W_hh, b_ih, b_hh per direction
-    expected = (d * 4 * h * f + d * 4 * h  # in_proj
-                + d * (4 * h * h + 4 * h)  # recur: W_hh, b_hh (W_ih = I and b_ih = 0 are frozen)
-                + (lstm_layer(d * h) if layers == 2 else 0)
-                + d * h * fc + fc + fc * k + k)  # head
+    lstm_layer = lambda n_in: (
+        d * (4 * h * n_in + 4 * h * h + 8 * h)
+    )  # W_ih, W_hh, b_ih, b_hh per direction
+    expected = (
+        d * 4 * h * f
+        + d * 4 * h  # in_proj
+        + d * (4 * h * h + 4 * h)  # recur: W_hh, b_hh (W_ih = I and b_ih = 0 are frozen)
+        + (lstm_layer(d * h) if layers == 2 else 0)
+        + d * h * fc
+        + fc
+        + fc * k
+        + k
+    )  # head
     assert seqlstm.count_params(model) == expected
     frozen = d * (4 * h * 4 * h + 4 * h)
     assert sum(p.numel() for p in model.parameters()) == expected + frozen
@@ -236,6 +292,7 @@ def test_count_params_counts_only_trainable(layers, bidirectional):
 
 # ----------------------------------------------------------------------------------------
 # distillation loss
+
 
 def logits(seed, b=6, k=K):
     return torch.randn(b, k, generator=torch.Generator().manual_seed(seed)) * 3
@@ -257,8 +314,10 @@ def test_distillation_alpha_1_is_zero_when_student_matches_teacher():
 def test_distillation_mixes_cross_entropy_and_scaled_kl():
     s, t, y, T, a = logits(0), logits(1), torch.arange(6) % K, 3.0, 0.3
     p_t = F.softmax(t / T, -1)
-    kl = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean()  # KL(teacher || student), per sample
-    expected = (1 - a) * F.cross_entropy(s, y) + a * T ** 2 * kl
+    kl = (
+        (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean()
+    )  # KL(teacher || student), per sample
+    expected = (1 - a) * F.cross_entropy(s, y) + a * T**2 * kl
     torch.testing.assert_close(seqlstm.distillation_loss(s, t, y, alpha=a, temperature=T), expected)
 
 
@@ -268,7 +327,9 @@ def test_hard_distillation_is_cross_entropy_against_the_teachers_argmax():
     for temperature in (1.0, 8.0):  # no part in the hard variant
         loss = seqlstm.distillation_loss(s, t, y, alpha=a, temperature=temperature, hard=True)
         torch.testing.assert_close(loss, expected)
-    assert not torch.allclose(expected, seqlstm.distillation_loss(s, t, y, alpha=a, temperature=1.0))
+    assert not torch.allclose(
+        expected, seqlstm.distillation_loss(s, t, y, alpha=a, temperature=1.0)
+    )
 
 
 def test_distillation_gradient_flows_to_student_only():
@@ -298,4 +359,4 @@ def test_distillation_never_trains_the_teacher_even_without_no_grad():
 def test_eval_batch_shrinks_for_long_sequences():
     assert runner.eval_batch_size(20) == 1024  # the test task keeps large batches
     assert runner.eval_batch_size(784) == 167 and runner.eval_batch_size(1024) == 128
-    assert runner.eval_batch_size(10 ** 6) == 16
+    assert runner.eval_batch_size(10**6) == 16

@@ -2,6 +2,7 @@
 bidirectional, bad arguments are refused, and A and dt reach the optimizer with their own lr and no
 weight decay. (The zoo's generic tests, parametrized over the registry, cover forward, backward,
 finite values and a falling loss.)"""
+
 import pytest
 import torch
 
@@ -10,8 +11,8 @@ from seqlab import lightning
 
 
 def layer64(bidirectional=False, dim=3, state=8, seed=0):
-    """A float64 S4DLayer whose A, dt and D are moved off their initial values, so that the test does
-    not depend on S4D-Lin's particular numbers."""
+    """A float64 S4DLayer whose A, dt and D are moved off their initial values, so that the test
+    does not depend on S4D-Lin's particular numbers."""
     torch.manual_seed(seed)
     layer = seqlstm.S4DLayer(dim, state=state, bidirectional=bidirectional).double()
     with torch.no_grad():
@@ -30,12 +31,12 @@ def zoh(layer, c):
 
 
 def recurrence(u, A_bar, B_bar, C, reverse=False):
-    """x_k = A_bar x_{k-1} + B_bar u_k, y_k = Re(C x_k) + Re(conj(C) conj(x_k)) = 2 Re(C x_k), step by
-    step; reverse: the state runs from the end and step t reads u[t+1:] only."""
+    """x_k = A_bar x_{k-1} + B_bar u_k, y_k = Re(C x_k) + Re(conj(C) conj(x_k)) = 2 Re(C x_k),
+    step by step; reverse: the state runs from the end and step t reads u[t+1:] only."""
     B, L, H = u.shape
     x = torch.zeros(B, H, A_bar.shape[-1], dtype=A_bar.dtype)
     y = torch.zeros(B, L, H, dtype=u.dtype)
-    for t in (range(L - 1, -1, -1) if reverse else range(L)):
+    for t in range(L - 1, -1, -1) if reverse else range(L):
         if reverse:  # y_t sees x built from u_{t+1} .. u_{L-1}
             y[:, t] = 2 * (C * x).sum(-1).real
             x = A_bar * x + B_bar * u[:, t, :, None]
@@ -55,7 +56,9 @@ def test_fft_convolution_equals_the_recurrence():
 def test_bidirectional_fft_convolution_equals_two_recurrences():
     layer = layer64(bidirectional=True)
     u = torch.randn(2, 40, 3, dtype=torch.float64)
-    expected = recurrence(u, *zoh(layer, 0)) + recurrence(u, *zoh(layer, 1), reverse=True) + layer.D * u
+    expected = (
+        recurrence(u, *zoh(layer, 0)) + recurrence(u, *zoh(layer, 1), reverse=True) + layer.D * u
+    )
     torch.testing.assert_close(layer.conv(u), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -73,13 +76,25 @@ def test_unidirectional_s4d_is_causal_and_bidirectional_is_not(prenorm):
     x = torch.randn(2, 64, 1, dtype=torch.float64)
     for bidirectional in (False, True):
         torch.manual_seed(0)
-        model = seqlstm.create_model("s4d", in_features=1, num_classes=3, dim=8, layers=2, state=8,
-                                     prenorm=prenorm, bidirectional=bidirectional).double().eval()
+        model = (
+            seqlstm.create_model(
+                "s4d",
+                in_features=1,
+                num_classes=3,
+                dim=8,
+                layers=2,
+                state=8,
+                prenorm=prenorm,
+                bidirectional=bidirectional,
+            )
+            .double()
+            .eval()
+        )
         for t in (0, 30, 62):
             y = x.clone()
-            y[:, t + 1:] += torch.randn_like(y[:, t + 1:])
-            past = (model.features(x)[:, :t + 1] - model.features(y)[:, :t + 1]).abs().max()
-            future = (model.features(x)[:, t + 1:] - model.features(y)[:, t + 1:]).abs().max()
+            y[:, t + 1 :] += torch.randn_like(y[:, t + 1 :])
+            past = (model.features(x)[:, : t + 1] - model.features(y)[:, : t + 1]).abs().max()
+            future = (model.features(x)[:, t + 1 :] - model.features(y)[:, t + 1 :]).abs().max()
             assert future > 1e-3
             if bidirectional:
                 assert past > 1e-3  # the backward kernel reads the later steps
@@ -93,20 +108,32 @@ def test_s4d_defaults_and_s4d_lin_initialisation():
     layer = model.layers[0]
     assert layer.C.shape == (1, 64, 32, 2)  # state 64: 32 complex modes and their conjugates
     dt, A, _ = layer.ssm()
-    torch.testing.assert_close(A[0, 5], torch.complex(torch.full((32,), -0.5), torch.pi * torch.arange(32.0)))
+    torch.testing.assert_close(
+        A[0, 5], torch.complex(torch.full((32,), -0.5), torch.pi * torch.arange(32.0))
+    )
     assert 1e-3 <= dt.min() and dt.max() <= 1e-1
-    assert seqlstm.create_model("s4d", in_features=1, num_classes=10, bidirectional=True).layers[0].C.shape[0] == 2
+    assert (
+        seqlstm.create_model("s4d", in_features=1, num_classes=10, bidirectional=True)
+        .layers[0]
+        .C.shape[0]
+        == 2
+    )
 
 
-@pytest.mark.parametrize("kw, says", [
-    (dict(state=0), "state must be >= 1"), (dict(state=3), "state must be even"),
-    (dict(dim=0), "dim must be >= 1"), (dict(layers=0), "layers must be >= 1"),
-    (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
-    (dict(bidirectional="yes"), "bidirectional must be True or False, got 'yes'"),
-    (dict(bidirectional=1), "bidirectional must be True or False, got 1"),
-    (dict(prenorm=None), "prenorm must be True or False, got None"),
-    (dict(dt_min=0.2, dt_max=0.1), "dt_min=0.2"),
-])
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        (dict(state=0), "state must be >= 1"),
+        (dict(state=3), "state must be even"),
+        (dict(dim=0), "dim must be >= 1"),
+        (dict(layers=0), "layers must be >= 1"),
+        (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
+        (dict(bidirectional="yes"), "bidirectional must be True or False, got 'yes'"),
+        (dict(bidirectional=1), "bidirectional must be True or False, got 1"),
+        (dict(prenorm=None), "prenorm must be True or False, got None"),
+        (dict(dt_min=0.2, dt_max=0.1), "dt_min=0.2"),
+    ],
+)
 def test_bad_arguments_raise_value_error(kw, says):
     with pytest.raises(ValueError) as e:
         seqlstm.create_model("s4d", in_features=1, num_classes=10, **kw)
@@ -125,7 +152,9 @@ def test_param_groups_give_a_and_dt_their_own_lr_and_no_weight_decay():
         assert (g["lr"], g["weight_decay"]) == expected
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     lstm = seqlstm.create_model("lstm", in_features=3, num_classes=2)
-    assert [(g["lr"], g["weight_decay"]) for g in lightning.param_groups(lstm, 0.1, 0.2)] == [(0.1, 0.2)]
+    assert [(g["lr"], g["weight_decay"]) for g in lightning.param_groups(lstm, 0.1, 0.2)] == [
+        (0.1, 0.2)
+    ]
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "none"])
@@ -133,15 +162,30 @@ def test_lightning_trains_a_and_dt_at_their_own_lr(schedule):
     """Through SeqClassifier and a real Trainer: the optimizer holds both groups, and the one-cycle
     schedule peaks each group at its own lr."""
     import pytorch_lightning as pl
+
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8)
     y = torch.randint(0, 3, (16,))
     model = seqlstm.create_model("s4d", in_features=1, num_classes=3, dim=8, layers=1, state=4)
-    module = lightning.SeqClassifier(model, to_seq=seqlstm.make_sequence("pixels"), mean=[0.5], std=[0.25],
-                                   augment="none", lr=0.01, weight_decay=0.05, optimizer="adamw",
-                                   schedule=schedule)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    module = lightning.SeqClassifier(
+        model,
+        to_seq=seqlstm.make_sequence("pixels"),
+        mean=[0.5],
+        std=[0.25],
+        augment="none",
+        lr=0.01,
+        weight_decay=0.05,
+        optimizer="adamw",
+        schedule=schedule,
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, seqlstm.Batches(x, y, 8, shuffle=True))
     groups = trainer.optimizers[0].param_groups
     ssm = {id(model.layers[0].log_dt), id(model.layers[0].log_A_real), id(model.layers[0].A_imag)}

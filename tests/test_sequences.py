@@ -1,4 +1,5 @@
 """Sequence transforms, batched augmentation and the in-memory batch loader."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +12,14 @@ def images(b=4, c=3, h=5, w=6, seed=0):
 
 
 def uint8_images(b=4, c=3, h=5, w=6, seed=0):
-    return torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (b, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # identity sequence
+
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("seq_len", [1, 4])
@@ -50,7 +54,9 @@ def test_per_sample_pipeline_through_dataloader_equals_batched_fast_path():
     x, y = uint8_images(b=10), torch.arange(10)
     mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
     seq = seqlstm.sequence_transform("identity", seq_len=3)
-    dataset = seqlstm.TensorImages(x, y, seqlstm.per_sample_pipeline(mean, std, seq, augment="none"))
+    dataset = seqlstm.TensorImages(
+        x, y, seqlstm.per_sample_pipeline(mean, std, seq, augment="none")
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=False)
     xs, ys = zip(*loader)
     slow = torch.cat(xs)
@@ -80,7 +86,9 @@ def test_normalize_leaves_its_input_alone():
 def test_per_sample_crop_keeps_the_image_size(size):
     x = torch.randint(0, 256, (1, size, size), dtype=torch.uint8)
     seq = seqlstm.sequence_transform("identity", seq_len=2)
-    out = seqlstm.per_sample_pipeline(torch.zeros(1), torch.ones(1), seq, augment="flip_crop", size=size)(x)
+    out = seqlstm.per_sample_pipeline(
+        torch.zeros(1), torch.ones(1), seq, augment="flip_crop", size=size
+    )(x)
     assert out.shape == (2, size * size)
 
 
@@ -92,6 +100,7 @@ def test_per_sample_pipeline_rejects_unknown_augment():
 
 def test_per_sample_transform_pickles_for_dataloader_workers():
     import pickle
+
     seq = pickle.loads(pickle.dumps(seqlstm.sequence_transform("identity", seq_len=4)))
     assert seq(torch.ones(3, 2, 2)).shape == (4, 12)
 
@@ -114,6 +123,7 @@ def test_unknown_transform_lists_valid_names():
 # ----------------------------------------------------------------------------------------
 # batched augmentation
 
+
 def test_batch_crop_is_a_translate_of_the_reflect_padded_image():
     x, p = images(b=16, c=2, h=5, w=6), 2
     out = seqlstm.batch_crop(x, padding=p, generator=torch.Generator().manual_seed(1))
@@ -121,8 +131,12 @@ def test_batch_crop_is_a_translate_of_the_reflect_padded_image():
     xp = F.pad(x, (p,) * 4, mode="reflect")
     offsets = set()
     for b in range(len(x)):
-        found = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                 if torch.equal(out[b], xp[b, :, dy:dy + 5, dx:dx + 6])]
+        found = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if torch.equal(out[b], xp[b, :, dy : dy + 5, dx : dx + 6])
+        ]
         assert found, f"image {b} is not a crop of its own padded image"
         offsets.update(found)
     assert len(offsets) > 1  # the offsets are random, not always the same
@@ -164,6 +178,7 @@ def test_augment_batch_unknown_name_lists_valid_values():
 # ----------------------------------------------------------------------------------------
 # Batches
 
+
 def epoch(batches):
     return [(x.clone(), y.clone()) for x, y in batches]
 
@@ -179,7 +194,9 @@ def test_batches_cover_every_index_once_per_epoch(n, bs):
         assert all(len(yb) == bs for _, yb in batches[:-1]) and 1 <= len(batches[-1][1]) <= bs
         ys = torch.cat([yb for _, yb in batches])
         assert sorted(ys.tolist()) == list(range(n))
-        assert torch.equal(torch.cat([xb for xb, _ in batches]), ys * 10)  # images stay with their labels
+        assert torch.equal(
+            torch.cat([xb for xb, _ in batches]), ys * 10
+        )  # images stay with their labels
 
 
 def test_batches_unshuffled_keep_order():
@@ -189,7 +206,10 @@ def test_batches_unshuffled_keep_order():
 
 def test_batches_shuffle_differs_per_epoch_and_is_seeded():
     y = torch.arange(50)
-    a, b = seqlstm.Batches(y, y, 8, shuffle=True, seed=1), seqlstm.Batches(y, y, 8, shuffle=True, seed=1)
+    a, b = (
+        seqlstm.Batches(y, y, 8, shuffle=True, seed=1),
+        seqlstm.Batches(y, y, 8, shuffle=True, seed=1),
+    )
     a1, a2 = torch.cat([yb for _, yb in a]), torch.cat([yb for _, yb in a])
     b1, b2 = torch.cat([yb for _, yb in b]), torch.cat([yb for _, yb in b])
     assert not torch.equal(a1, a2)  # a new permutation each epoch
@@ -201,14 +221,23 @@ def test_batches_shuffle_differs_per_epoch_and_is_seeded():
 
 def test_flip_crop_is_a_translate_or_a_mirrored_translate_in_one_gather():
     import torch.nn.functional as F
-    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)  # uint8: augmentation runs before normalising
+
+    x = torch.randint(
+        0, 256, (40, 3, 8, 8), dtype=torch.uint8
+    )  # uint8: augmentation runs before normalising
     out = seqlstm.augment_batch(x, "flip_crop", torch.Generator().manual_seed(0))
     assert out.dtype == torch.uint8 and out.shape == x.shape
     xp = F.pad(x.float(), (1,) * 4, mode="reflect")  # padding = 8 // 8
     kinds = set()
     for b in range(len(x)):
-        views = {(i, j, m): xp[b, :, i:i + 8, j:j + 8].flip(-1) if m else xp[b, :, i:i + 8, j:j + 8]
-                 for i in range(3) for j in range(3) for m in (0, 1)}
+        views = {
+            (i, j, m): xp[b, :, i : i + 8, j : j + 8].flip(-1)
+            if m
+            else xp[b, :, i : i + 8, j : j + 8]
+            for i in range(3)
+            for j in range(3)
+            for m in (0, 1)
+        }
         hits = [k for k, v in views.items() if torch.equal(out[b].float(), v)]
         assert hits, f"image {b} is no (mirrored) translate of its padded original"
         kinds.add(hits[0][2])

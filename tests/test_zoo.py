@@ -1,6 +1,7 @@
 """The model zoo: every registered model builds at its default input, trains and says what it reads;
 the registry's errors; and what makes each architecture itself (Lipschitz RNN's matrices, FNet's
 mixing, the Nystrom approximation, TrellisNet's causality, the timm classes)."""
+
 import pytest
 import timm.models.sequencer
 import timm.models.vision_transformer
@@ -11,11 +12,28 @@ import seqlstm
 
 K = 5
 ALL = seqlstm.list_models()
-BY_FORM = {form: [n for n in ALL if seqlstm.MODEL_INFO[n]["input_form"] == form]
-           for form in ("sequence", "pixels", "image")}
-ISSUE_5 = {"rnn", "gru", "lstm", "lstm_rows_mnist", "lstm_pixels_mnist", "sequencer2d_s", "sequencer2d_m",
-           "vanilla_sequencer", "vit_small_seq", "trellisnet", "lipschitz_rnn", "pit", "nystromformer", "fnet",
-           "cnn_teacher", "bilstm_fc"}
+BY_FORM = {
+    form: [n for n in ALL if seqlstm.MODEL_INFO[n]["input_form"] == form]
+    for form in ("sequence", "pixels", "image")
+}
+ISSUE_5 = {
+    "rnn",
+    "gru",
+    "lstm",
+    "lstm_rows_mnist",
+    "lstm_pixels_mnist",
+    "sequencer2d_s",
+    "sequencer2d_m",
+    "vanilla_sequencer",
+    "vit_small_seq",
+    "trellisnet",
+    "lipschitz_rnn",
+    "pit",
+    "nystromformer",
+    "fnet",
+    "cnn_teacher",
+    "bilstm_fc",
+}
 
 
 def build(name, *, tiny=True, batch=4, seed=0, **overrides):
@@ -32,6 +50,7 @@ def trainable(model):
 # ----------------------------------------------------------------------------------------
 # every model
 
+
 def test_registry_holds_every_architecture():
     assert ISSUE_5 <= set(ALL)
     assert set(seqlstm.MODEL_INFO) == set(ALL)
@@ -40,7 +59,9 @@ def test_registry_holds_every_architecture():
 @pytest.mark.parametrize("name", ALL)
 def test_model_info_says_what_each_model_reads(name):
     info = seqlstm.MODEL_INFO[name]
-    assert info["input_form"] in ("sequence", "pixels", "image") and info["sequence"] and info["paper"]
+    assert (
+        info["input_form"] in ("sequence", "pixels", "image") and info["sequence"] and info["paper"]
+    )
     for key in ("input", "test_input"):
         assert info[key]["transform"] in seqlstm.list_sequences()
         assert len(info[key]["image"]) == 3
@@ -63,8 +84,10 @@ def test_forward_and_backward_at_the_default_input(name):
     assert any(p.grad.abs().sum() > 0 for p in trainable(model).values())
 
 
-FIT_LR = {"trellisnet": 1e-2,  # its gated levels learn slowly at 3e-3 here (its authors: 4e-3, with weight norm)
-          "s4d": 1e-2}  # its authors' lr; at 3e-3 the loss fell only to 0.9x its start in 40 steps
+FIT_LR = {
+    "trellisnet": 1e-2,  # its gated levels learn slowly at 3e-3 (its authors: 4e-3, weight norm)
+    "s4d": 1e-2,
+}  # its authors' lr; at 3e-3 the loss fell only to 0.9x its start in 40 steps
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -74,7 +97,9 @@ def test_loss_falls_on_a_small_fixed_batch(name):
     spec = seqlstm.MODEL_INFO[name]["test_input"]
     g = torch.Generator().manual_seed(0)
     y = torch.arange(32) % 4
-    images = torch.randn(4, *spec["image"], generator=g)[y] + 0.5 * torch.randn(32, *spec["image"], generator=g)
+    images = torch.randn(4, *spec["image"], generator=g)[y] + 0.5 * torch.randn(
+        32, *spec["image"], generator=g
+    )
     x = seqlstm.make_sequence(spec["transform"], **spec["transform_args"])(images)
     torch.manual_seed(0)
     model = seqlstm.create_model(name, in_features=x.shape[-1], num_classes=4, **spec["model_args"])
@@ -93,6 +118,7 @@ def test_loss_falls_on_a_small_fixed_batch(name):
 # ----------------------------------------------------------------------------------------
 # the registry: names, keys and values
 
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ValueError, match="sequencer2d_s") as e:
         seqlstm.create_model("sequencer3d", in_features=4, num_classes=2)
@@ -108,15 +134,18 @@ def test_bad_model_arg_lists_valid_keys(name):
         assert f"'{key}'" in str(e.value)
 
 
-@pytest.mark.parametrize("name, kw, valid", [
-    ("lstm", dict(readout="max"), ["'last'", "'mean'"]),
-    ("rnn", dict(cell="transformer"), ["'rnn'", "'gru'", "'lstm'"]),
-    ("sequencer2d_s", dict(token_mixer="attention"), ["'lstm2d'", "'lstm1d'"]),
-    ("vit_small_seq", dict(patch_size=5), ["[1, 2, 4, 8, 16, 32]"]),
-    ("vit_small_seq", dict(readout="max"), ["'cls'", "'mean'"]),
-    ("pit", dict(readout="max"), ["'cls'", "'mean'"]),
-    ("fnet", dict(readout="cls"), ["'mean'", "'first'"]),
-])
+@pytest.mark.parametrize(
+    "name, kw, valid",
+    [
+        ("lstm", dict(readout="max"), ["'last'", "'mean'"]),
+        ("rnn", dict(cell="transformer"), ["'rnn'", "'gru'", "'lstm'"]),
+        ("sequencer2d_s", dict(token_mixer="attention"), ["'lstm2d'", "'lstm1d'"]),
+        ("vit_small_seq", dict(patch_size=5), ["[1, 2, 4, 8, 16, 32]"]),
+        ("vit_small_seq", dict(readout="max"), ["'cls'", "'mean'"]),
+        ("pit", dict(readout="max"), ["'cls'", "'mean'"]),
+        ("fnet", dict(readout="cls"), ["'mean'", "'first'"]),
+    ],
+)
 def test_bad_model_value_lists_valid_values(name, kw, valid):
     n_feat = {"image": 96, "pixels": 1, "sequence": 96}[seqlstm.MODEL_INFO[name]["input_form"]]
     with pytest.raises(ValueError) as e:
@@ -125,7 +154,9 @@ def test_bad_model_value_lists_valid_values(name, kw, valid):
         assert v in str(e.value)
 
 
-@pytest.mark.parametrize("kw", [dict(hidden=0), dict(layers=0), dict(layers=(2, 2)), dict(dims=(48, 0, 96, 96))])
+@pytest.mark.parametrize(
+    "kw", [dict(hidden=0), dict(layers=0), dict(layers=(2, 2)), dict(dims=(48, 0, 96, 96))]
+)
 def test_bad_sizes_raise_value_error(kw):
     name = "lstm" if "hidden" in kw else "sequencer2d_s"
     with pytest.raises(ValueError):
@@ -134,7 +165,9 @@ def test_bad_sizes_raise_value_error(kw):
 
 def test_image_models_check_channels_against_in_features():
     with pytest.raises(ValueError, match="channels"):
-        seqlstm.create_model("vit_small_seq", in_features=28, num_classes=10)  # MNIST rows, channels left at 3
+        seqlstm.create_model(
+            "vit_small_seq", in_features=28, num_classes=10
+        )  # MNIST rows, channels left at 3
     model = seqlstm.create_model("vit_small_seq", in_features=28, num_classes=10, channels=1)
     assert model.image_size == 28 and model.patch_size == 7
 
@@ -146,11 +179,18 @@ def test_pixel_models_refuse_sequences_longer_than_their_positions():
 
 
 def test_overrides_win_over_the_variant_config():
-    model = seqlstm.create_model("lstm_rows_mnist", in_features=28, num_classes=10, hidden=16, bidirectional=True)
+    model = seqlstm.create_model(
+        "lstm_rows_mnist", in_features=28, num_classes=10, hidden=16, bidirectional=True
+    )
     assert model.rnn.hidden_size == 16 and model.rnn.num_layers == 3 and model.rnn.bidirectional
     deep = seqlstm.create_model("sequencer2d_m", in_features=96, num_classes=10, layers=1)
     assert [len(stage.blocks) for stage in deep.stages] == [1, 1, 1, 1]
-    assert seqlstm.MODEL_INFO["sequencer2d_m"]["defaults"]["layers"] == (2, 2, 7, 2)  # the registry is untouched
+    assert seqlstm.MODEL_INFO["sequencer2d_m"]["defaults"]["layers"] == (
+        2,
+        2,
+        7,
+        2,
+    )  # the registry is untouched
     default = seqlstm.create_model("sequencer2d_m", in_features=96, num_classes=10)
     assert [len(stage.blocks) for stage in default.stages] == [2, 2, 7, 2]
 
@@ -161,7 +201,11 @@ def test_recurrent_presets():
         assert x.shape[1:] == (T, n_feat)
         model = seqlstm.create_model(name, in_features=f, num_classes=10)
         assert isinstance(model.rnn, torch.nn.LSTM)
-        assert (model.rnn.num_layers, model.rnn.hidden_size, model.rnn.bidirectional) == (3, 128, False)
+        assert (model.rnn.num_layers, model.rnn.hidden_size, model.rnn.bidirectional) == (
+            3,
+            128,
+            False,
+        )
     for name, cls in [("rnn", torch.nn.RNN), ("gru", torch.nn.GRU), ("lstm", torch.nn.LSTM)]:
         assert isinstance(seqlstm.create_model(name, in_features=4, num_classes=2).rnn, cls)
 
@@ -169,8 +213,9 @@ def test_recurrent_presets():
 @pytest.mark.parametrize("readout", ["last", "mean"])
 def test_rnn_readouts(readout):
     torch.manual_seed(0)
-    model = seqlstm.create_model("gru", in_features=3, num_classes=2, hidden=6, bidirectional=True,
-                                 readout=readout).eval()
+    model = seqlstm.create_model(
+        "gru", in_features=3, num_classes=2, hidden=6, bidirectional=True, readout=readout
+    ).eval()
     x = torch.randn(2, 7, 3)
     out, h_n = model.rnn(x)
     feats = out.mean(1) if readout == "mean" else torch.cat([out[:, -1, :6], out[:, 0, 6:]], 1)
@@ -180,12 +225,15 @@ def test_rnn_readouts(readout):
 # ----------------------------------------------------------------------------------------
 # image models: timm's classes, one input convention
 
+
 def test_timm_models_are_timm_classes():
     for name in ("sequencer2d_s", "sequencer2d_m", "vanilla_sequencer"):
         model = seqlstm.create_model(name, in_features=96, num_classes=10)
         assert isinstance(model, timm.models.sequencer.Sequencer2d)
     s = seqlstm.create_model("sequencer2d_s", in_features=96, num_classes=10)
-    assert all(isinstance(b.rnn_tokens, timm.models.sequencer.LSTM2d) for st in s.stages for b in st.blocks)
+    assert all(
+        isinstance(b.rnn_tokens, timm.models.sequencer.LSTM2d) for st in s.stages for b in st.blocks
+    )
     v = seqlstm.create_model("vanilla_sequencer", in_features=96, num_classes=10)
     assert all(isinstance(b.rnn_tokens, seqlstm.BiLSTM1d) for st in v.stages for b in st.blocks)
     vit = seqlstm.create_model("vit_small_seq", in_features=96, num_classes=10)
@@ -195,11 +243,21 @@ def test_timm_models_are_timm_classes():
 def test_pit_is_timm_vit_on_the_folded_pixel_sequence():
     pit = seqlstm.create_model("pit", in_features=1, num_classes=10).eval()
     assert isinstance(pit, timm.models.vision_transformer.VisionTransformer)
-    assert pit.patch_embed.patch_size == (1, 1) and pit.pos_embed.shape == (1, 1024, 64)  # no position for CLS
-    assert len(pit.blocks) == 2 and pit.blocks[0].attn.num_heads == 2 and pit.blocks[0].mlp.fc1.out_features == 128
+    assert pit.patch_embed.patch_size == (1, 1) and pit.pos_embed.shape == (
+        1,
+        1024,
+        64,
+    )  # no position for CLS
+    assert (
+        len(pit.blocks) == 2
+        and pit.blocks[0].attn.num_heads == 2
+        and pit.blocks[0].mlp.fc1.out_features == 128
+    )
     images = torch.randn(2, 1, 32, 32)
     vit_forward = timm.models.vision_transformer.VisionTransformer.forward
-    torch.testing.assert_close(pit(seqlstm.pixels(images)), vit_forward(pit, images))  # raster order folds back
+    torch.testing.assert_close(
+        pit(seqlstm.pixels(images)), vit_forward(pit, images)
+    )  # raster order folds back
     assert seqlstm.count_params(pit) == 133_450  # the hand-written encoder's size
     with pytest.raises(ValueError, match="square"):
         pit(torch.randn(1, 1000, 1))
@@ -216,12 +274,20 @@ def test_vit_small_seq_configuration():
     vit = seqlstm.create_model("vit_small_seq", in_features=96, num_classes=10)
     assert vit.patch_embed.patch_size == (4, 4) and vit.pos_embed.shape == (1, 8 * 8 + 1, 64)
     assert len(vit.blocks) == 6 and vit.blocks[0].attn.num_heads == 8
-    assert vit.blocks[0].mlp.fc1.out_features == 128 and vit.cls_token is not None and vit.global_pool == "token"
+    assert (
+        vit.blocks[0].mlp.fc1.out_features == 128
+        and vit.cls_token is not None
+        and vit.global_pool == "token"
+    )
 
 
 def test_cnn_teacher_is_resnet20():
     model = seqlstm.create_model("cnn_teacher", in_features=96, num_classes=10)
-    convs = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and "shortcut" not in n]
+    convs = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and "shortcut" not in n
+    ]
     assert len(convs) + 1 == 20  # 6n + 2 with n = 3: the convs and the linear head
     assert 0.26e6 < seqlstm.count_params(model) < 0.29e6
 
@@ -232,16 +298,21 @@ def test_image_models_read_images_or_their_rows(name):
     model.eval()
     images = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model(images), model(seqlstm.rows(images)))
-    assert model(torch.randn(2, 3, 7, 10)).shape == (2, K)  # other sizes: padded to the model's stride
+    assert model(torch.randn(2, 3, 7, 10)).shape == (
+        2,
+        K,
+    )  # other sizes: padded to the model's stride
 
 
 # ----------------------------------------------------------------------------------------
 # Long Range Arena pixel models
 
+
 @pytest.mark.parametrize("name", BY_FORM["pixels"])
 def test_pixel_values_are_projected_not_quantised(name):
-    """A linear projection of the normalised values: a change far below one grey level (1/255 of the
-    range, about 0.016 in normalised units) still changes the output; values beyond 0..255 are fine."""
+    """A linear projection of the normalised values: a change far below one grey level (1/255 of
+    the range, about 0.016 in normalised units) still changes the output; values beyond 0..255
+    are fine."""
     model, x = build(name)
     model.eval()
     assert (model(x) - model(x + 1e-3)).abs().max() > 1e-7
@@ -250,15 +321,26 @@ def test_pixel_values_are_projected_not_quantised(name):
 
 def test_lipschitz_rnn_matrices_split_into_symmetric_and_skew_parts():
     beta, gamma_a, gamma_w = 0.7, 0.05, 0.02
-    model = seqlstm.create_model("lipschitz_rnn", in_features=1, num_classes=2, hidden=6, beta=beta,
-                                 gamma_a=gamma_a, gamma_w=gamma_w)
+    model = seqlstm.create_model(
+        "lipschitz_rnn",
+        in_features=1,
+        num_classes=2,
+        hidden=6,
+        beta=beta,
+        gamma_a=gamma_a,
+        gamma_w=gamma_w,
+    )
     eye = torch.eye(6)
     for mat, M, gamma in [(model.A(), model.M_A[0], gamma_a), (model.W(), model.M_W[0], gamma_w)]:
         torch.testing.assert_close(mat + mat.T, (1 - beta) * 2 * (M + M.T) - 2 * gamma * eye)
         torch.testing.assert_close(mat - mat.T, beta * 2 * (M - M.T))
     # beta = 1: A is skew-symmetric minus gamma I, so its eigenvalues have real part -gamma
-    skew = seqlstm.create_model("lipschitz_rnn", in_features=1, num_classes=2, hidden=6, beta=1.0, gamma_a=0.1)
-    torch.testing.assert_close(torch.linalg.eigvals(skew.A()).real, torch.full((6,), -0.1), atol=1e-5, rtol=0)
+    skew = seqlstm.create_model(
+        "lipschitz_rnn", in_features=1, num_classes=2, hidden=6, beta=1.0, gamma_a=0.1
+    )
+    torch.testing.assert_close(
+        torch.linalg.eigvals(skew.A()).real, torch.full((6,), -0.1), atol=1e-5, rtol=0
+    )
 
 
 def test_lipschitz_rnn_is_the_euler_step():
@@ -274,8 +356,12 @@ def test_lipschitz_rnn_is_the_euler_step():
 def test_lipschitz_rnn_state_stays_bounded_over_1024_steps_at_initialisation():
     torch.manual_seed(0)
     model = seqlstm.create_model("lipschitz_rnn", in_features=1, num_classes=10)
-    assert torch.linalg.eigvals(model.A()).real.max() < 0.5  # init_std 32 gave 1.3: the state exploded
-    logits = model(torch.randn(8, 1024, 1))  # one normalised grayscale CIFAR image per row, as pixels
+    assert (
+        torch.linalg.eigvals(model.A()).real.max() < 0.5
+    )  # init_std 32 gave 1.3: the state exploded
+    logits = model(
+        torch.randn(8, 1024, 1)
+    )  # one normalised grayscale CIFAR image per row, as pixels
     assert logits.abs().max() < 10
 
 
@@ -285,10 +371,13 @@ def test_fnet_mixing_is_the_real_part_of_the_2d_fft():
     torch.testing.assert_close(mixed, torch.fft.fft2(x).real)
     dft = lambda n: torch.exp(-2j * torch.pi * torch.outer(torch.arange(n), torch.arange(n)) / n)
     # over both the sequence and the hidden dimension: Re(F_T x F_D)
-    torch.testing.assert_close(mixed, (dft(10) @ x.to(torch.complex64) @ dft(8)).real, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        mixed, (dft(10) @ x.to(torch.complex64) @ dft(8)).real, atol=1e-4, rtol=1e-4
+    )
     model = seqlstm.create_model("fnet", in_features=1, num_classes=2)
     assert isinstance(model.mixing, seqlstm.FourierMixing) and not any(
-        isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+        isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()
+    )
 
 
 def test_nystrom_attention_matches_softmax_attention_with_a_landmark_per_step():
@@ -297,7 +386,9 @@ def test_nystrom_attention_matches_softmax_attention_with_a_landmark_per_step():
     errors = {}
     for iterations in (6, 20):
         torch.manual_seed(1)
-        attention = seqlstm.NystromAttention(32, heads=2, landmarks=16, pinv_iterations=iterations, conv_kernel=0)
+        attention = seqlstm.NystromAttention(
+            32, heads=2, landmarks=16, pinv_iterations=iterations, conv_kernel=0
+        )
         exact = attention(x, exact=True)
         errors[iterations] = ((attention(x) - exact).abs().max() / exact.abs().max()).item()
     assert errors[6] < 0.05  # the paper's 6 iterations: close
@@ -306,7 +397,9 @@ def test_nystrom_attention_matches_softmax_attention_with_a_landmark_per_step():
 
 def test_iterative_pinv_converges_to_the_pseudo_inverse():
     a = torch.softmax(torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0)), -1)
-    torch.testing.assert_close(seqlstm.iterative_pinv(a, 30), torch.linalg.pinv(a), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        seqlstm.iterative_pinv(a, 30), torch.linalg.pinv(a), atol=1e-3, rtol=1e-3
+    )
 
 
 def test_nystromformer_pads_to_a_multiple_of_the_landmarks():
@@ -315,7 +408,9 @@ def test_nystromformer_pads_to_a_multiple_of_the_landmarks():
     x = torch.randn(2, 10, 16)  # padded to 12: 4 segments of 3
     out = attention(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    model = seqlstm.create_model("nystromformer", in_features=1, num_classes=2, seq_len=50, landmarks=8)
+    model = seqlstm.create_model(
+        "nystromformer", in_features=1, num_classes=2, seq_len=50, landmarks=8
+    )
     assert model(torch.randn(2, 37, 1)).shape == (2, 2)
 
 
@@ -325,10 +420,12 @@ def test_trellisnet_is_causal():
     x = torch.randn(2, 64, 1)
     for t in (0, 20, 50):
         y = x.clone()
-        y[:, t + 1:] += torch.randn_like(y[:, t + 1:])
+        y[:, t + 1 :] += torch.randn_like(y[:, t + 1 :])
         hx, hy = model.features(x), model.features(y)
-        torch.testing.assert_close(hx[:, :t + 1], hy[:, :t + 1], rtol=0, atol=0)  # the past never sees the future
-        assert (hx[:, t + 1:] - hy[:, t + 1:]).abs().max() > 1e-6
+        torch.testing.assert_close(
+            hx[:, : t + 1], hy[:, : t + 1], rtol=0, atol=0
+        )  # the past never sees the future
+        assert (hx[:, t + 1 :] - hy[:, t + 1 :]).abs().max() > 1e-6
 
 
 def test_trellisnet_receptive_field_covers_a_1024_pixel_image():
@@ -343,5 +440,7 @@ def test_trellisnet_receptive_field_covers_a_1024_pixel_image():
 def test_trellisnet_shares_one_convolution_across_depth():
     model = seqlstm.create_model("trellisnet", in_features=1, num_classes=2)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
-    assert len(convs) == 2  # the input injection and the one shared hidden convolution, for all 11 levels
+    assert (
+        len(convs) == 2
+    )  # the input injection and the one shared hidden convolution, for all 11 levels
     assert model.levels == 11
