@@ -89,6 +89,16 @@ def _missing(name, data_dir, layouts, url):
         f"Set data_dir (or $SEQLSTM_DATA) to the folder that holds it.")
 
 
+def _download(fetch, name, data_dir, download, layouts, url):
+    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming what was looked for."""
+    if download:
+        try:
+            return fetch()
+        except Exception as e:  # no network, bad checksum, ...: say what we looked for instead
+            raise _missing(name, data_dir, layouts, url) from e
+    raise _missing(name, data_dir, layouts, url)
+
+
 def _from_torchvision(ds, channels_first=False):
     """(images uint8 (N, C, H, W), labels int64) from a torchvision dataset's in-memory arrays:
     `.data` (N, H, W), (N, H, W, C) or, with channels_first (SVHN), (N, C, H, W); `.targets` or `.labels`."""
@@ -237,6 +247,18 @@ def _cifar10(data_dir, download, image_size):
                      CIFAR10.url), "torchvision CIFAR10 (downloaded)"
 
 
+def _cifar100_coarse(folder, splits):
+    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same pickles."""
+    import pickle
+
+    def read(file, key):
+        with open(folder / file, "rb") as f:
+            return pickle.load(f, encoding="latin1")[key]
+    train_x, _, test_x, _, _ = splits
+    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64) for f in ("train", "test"))
+    return train_x, train_y, test_x, test_y, list(read("meta", "coarse_label_names"))
+
+
 def _cifar100(data_dir, download, image_size, labels="fine"):
     """CIFAR-100 (torchvision CIFAR100): 100 fine classes, or with labels="coarse" the 20 superclasses."""
     from torchvision.datasets import CIFAR100
@@ -250,18 +272,6 @@ def _cifar100(data_dir, download, image_size, labels="fine"):
                            ["cifar-100-python/{train,test,meta}"], CIFAR100.url)
         source = "torchvision CIFAR100 (downloaded)"
     return (splits, source) if labels == "fine" else (_cifar100_coarse(folder, splits), f"{source}, coarse labels")
-
-
-def _cifar100_coarse(folder, splits):
-    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same pickles."""
-    import pickle
-
-    def read(file, key):
-        with open(folder / file, "rb") as f:
-            return pickle.load(f, encoding="latin1")[key]
-    train_x, _, test_x, _, _ = splits
-    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64) for f in ("train", "test"))
-    return train_x, train_y, test_x, test_y, list(read("meta", "coarse_label_names"))
 
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -333,20 +343,6 @@ def _imagenette(data_dir, download, image_size, size=None):
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def _tiny_imagenet(data_dir, download, image_size):
-    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the test split."""
-    root = data_dir / "tiny-imagenet-200"
-    source = "Tiny-ImageNet tiny-imagenet-200/"
-    if not all((root / p).exists() for p in ("wnids.txt", "train", "val/val_annotations.txt")):
-        from torchvision.datasets.utils import download_and_extract_archive
-        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir), "tiny_imagenet", data_dir,
-                  download, ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-                             "val/val_annotations.txt}"], TINY_IMAGENET_URL)
-        source += " (downloaded)"
-    train_files, test_files, classes = _tiny_imagenet_files(root)
-    return _cached_decode(root, train_files, test_files, classes, image_size), source
-
-
 def _tiny_imagenet_files(root: Path):
     """(train [(path, label)], test [(path, label)], class names) of the Tiny-ImageNet release layout.
 
@@ -392,14 +388,18 @@ def _tiny_imagenet_files(root: Path):
     return train, test, [words.get(w) or w for w in wnids]
 
 
-def _download(fetch, name, data_dir, download, layouts, url):
-    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming what was looked for."""
-    if download:
-        try:
-            return fetch()
-        except Exception as e:  # no network, bad checksum, ...: say what we looked for instead
-            raise _missing(name, data_dir, layouts, url) from e
-    raise _missing(name, data_dir, layouts, url)
+def _tiny_imagenet(data_dir, download, image_size):
+    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the test split."""
+    root = data_dir / "tiny-imagenet-200"
+    source = "Tiny-ImageNet tiny-imagenet-200/"
+    if not all((root / p).exists() for p in ("wnids.txt", "train", "val/val_annotations.txt")):
+        from torchvision.datasets.utils import download_and_extract_archive
+        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir), "tiny_imagenet", data_dir,
+                  download, ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+                             "val/val_annotations.txt}"], TINY_IMAGENET_URL)
+        source += " (downloaded)"
+    train_files, test_files, classes = _tiny_imagenet_files(root)
+    return _cached_decode(root, train_files, test_files, classes, image_size), source
 
 
 def _digits(data_dir, download, image_size):
@@ -813,6 +813,10 @@ def sequence_shape(name, image_shape=(3, 32, 32), seq_len=None, **args):
     return tuple(make_sequence(name, seq_len, **args)(torch.zeros(1, *image_shape)).shape[1:])
 
 
+def _one_image(batched, img):
+    return batched(img.unsqueeze(0))[0]
+
+
 def sequence_transform(name: str, **args):
     """The same transform for one image (C, H, W) -> (T, F), as a torchvision transform
     (built on `transforms.Lambda`, as torchvision's FiveCrop documentation does)."""
@@ -842,35 +846,6 @@ def describe_sequences(shape, seq_len):
             default = "report parameter seq_len" if arg.name == "seq_len" else repr(arg.default)
             lines.append(f"{'':<14}{arg.name} = {default}{valid}")
     return lines
-
-
-def _one_image(batched, img):
-    return batched(img.unsqueeze(0))[0]
-
-
-def per_sample_pipeline(mean, std, seq, augment="none", size=32):
-    """The classic torchvision per-sample pipeline on uint8 (C, size, size) tensors, the same
-    steps as the batched fast path, for DataLoader users."""
-    from torchvision.transforms import v2
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
-    if "cutout" in augment:
-        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
-    steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
-    steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 images + labels served one sample at a time through a per-sample transform."""
-    def __init__(self, x, y, transform):
-        self.x, self.y, self.transform = x, y, transform
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.transform(self.x[i]), self.y[i]
 
 
 # The fast path: whole batches of uint8 tensors, normalised and augmented at once.
@@ -903,10 +878,6 @@ def batch_crop(x, padding, generator=None, flip=None):
 
 def _coin(B, generator, device):
     return (torch.rand(B, generator=generator) < 0.5).to(device)
-
-
-def batch_flip(x, generator=None):
-    return augment_with_flips(x, "flip", generator)[0]
 
 
 def batch_cutout(x, fill, generator=None):
@@ -946,6 +917,10 @@ def augment_with_flips(x, augment, generator=None, fill=None):
 def augment_batch(x, augment, generator=None, fill=None):
     """Batch augmentation on uint8 images (see augment_with_flips)."""
     return augment_with_flips(x, augment, generator, fill)[0]
+
+
+def batch_flip(x, generator=None):
+    return augment_with_flips(x, "flip", generator)[0]
 
 
 class Batches:
@@ -994,6 +969,34 @@ class Batches:
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield (self.x[idx], self.y[idx], idx) if self.with_index else (self.x[idx], self.y[idx])
+
+
+# The per-sample path: the same steps as torchvision transforms of one image at a time, for
+# DataLoader users.
+
+def per_sample_pipeline(mean, std, seq, augment="none", size=32):
+    """The classic torchvision per-sample pipeline on uint8 (C, size, size) tensors, the same
+    steps as the batched fast path, for DataLoader users."""
+    from torchvision.transforms import v2
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
+    if "cutout" in augment:
+        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
+    steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
+    steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 images + labels served one sample at a time through a per-sample transform."""
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
 
 
 # ----------------------------------------------------------------------------------------
@@ -2094,19 +2097,6 @@ def orthogonal_init(model):
 INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}  # PyTorch's, or orthogonal_init
 
 
-def describe_models():
-    """One line per model: its parameters at its default input, that input, its input form and paper."""
-    lines = []
-    for name in list_models():
-        x, n_feat, args = model_input(name)
-        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
-        spec = MODEL_INFO[name]["input"]
-        shown = f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = {tuple(x.shape[1:])}"
-        lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
-                     f"{MODEL_INFO[name]['paper']}")
-    return lines
-
-
 def model_input(name, batch_size=1, *, tiny=False, seed=0):
     """A batch of model `name`'s default input (MODEL_INFO[name]["input"]; tiny: its "test_input"):
     standard-normal "normalised images" turned into that sequence. Returns (x, in_features,
@@ -2121,6 +2111,19 @@ def model_input(name, batch_size=1, *, tiny=False, seed=0):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_models():
+    """One line per model: its parameters at its default input, that input, its input form and paper."""
+    lines = []
+    for name in list_models():
+        x, n_feat, args = model_input(name)
+        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
+        spec = MODEL_INFO[name]["input"]
+        shown = f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = {tuple(x.shape[1:])}"
+        lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
+                     f"{MODEL_INFO[name]['paper']}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------
