@@ -43,6 +43,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.sequencer import LSTM2d, Sequencer2d
+from timm.models.vision_transformer import VisionTransformer
+
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("SEQLSTM_DATA", "./data"))
@@ -1284,10 +1287,6 @@ class ImageInput:
         m = self.pad_multiple
         pad_h, pad_w = -x.shape[-2] % m, -x.shape[-1] % m
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-
-
-from timm.models.sequencer import LSTM2d, Sequencer2d  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 
 class BiLSTM1d(nn.Module):
