@@ -1966,67 +1966,91 @@ _GRAY = (1, 32, 32)
 
 MODELS = {
     "bilstm_fc": ModelEntry(
-        BiLSTMFC, {}, "sequence", _ANY, _input(_CIFAR, "identity", transform_args={"seq_len": 10}),
-        _input((3, 4, 4), "identity", transform_args={"seq_len": 5}),
-        "the test task: BiLSTM + FC on identity sequences (Biswas et al., IJCNN 2014)"),
+        factory=BiLSTMFC, cfg={}, input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "identity", transform_args={"seq_len": 10}),
+        test_input=_input((3, 4, 4), "identity", transform_args={"seq_len": 5}),
+        paper="the test task: BiLSTM + FC on identity sequences (Biswas et al., IJCNN 2014)"),
     "rnn": ModelEntry(
-        RNNClassifier, dict(cell="rnn"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Elman, Finding Structure in Time, Cognitive Science 1990"),
+        factory=RNNClassifier, cfg=dict(cell="rnn"), input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Elman, Finding Structure in Time, Cognitive Science 1990"),
     "gru": ModelEntry(
-        RNNClassifier, dict(cell="gru"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Cho et al., Learning Phrase Representations using RNN Encoder-Decoder, EMNLP 2014"),
+        factory=RNNClassifier, cfg=dict(cell="gru"), input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Cho et al., Learning Phrase Representations using RNN Encoder-Decoder, EMNLP 2014"),
     "lstm": ModelEntry(
-        RNNClassifier, dict(cell="lstm"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Hochreiter & Schmidhuber, Long Short-Term Memory, Neural Computation 1997"),
+        factory=RNNClassifier, cfg=dict(cell="lstm"), input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Hochreiter & Schmidhuber, Long Short-Term Memory, Neural Computation 1997"),
     "lstm_rows_mnist": ModelEntry(
-        RNNClassifier, dict(cell="lstm", hidden=128, layers=3), "sequence", "rows (B, 28, 28); any (B, T, F)",
-        _input((1, 28, 28), "rows"), _input((1, 8, 8), "rows"),
-        "Hochreiter & Schmidhuber 1997; sequential MNIST (Le, Jaitly & Hinton 2015)"),
+        factory=RNNClassifier, cfg=dict(cell="lstm", hidden=128, layers=3), input_form="sequence",
+        sequence="rows (B, 28, 28); any (B, T, F)",
+        input=_input((1, 28, 28), "rows"), test_input=_input((1, 8, 8), "rows"),
+        paper="Hochreiter & Schmidhuber 1997; sequential MNIST (Le, Jaitly & Hinton 2015)"),
     "lstm_pixels_mnist": ModelEntry(
-        RNNClassifier, dict(cell="lstm", hidden=128, layers=3), "sequence", "pixels (B, 784, 1); any (B, T, F)",
-        _input((1, 28, 28), "pixels"), _input((1, 8, 8), "pixels"),
-        "Hochreiter & Schmidhuber 1997; pixel-by-pixel MNIST (Le, Jaitly & Hinton 2015)"),
+        factory=RNNClassifier, cfg=dict(cell="lstm", hidden=128, layers=3), input_form="sequence",
+        sequence="pixels (B, 784, 1); any (B, T, F)",
+        input=_input((1, 28, 28), "pixels"), test_input=_input((1, 8, 8), "pixels"),
+        paper="Hochreiter & Schmidhuber 1997; pixel-by-pixel MNIST (Le, Jaitly & Hinton 2015)"),
     "sequencer2d_s": ModelEntry(
-        SequencerImage, dict(layers=(2, 2, 4, 2)), "image", _IMAGE, _input(_CIFAR, "rows"),
-        _input((3, 8, 8), "rows"), _SEQUENCER + " (Sequencer2D-S scaled down for 32x32)"),
+        factory=SequencerImage, cfg=dict(layers=(2, 2, 4, 2)), input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper=_SEQUENCER + " (Sequencer2D-S scaled down for 32x32)"),
     "sequencer2d_m": ModelEntry(
-        SequencerImage, dict(layers=(2, 2, 7, 2)), "image", _IMAGE, _input(_CIFAR, "rows"),
-        _input((3, 8, 8), "rows"), _SEQUENCER + " (Sequencer2D-M scaled down for 32x32)"),
+        factory=SequencerImage, cfg=dict(layers=(2, 2, 7, 2)), input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper=_SEQUENCER + " (Sequencer2D-M scaled down for 32x32)"),
     "vanilla_sequencer": ModelEntry(
-        SequencerImage, dict(token_mixer="lstm1d", layers=(2, 2), patch_sizes=(4, 2), dims=(64, 128),
-                             hidden_sizes=(32, 64)), "image", _IMAGE, _input(_CIFAR, "rows"),
-        _input((3, 8, 8), "rows"), _SEQUENCER + " (Vanilla Sequencer: BiLSTM over flattened tokens)"),
+        factory=SequencerImage,
+        cfg=dict(token_mixer="lstm1d", layers=(2, 2), patch_sizes=(4, 2), dims=(64, 128),
+                 hidden_sizes=(32, 64)),
+        input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper=_SEQUENCER + " (Vanilla Sequencer: BiLSTM over flattened tokens)"),
     "vit_small_seq": ModelEntry(
-        ViTImage, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021"),
+        factory=ViTImage, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021"),
     "cnn_teacher": ModelEntry(
-        CifarResNet, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (CIFAR ResNet-20)"),
+        factory=CifarResNet, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="He et al., Deep Residual Learning for Image Recognition, CVPR 2016 "
+              "(CIFAR ResNet-20)"),
     "fast_cnn": ModelEntry(
-        FastCifarNet, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Jordan, 94% on CIFAR-10 in 3.29 Seconds on a Single GPU, 2024 (airbench93's net, no whitening)"),
+        factory=FastCifarNet, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Jordan, 94% on CIFAR-10 in 3.29 Seconds on a Single GPU, 2024 "
+              "(airbench93's net, no whitening)"),
     "trellisnet": ModelEntry(
-        TrellisNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", layers=7),
-        "Bai, Kolter & Koltun, Trellis Networks for Sequence Modeling, ICLR 2019"),
+        factory=TrellisNet, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", layers=7),
+        paper="Bai, Kolter & Koltun, Trellis Networks for Sequence Modeling, ICLR 2019"),
     "lipschitz_rnn": ModelEntry(
-        LipschitzRNN, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", eps=0.1),
-        "Erichson et al., Lipschitz Recurrent Neural Networks, ICLR 2021"),
+        factory=LipschitzRNN, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", eps=0.1),
+        paper="Erichson et al., Lipschitz Recurrent Neural Networks, ICLR 2021"),
     "pit": ModelEntry(
-        PixelTransformer, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
-        "Nguyen et al., An Image is Worth More Than 16x16 Patches: Exploring Transformers on Individual Pixels, "
-        "2024"),
+        factory=PixelTransformer, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", seq_len=64),
+        paper="Nguyen et al., An Image is Worth More Than 16x16 Patches: Exploring Transformers on "
+              "Individual Pixels, 2024"),
     "nystromformer": ModelEntry(
-        Nystromformer, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"),
-        _input((1, 8, 8), "pixels", seq_len=64, landmarks=8, conv_kernel=9),
-        "Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention, AAAI 2021"),
+        factory=Nystromformer, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"),
+        test_input=_input((1, 8, 8), "pixels", seq_len=64, landmarks=8, conv_kernel=9),
+        paper="Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating "
+              "Self-Attention, AAAI 2021"),
     "fnet": ModelEntry(
-        FNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
-        "Lee-Thorp et al., FNet: Mixing Tokens with Fourier Transforms, NAACL 2022"),
+        factory=FNet, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", seq_len=64),
+        paper="Lee-Thorp et al., FNet: Mixing Tokens with Fourier Transforms, NAACL 2022"),
     "s4d": ModelEntry(
-        S4D, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"),
-        _input((1, 8, 8), "pixels", dim=32, state=8, dropout=0.0, dt_min=0.016, dt_max=1.6),
-        "Gu, Gupta, Goel & Re, On the Parameterization and Initialization of Diagonal State Space Models, "
-        "NeurIPS 2022 (S4D)"),
+        factory=S4D, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"),
+        test_input=_input((1, 8, 8), "pixels", dim=32, state=8, dropout=0.0, dt_min=0.016,
+                          dt_max=1.6),
+        paper="Gu, Gupta, Goel & Re, On the Parameterization and Initialization of Diagonal State "
+              "Space Models, NeurIPS 2022 (S4D)"),
 }
 
 MODEL_INFO = {name: {"input_form": e.input_form, "sequence": e.sequence, "input": e.input,
