@@ -1,32 +1,23 @@
 """seqlstm: classify images as sequences.
 
 Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas et al., IJCNN 2014,
-rows, pixels, patches, crops, series of transformed views), sequence models (MODELS: BiLSTM + FC,
-RNNs, Sequencer2D, ViT, the LRA pixel models, S4D) read them, Lightning trains them and MLflow tracks
-every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
-Search: `python seqlstm.py tune params/tune.yaml --trials 30`; runs without the notebook (DDP):
-`python seqlstm.py train params/X.yaml`. Others: `bench [--quick]`, `datasets|transforms|models`.
+rows, pixels, patches, crops, series of transformed views) that sequence models read (MODELS:
+BiLSTM + FC, RNNs, Sequencer2D, ViT, the LRA pixel models, S4D), alone or distilled from a teacher.
+This file imports torch, torchvision and timm only (scikit-learn, matplotlib and pandas lazily,
+where a function needs them), so it can be dropped into Colab alone. The command line
+(`python seqlstm.py report|train|tune|bench|datasets|transforms|models`) is handed off to the
+package seqlab beside it, which imports this module.
 
 Contents, in reading order (each section uses only what comes before it):
-  Data                 DATASETS, load_dataset: every dataset as in-memory uint8 tensors, cached
-  Sequence transforms  SEQUENCES, make_sequence; the batched fast path (normalize, augment, Batches)
-  Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel models
-  Distillation         distillation_loss, build_teacher, Teacher (logits table or live), logits_table
-  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES, PRECISIONS, STRATEGIES; an optional Teacher),
-                       EpochLog, TrainTimer
-  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run] (per_model, variants,
-                       undistilled twins, extra_runs), check_run_inputs
-  Tracking             tracking_experiment (locked), code_version, run_key, append_summary (locked)
-  Experiment runner    the steps: open_run, build_run, make_trainer, evaluate, track_run
-  Teacher              TEACHER_RECIPE, teacher_for: cache folder | its MLflow run | trained (locked)
-  Running a run        run_experiment: reuse | resume | new -> teacher -> build -> fit -> evaluate ->
-                       track, failures contained (fail_run), interrupts marked KILLED; DDP ranks (rank_run)
-  Report               prepare_report (all checks, each dataset loaded once), variant_table,
-                       distillation_table, render_report
-  Tuning               tune: read_tune_file -> study (SQLite | journal | PostgreSQL) -> claim_trial ->
-                       run_trial (the runner, PruneOnValAcc, nested MLflow run) -> write_best
-  Benchmark            bench: speed as ratios measured in one run
-  Command line         main: report, train, tune, bench, datasets, transforms, models
+  Data                 ImageData, DATASETS, load_dataset: every dataset as in-memory uint8 tensors,
+                       decoded once and cached; dataset_overview
+  Sequence transforms  SEQUENCES, make_sequence, STEP_LAYOUT; the batched fast path (normalize,
+                       AUGMENTS, augment_batch, Batches); the per-sample path (per_sample_pipeline,
+                       TensorImages)
+  Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel
+                       models, S4D; MODEL_INFO, model_input, describe_models
+  Distillation         distillation_loss, build_teacher, TEST_VIEWS, Teacher (its logits from a
+                       table or live), logits_table
 """
 from __future__ import annotations
 
