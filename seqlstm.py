@@ -845,7 +845,8 @@ def describe_sequences(shape, seq_len):
 # The fast path: whole batches of uint8 tensors, normalised and augmented at once.
 
 def normalize(x_uint8, mean, std):
-    """(x / 255 - mean) / std per channel, as one fused multiply-add (4 broadcast passes cost 10x more)."""
+    """(x / 255 - mean) / std per channel, as one fused multiply-add: one pass over the batch, not
+    four broadcast ones."""
     scale, shift = (1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
     return torch.addcmul(shift, x_uint8.to(torch.float32), scale)
 
@@ -921,8 +922,9 @@ class Batches:
     """Shuffled (or ordered) batches of in-memory tensors: the loader of the fast path.
 
     No per-sample indexing or collation. Epoch e's order is a function of (seed, e) alone, so a
-    run resumed at epoch e sees the batches an uninterrupted one would have seen: SeqClassifier calls
-    `set_epoch(e)` before each training epoch; used alone, each pass is the next epoch. With
+    run resumed at epoch e sees the batches an uninterrupted one would have seen: seqlab's
+    SeqClassifier calls `set_epoch(e)` before each training epoch; used alone, each pass is the
+    next epoch. With
     `with_index`, each batch also carries its images' indices (x, y, idx): a teacher's logits table
     is looked up by them.
 
@@ -1098,8 +1100,8 @@ class BiLSTMFC(nn.Module):
     of layer 1 is an nn.LSTM / nn.GRU per direction whose input weight is a fixed identity
     matrix, so precomputed gate pre-activations run on the fused kernel (`recurrence="fused"`);
     on the hoisted path a small loop advancing both directions in one batched matmul per step
-    (`"loop"`) measured faster on CPU (`python seqlstm.py bench`) and is the default. Either
-    way the results equal nn.LSTM / nn.GRU on the repeated sequence (tests/test_models.py)."""
+    (`"loop"`) is the default, as it ran faster on CPU (docs/speed.md). Either way the results
+    equal nn.LSTM / nn.GRU on the repeated sequence (tests/test_models.py)."""
 
     CELLS = {"lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}  # class, gates
 
@@ -1404,8 +1406,8 @@ class CifarResNet(ImageInput, nn.Module):
     `width`, 2x and 4x channels (stride 2 between stages: 32 -> 16 -> 8), global average pooling and a
     linear head; 6 * layers + 2 weighted layers (default layers=3: ResNet-20, 0.27M parameters, 91.3%
     on CIFAR-10 in the paper). Adapted: 1x1 conv shortcuts (the paper's option B) instead of
-    zero-padded identity shortcuts. A teacher for distillation (82% in 21 minutes on 2 CPU cores: see
-    MEASUREMENTS; fast_cnn is the faster one)."""
+    zero-padded identity shortcuts. A teacher for distillation (fast_cnn is the faster one; its
+    accuracy here: docs/results.md)."""
 
     def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=3, width=16):
         super().__init__()
@@ -1452,9 +1454,9 @@ class FastCifarNet(ImageInput, nn.Module):
     GPU", 2024; airbench93's widths): a 3x3 stem conv, three ConvGroups of `widths` channels (32 -> 16
     -> 8 -> 4 pixels), global max pooling and a linear head; 0.6M parameters, about 0.07 GMAC per 32x32
     image forward, a quarter of airbench94's (widths 64-256-256). Without airbench's whitening
-    initialisation and lookahead; trained by TEACHER_RECIPE, which also gives it airbench's test-time
-    augmentation (TEST_VIEWS["flip_shift"]). Runs in channels-last memory layout, which oneDNN's CPU
-    convolutions take faster. The default teacher."""
+    initialisation and lookahead; trained by seqlab's TEACHER_RECIPE, which also gives it
+    airbench's test-time augmentation (TEST_VIEWS["flip_shift"]). Runs in channels-last memory
+    layout, which oneDNN's CPU convolutions take faster. The default teacher."""
 
     def __init__(self, *, in_features, num_classes, channels=3, image_size=None, widths=(64, 128, 128), stem=32):
         super().__init__()
@@ -1715,7 +1717,7 @@ class NystromAttention(nn.Module):
             k3 = F.softmax(scores, -1)
             out = ((k1 @ iterative_pinv(k2, self.pinv_iterations)) @ (k3 @ vp))[:, :, :T]
         if self.conv is not None:  # the head's kernel on each of its d channels: a depthwise conv1d over h*d
-            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K); 4x faster on CPU than Conv2d (K, 1)
+            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K): on CPU faster than a Conv2d (K, 1)
             conv = F.conv1d(v.transpose(2, 3).reshape(B, h * d, T), w, padding=self.conv.padding, groups=h * d)
             out = out + conv.view(B, h, d, T).transpose(2, 3)
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
@@ -1857,7 +1859,8 @@ class S4DLayer(nn.Module):
     def conv(self, u):
         """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L keeps
         the circular convolution from wrapping around (linear convolution of the first L outputs). The
-        FFTs run along the last, contiguous dimension: a quarter less time than along dim 1 (measured)."""
+        FFTs run along the last, contiguous dimension, which is faster than along dim 1
+        (docs/speed.md)."""
         L = u.shape[1]
         k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L+1)
         y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
