@@ -84,7 +84,8 @@ def _missing(name, data_dir, layouts, url):
 
 
 def _download(fetch, name, data_dir, download, layouts, url):
-    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming what was looked for."""
+    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming
+    what was looked for."""
     if download:
         try:
             return fetch()
@@ -95,7 +96,8 @@ def _download(fetch, name, data_dir, download, layouts, url):
 
 def _from_torchvision(ds, channels_first=False):
     """(images uint8 (N, C, H, W), labels int64) from a torchvision dataset's in-memory arrays:
-    `.data` (N, H, W), (N, H, W, C) or, with channels_first (SVHN), (N, C, H, W); `.targets` or `.labels`."""
+    `.data` (N, H, W), (N, H, W, C) or, with channels_first (SVHN), (N, C, H, W); `.targets` or
+    `.labels`."""
     x = torch.as_tensor(ds.data)
     if x.ndim == 3:
         x = x.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
@@ -105,27 +107,31 @@ def _from_torchvision(ds, channels_first=False):
     return x.contiguous(), torch.as_tensor(labels, dtype=torch.int64)
 
 
-def _torchvision_splits(cls, root, download, *, train=({"train": True},), test=({"train": False},), classes=None,
-                        channels_first=False, **kw):
-    """(train_x, train_y, test_x, test_y, classes) through torchvision's class `cls`. `train` and `test` hold
-    the constructor arguments of each part of a split (several parts are concatenated: SVHN train + extra);
-    `classes` is for classes without a `.classes` attribute."""
+def _torchvision_splits(cls, root, download, *, train=({"train": True},), test=({"train": False},),
+                        classes=None, channels_first=False, **kw):
+    """(train_x, train_y, test_x, test_y, classes) through torchvision's class `cls`. `train` and
+    `test` hold the constructor arguments of each part of a split (several parts are concatenated:
+    SVHN train + extra); `classes` is for classes without a `.classes` attribute."""
     def split(parts):
         loaded = [cls(root, download=download, **part, **kw) for part in parts]
         xs, ys = zip(*(_from_torchvision(ds, channels_first) for ds in loaded))
-        return loaded[0], (torch.cat(xs) if len(xs) > 1 else xs[0]), (torch.cat(ys) if len(ys) > 1 else ys[0])
+        return (loaded[0], (torch.cat(xs) if len(xs) > 1 else xs[0]),
+                (torch.cat(ys) if len(ys) > 1 else ys[0]))
     first, train_x, train_y = split(train)
     _, test_x, test_y = split(test)
     return train_x, train_y, test_x, test_y, list(classes or first.classes)
 
 
 def _read_torchvision(cls, root, folder, **kw):
-    """_torchvision_splits from files already on disk; a damaged or incomplete copy names its folder."""
+    """_torchvision_splits from files already on disk; a damaged or incomplete copy names its
+    folder."""
     try:
         return _torchvision_splits(cls, root, False, **kw)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
-        raise ValueError(f"{folder} is there, but torchvision's {cls.__name__} cannot read it ({e}). Replace the "
-                         f"missing or damaged files, or delete the folder to download it again.") from e
+    # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
+    except RuntimeError as e:
+        raise ValueError(f"{folder} is there, but torchvision's {cls.__name__} cannot read it "
+                         f"({e}). Replace the missing or damaged files, or delete the folder to "
+                         f"download it again.") from e
 
 
 class _MixedSizes(ValueError):
@@ -139,8 +145,9 @@ def _decode_folder(paths_labels, image_size=None):
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     from tqdm.auto import tqdm
     images = []
-    quiet = not sys.stderr.isatty()  # a bar in a terminal; in a rendered report it would be stderr noise
-    for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False, disable=quiet):
+    quiet = not sys.stderr.isatty()  # a bar in a terminal; in a rendered report, stderr noise
+    for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False,
+                        disable=quiet):
         try:
             with Image.open(path) as im:
                 img = pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
@@ -149,10 +156,12 @@ def _decode_folder(paths_labels, image_size=None):
         if image_size is not None and img.shape[1:] != (image_size, image_size):
             img = resize(img, [image_size, image_size], antialias=True)
         if images and img.shape != images[0].shape:
-            raise _MixedSizes(f"{path} is {tuple(img.shape)} but earlier images are {tuple(images[0].shape)}; "
-                              f"pass image_size to resize every image to one size")
+            raise _MixedSizes(f"{path} is {tuple(img.shape)} but earlier images are "
+                              f"{tuple(images[0].shape)}; pass image_size to resize every image "
+                              f"to one size")
         images.append(img)
-    return torch.stack(images), torch.tensor([label for _, label in paths_labels], dtype=torch.int64)
+    return torch.stack(images), torch.tensor([label for _, label in paths_labels],
+                                             dtype=torch.int64)
 
 
 def cache_dir() -> Path:
@@ -162,17 +171,18 @@ def cache_dir() -> Path:
 def _cached_decode(root: Path, train_files, test_files, classes, image_size=None):
     """Decode (path, label) lists into (train_x, train_y, test_x, test_y, classes), once.
 
-    The tensors are cached in cache_dir() ($SEQLSTM_CACHE, else ~/.cache/seqlstm) under a key made of
-    the folder, the file list with its labels and class names, and the size and modification time of
-    every file: an added, removed, changed or relabelled file makes a new entry. Images that share one
-    size are cached at that size, one entry for every image_size (load_dataset resizes the tensors);
-    only a folder of mixed sizes is decoded (and cached) at image_size."""
+    The tensors are cached in cache_dir() ($SEQLSTM_CACHE, else ~/.cache/seqlstm) under a key made
+    of the folder, the file list with its labels and class names, and the size and modification
+    time of every file: an added, removed, changed or relabelled file makes a new entry. Images
+    that share one size are cached at that size, one entry for every image_size (load_dataset
+    resizes the tensors); only a folder of mixed sizes is decoded (and cached) at image_size."""
     root = Path(root)
     files = train_files + test_files
     stats = [os.stat(path) for path, _ in files]
     prefix = len(str(root))  # paths relative to root: the same key from any working directory
     listing = "\n".join([*classes, *(f"{str(path)[prefix:]}\t{label}" for path, label in files)])
-    fingerprint = (f"{len(stats)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}|"
+    fingerprint = (f"{len(stats)}|{sum(s.st_size for s in stats)}|"
+                   f"{max(s.st_mtime_ns for s in stats)}|"
                    f"{hashlib.sha1(listing.encode()).hexdigest()}")
 
     def entry(size):
@@ -192,7 +202,8 @@ def _cached_decode(root: Path, train_files, test_files, classes, image_size=None
         if image_size is None:
             raise
         size = image_size
-        splits = (*_decode_folder(train_files, size), *_decode_folder(test_files, size), list(classes))
+        splits = (*_decode_folder(train_files, size), *_decode_folder(test_files, size),
+                  list(classes))
     cache = entry(size)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +224,8 @@ def _image_folder(root: Path, image_size=None):
     for split_dir in (root / "train", test_dir):
         classes, to_idx = find_classes(str(split_dir))
         try:
-            splits[split_dir.name] = classes, make_dataset(str(split_dir), to_idx, extensions=IMG_EXTENSIONS,
+            splits[split_dir.name] = classes, make_dataset(str(split_dir), to_idx,
+                                                            extensions=IMG_EXTENSIONS,
                                                             allow_empty=False)
         except FileNotFoundError as e:  # an empty class folder: say which split
             raise FileNotFoundError(f"{split_dir}: {e}") from e
@@ -235,26 +247,31 @@ def _cifar10(data_dir, download, image_size):
         return (_read_torchvision(CIFAR10, data_dir, data_dir / "cifar-10-batches-py"),
                 "torchvision CIFAR10 (original pixels)")
     if _is_image_folder(data_dir / "cifar10-jpeg"):
-        return _image_folder(data_dir / "cifar10-jpeg", image_size), "cifar10-jpeg ImageFolder (JPEG re-encoded)"
-    return _download(partial(_torchvision_splits, CIFAR10, data_dir, True), "cifar10", data_dir, download,
-                     ["cifar-10-batches-py/data_batch_1..5, test_batch", "cifar10-jpeg/{train,test}/<class>/*.jpg"],
+        return (_image_folder(data_dir / "cifar10-jpeg", image_size),
+                "cifar10-jpeg ImageFolder (JPEG re-encoded)")
+    return _download(partial(_torchvision_splits, CIFAR10, data_dir, True), "cifar10", data_dir,
+                     download, ["cifar-10-batches-py/data_batch_1..5, test_batch",
+                                "cifar10-jpeg/{train,test}/<class>/*.jpg"],
                      CIFAR10.url), "torchvision CIFAR10 (downloaded)"
 
 
 def _cifar100_coarse(folder, splits):
-    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same pickles."""
+    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same
+    pickles."""
     import pickle
 
     def read(file, key):
         with open(folder / file, "rb") as f:
             return pickle.load(f, encoding="latin1")[key]
     train_x, _, test_x, _, _ = splits
-    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64) for f in ("train", "test"))
+    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64)
+                       for f in ("train", "test"))
     return train_x, train_y, test_x, test_y, list(read("meta", "coarse_label_names"))
 
 
 def _cifar100(data_dir, download, image_size, labels="fine"):
-    """CIFAR-100 (torchvision CIFAR100): 100 fine classes, or with labels="coarse" the 20 superclasses."""
+    """CIFAR-100 (torchvision CIFAR100): 100 fine classes, or with labels="coarse" the 20
+    superclasses."""
     from torchvision.datasets import CIFAR100
     if labels not in ("fine", "coarse"):
         raise ValueError(f"cifar100: labels must be 'fine' or 'coarse', got {labels!r}")
@@ -262,28 +279,31 @@ def _cifar100(data_dir, download, image_size, labels="fine"):
     if folder.is_dir():
         splits, source = _read_torchvision(CIFAR100, data_dir, folder), "torchvision CIFAR100"
     else:
-        splits = _download(partial(_torchvision_splits, CIFAR100, data_dir, True), "cifar100", data_dir, download,
-                           ["cifar-100-python/{train,test,meta}"], CIFAR100.url)
+        splits = _download(partial(_torchvision_splits, CIFAR100, data_dir, True), "cifar100",
+                           data_dir, download, ["cifar-100-python/{train,test,meta}"],
+                           CIFAR100.url)
         source = "torchvision CIFAR100 (downloaded)"
-    return (splits, source) if labels == "fine" else (_cifar100_coarse(folder, splits), f"{source}, coarse labels")
+    return ((splits, source) if labels == "fine"
+            else (_cifar100_coarse(folder, splits), f"{source}, coarse labels"))
 
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 
 
 def _svhn(data_dir, download, image_size, extra=False):
-    """SVHN (torchvision SVHN): 32x32 house-number digits 0-9; extra=True adds the 531,131 extra images to train."""
+    """SVHN (torchvision SVHN): 32x32 house-number digits 0-9; extra=True adds the 531,131 extra
+    images to train."""
     from torchvision.datasets import SVHN
     parts = ["train", "test"] + ["extra"] * bool(extra)
-    kw = dict(train=[{"split": "train"}] + [{"split": "extra"}] * bool(extra), test=[{"split": "test"}],
-              classes=[str(i) for i in range(10)], channels_first=True)
+    kw = dict(train=[{"split": "train"}] + [{"split": "extra"}] * bool(extra),
+              test=[{"split": "test"}], classes=[str(i) for i in range(10)], channels_first=True)
     name = "torchvision SVHN" + " + extra" * bool(extra)
     for root in (data_dir / "SVHN", data_dir):
         if all((root / f"{p}_32x32.mat").is_file() for p in parts):
             return _read_torchvision(SVHN, root, root, **kw), name
     files = "{" + ",".join(parts) + "}_32x32.mat"
-    return _download(partial(_torchvision_splits, SVHN, data_dir / "SVHN", True, **kw), "svhn", data_dir, download,
-                     [f"SVHN/{files}", files], SVHN_URL), f"{name} (downloaded)"
+    return _download(partial(_torchvision_splits, SVHN, data_dir / "SVHN", True, **kw), "svhn",
+                     data_dir, download, [f"SVHN/{files}", files], SVHN_URL), f"{name} (downloaded)"
 
 
 def _idx_files(cls, name, data_dir, download):
@@ -308,25 +328,32 @@ def _fashion_mnist(data_dir, download, image_size):
     return _idx_files(FashionMNIST, "fashion_mnist", data_dir, download)
 
 
-IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
-                      "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
-                      "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
-                      "n03888257": "parachute"}  # the wnids of torchvision's Imagenette and of fastai's releases
+# the wnids of torchvision's Imagenette and of fastai's releases
+IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer",
+                      "n02979186": "cassette player", "n03000684": "chain saw",
+                      "n03028079": "church", "n03394916": "French horn",
+                      "n03417042": "garbage truck", "n03425413": "gas pump",
+                      "n03445777": "golf ball", "n03888257": "parachute"}
 IMAGENETTE_SIZES = {"full": "imagenette2", "320px": "imagenette2-320", "160px": "imagenette2-160"}
 
 
 def _imagenette(data_dir, download, image_size, size=None):
-    """Imagenette, 10 ImageNet classes (torchvision Imagenette, size full/320px/160px), or an ImageFolder copy."""
+    """Imagenette, 10 ImageNet classes (torchvision Imagenette, size full/320px/160px), or an
+    ImageFolder copy."""
     from torchvision.datasets import Imagenette
     if size is not None and size not in IMAGENETTE_SIZES:
-        raise ValueError(f"imagenette: size must be one of {list(IMAGENETTE_SIZES)} or None, got {size!r}")
-    folders = [IMAGENETTE_SIZES[size]] if size else ["imagenette-64", *reversed(IMAGENETTE_SIZES.values())]
+        raise ValueError(f"imagenette: size must be one of {list(IMAGENETTE_SIZES)} or None, "
+                         f"got {size!r}")
+    folders = ([IMAGENETTE_SIZES[size]] if size
+               else ["imagenette-64", *reversed(IMAGENETTE_SIZES.values())])
     root = next((data_dir / f for f in folders if _is_image_folder(data_dir / f)), None)
     source = f"Imagenette ImageFolder {root.name}" if root else ""
-    if root is None:  # torchvision unpacks imagenette2-<size>/{train,val}/<wnid>/*.JPEG (images of mixed sizes)
+    if root is None:
+        # torchvision unpacks imagenette2-<size>/{train,val}/<wnid>/*.JPEG (images of mixed sizes)
         size = size or "160px"
-        _download(lambda: Imagenette(data_dir, split="train", size=size, download=True), "imagenette", data_dir,
-                  download, [f"{f}/{{train,val}}/<wnid>/*.JPEG" for f in folders],
+        _download(lambda: Imagenette(data_dir, split="train", size=size, download=True),
+                  "imagenette", data_dir, download,
+                  [f"{f}/{{train,val}}/<wnid>/*.JPEG" for f in folders],
                   f"https://s3.amazonaws.com/fast-ai-imageclas/{IMAGENETTE_SIZES[size]}.tgz")
         root = data_dir / IMAGENETTE_SIZES[size]
         source = f"torchvision Imagenette {root.name} (downloaded)"
@@ -338,7 +365,8 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def _tiny_imagenet_files(root: Path):
-    """(train [(path, label)], test [(path, label)], class names) of the Tiny-ImageNet release layout.
+    """(train [(path, label)], test [(path, label)], class names) of the Tiny-ImageNet release
+    layout.
 
     Labels follow the sorted wnids of wnids.txt; names are the first synonym in words.txt."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -353,12 +381,14 @@ def _tiny_imagenet_files(root: Path):
             words[wnid] = synonyms.split(",")[0].strip()
     folders = {p.name for p in (root / "train").iterdir() if p.is_dir()}
     if folders != set(wnids):
-        raise ValueError(f"{root / 'train'} and {root / 'wnids.txt'} hold different classes: folders not in wnids.txt "
-                         f"{sorted(folders - set(wnids))}, wnids without a folder {sorted(set(wnids) - folders)}")
+        raise ValueError(f"{root / 'train'} and {root / 'wnids.txt'} hold different classes: "
+                         f"folders not in wnids.txt {sorted(folders - set(wnids))}, "
+                         f"wnids without a folder {sorted(set(wnids) - folders)}")
     train = []
     for wnid in wnids:
         images = root / "train" / wnid / "images"
-        found = sorted(p for p in images.iterdir() if p.suffix.lower() in IMG_EXTENSIONS) if images.is_dir() else []
+        found = (sorted(p for p in images.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+                 if images.is_dir() else [])
         if not found:
             raise FileNotFoundError(f"no image files in {images} (class {wnid} of wnids.txt)")
         train += [(str(p), to_idx[wnid]) for p in found]
@@ -368,14 +398,16 @@ def _tiny_imagenet_files(root: Path):
             continue
         fields = line.split("\t")
         if len(fields) < 2:
-            raise ValueError(f"{annotations}, line {n}: expected '<file>\\t<wnid>...', got {line!r}")
+            raise ValueError(f"{annotations}, line {n}: expected '<file>\\t<wnid>...', "
+                             f"got {line!r}")
         file, wnid = fields[0], fields[1]
         if wnid not in to_idx:
             raise ValueError(f"{annotations}, line {n}: {file} is labelled {wnid}, which is not in "
                              f"{root / 'wnids.txt'}")
         path = root / "val" / "images" / file
         if not path.is_file():
-            raise FileNotFoundError(f"{annotations}, line {n}: the image file {path} does not exist")
+            raise FileNotFoundError(f"{annotations}, line {n}: the image file {path} "
+                                    f"does not exist")
         test.append((str(path), to_idx[wnid]))
     if not test:
         raise ValueError(f"{annotations} labels no images")
@@ -383,36 +415,43 @@ def _tiny_imagenet_files(root: Path):
 
 
 def _tiny_imagenet(data_dir, download, image_size):
-    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the test split."""
+    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the
+    test split."""
     root = data_dir / "tiny-imagenet-200"
     source = "Tiny-ImageNet tiny-imagenet-200/"
     if not all((root / p).exists() for p in ("wnids.txt", "train", "val/val_annotations.txt")):
         from torchvision.datasets.utils import download_and_extract_archive
-        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir), "tiny_imagenet", data_dir,
-                  download, ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-                             "val/val_annotations.txt}"], TINY_IMAGENET_URL)
+        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir),
+                  "tiny_imagenet", data_dir, download,
+                  ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, "
+                   "val/images/*.JPEG, val/val_annotations.txt}"], TINY_IMAGENET_URL)
         source += " (downloaded)"
     train_files, test_files, classes = _tiny_imagenet_files(root)
     return _cached_decode(root, train_files, test_files, classes, image_size), source
 
 
 def _digits(data_dir, download, image_size):
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download): a fixed stratified 80/20 split."""
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download): a fixed stratified 80/20
+    split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
-    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # (N,1,8,8), 0..16 -> 0..255
+    # (N, 1, 8, 8), 0..16 -> 0..255
+    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
     y = torch.from_numpy(d.target).long()
     tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=d.target)
     return (x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)]), "scikit-learn digits"
 
 
-# name -> loader(data_dir, download, image_size, **options) -> ((train_x, train_y, test_x, test_y, classes), source).
-# Options are load_dataset's dataset_args; a name variant binds some (cifar100_coarse, svhn_extra) so that a list
-# of dataset names can mix them.
-DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100, "cifar100_coarse": partial(_cifar100, labels="coarse"),
-            "svhn": _svhn, "svhn_extra": partial(_svhn, extra=True), "fashion_mnist": _fashion_mnist,
-            "imagenette": _imagenette, "tiny_imagenet": _tiny_imagenet, "mnist": _mnist, "digits": _digits}
+# name -> loader(data_dir, download, image_size, **options)
+#         -> ((train_x, train_y, test_x, test_y, classes), source).
+# Options are load_dataset's dataset_args; a name variant binds some (cifar100_coarse, svhn_extra)
+# so that a list of dataset names can mix them.
+DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100,
+            "cifar100_coarse": partial(_cifar100, labels="coarse"),
+            "svhn": _svhn, "svhn_extra": partial(_svhn, extra=True),
+            "fashion_mnist": _fashion_mnist, "imagenette": _imagenette,
+            "tiny_imagenet": _tiny_imagenet, "mnist": _mnist, "digits": _digits}
 
 
 def list_datasets():
@@ -420,9 +459,11 @@ def list_datasets():
 
 
 def dataset_options(name):
-    """{option: default} of a registered dataset: what load_dataset(name, dataset_args=...) accepts."""
+    """{option: default} of a registered dataset: what load_dataset(name, dataset_args=...)
+    accepts."""
     import inspect
-    return {p.name: p.default for p in list(inspect.signature(DATASETS[name]).parameters.values())[3:]}
+    return {p.name: p.default
+            for p in list(inspect.signature(DATASETS[name]).parameters.values())[3:]}
 
 
 def describe_datasets():
@@ -434,7 +475,8 @@ def describe_datasets():
             base = next(k for k, v in DATASETS.items() if v is loader.func)
             text = f"{base} with dataset_args {loader.keywords}"
         else:
-            text = (loader.__doc__ or "").strip().splitlines()[0]
+            # its docstring's first paragraph, on one line
+            text = " ".join((loader.__doc__ or "").strip().split("\n\n")[0].split())
             options = ", ".join(f"{k}={v!r}" for k, v in dataset_options(name).items())
             text += f"  [dataset_args: {options}]" if options else ""
         lines.append(f"{name:<16} {text}")
@@ -454,12 +496,14 @@ def _load_splits(name, data_dir, download, image_size, options=None):
         if options:
             raise ValueError(f"an ImageFolder takes no dataset_args, got {options}")
         return _image_folder(folder, image_size), f"ImageFolder {folder.resolve()}"
-    raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder with "
-                     f"train/ and test/ (or val/) subfolders in ImageFolder layout ({folder.resolve()} is not)")
+    raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder "
+                     f"with train/ and test/ (or val/) subfolders in ImageFolder layout "
+                     f"({folder.resolve()} is not)")
 
 
 def _chunked(x, fn, elements=1 << 24):
-    """fn over uint8 images x (N, ...) in chunks of about `elements` values: bounded temporary memory."""
+    """fn over uint8 images x (N, ...) in chunks of about `elements` values: bounded temporary
+    memory."""
     if len(x) == 0:
         return fn(torch.zeros((1, *x.shape[1:]), dtype=x.dtype))[:0]
     step = max(1, elements // x[0].numel())
@@ -474,9 +518,9 @@ def _chunked(x, fn, elements=1 << 24):
 
 
 def _image_policy(x, *, image_size=None, grayscale=False, channels=None):
-    """uint8 images (N, C, H, W): RGB to one channel of ITU-R 601 luma (torchvision's rgb_to_grayscale) when
-    `grayscale` or channels == 1; resized to image_size x image_size (antialiased); 1 channel repeated to 3
-    when channels == 3."""
+    """uint8 images (N, C, H, W): RGB to one channel of ITU-R 601 luma (torchvision's
+    rgb_to_grayscale) when `grayscale` or channels == 1; resized to image_size x image_size
+    (antialiased); 1 channel repeated to 3 when channels == 3."""
     from torchvision.transforms.v2.functional import resize, rgb_to_grayscale
     if (grayscale or channels == 1) and x.shape[1] == 3:
         x = _chunked(x, rgb_to_grayscale)
@@ -488,8 +532,9 @@ def _image_policy(x, *, image_size=None, grayscale=False, channels=None):
 
 
 def _channel_stats(x, elements=1 << 24):
-    """Per-channel mean and (unbiased) std in [0, 1] units of uint8 images (N, C, H, W), from histograms of
-    the 256 values counted in chunks of about `elements` values: exact, and no float copy of the whole set."""
+    """Per-channel mean and (unbiased) std in [0, 1] units of uint8 images (N, C, H, W), from
+    histograms of the 256 values counted in chunks of about `elements` values: exact, and no float
+    copy of the whole set."""
     C = x.shape[1]
     hist = torch.zeros(C, 256, dtype=torch.int64)
     step = max(1, elements // max(1, x[0].numel() if len(x) else 1))
@@ -504,42 +549,47 @@ def _channel_stats(x, elements=1 << 24):
     return (mean / 255).float(), (var.sqrt() / 255).float().clamp_min(1e-3)
 
 
-def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None, image_size=None,
-                 grayscale=False, channels=None, dataset_args=None, download=True) -> ImageData:
+def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None,
+                 image_size=None, grayscale=False, channels=None, dataset_args=None,
+                 download=True) -> ImageData:
     """Load a dataset as uint8 tensors with train / val / test splits.
 
     Validation is a seeded random `val_fraction` of the official train split; `limit_train`
     keeps only the first N remaining training images (quick runs). The image policy applies to
     every split: `image_size` resizes to image_size x image_size (antialiased), `grayscale` turns
     RGB into one channel of ITU-R 601 luma, `channels=3` repeats one channel three times
-    (`channels=1` is grayscale). `dataset_args` are the dataset's own options (dataset_options(name),
-    e.g. {"labels": "coarse"} for cifar100). Mean and std come from the final train split."""
+    (`channels=1` is grayscale). `dataset_args` are the dataset's own options
+    (dataset_options(name), e.g. {"labels": "coarse"} for cifar100). Mean and std come from the
+    final train split."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
+    if image_size is not None and (isinstance(image_size, bool)
+                                   or not isinstance(image_size, numbers.Integral)
                                    or image_size < 1):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None (keep), 1 or 3, got {channels!r}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    (train_x, train_y, test_x, test_y, classes), source = _load_splits(name, data_dir, download, image_size,
-                                                                       dataset_args)
+    (train_x, train_y, test_x, test_y, classes), source = _load_splits(name, data_dir, download,
+                                                                       image_size, dataset_args)
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(train_y)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     if limit_train and limit_train > len(train_idx):
-        raise ValueError(f"limit_train={limit_train} is above the {len(train_idx):,} training images of "
-                         f"'{name}' (after holding out val_fraction={val_fraction}): use at most that, or 0 for all")
+        raise ValueError(f"limit_train={limit_train} is above the {len(train_idx):,} training "
+                         f"images of '{name}' (after holding out val_fraction={val_fraction}): "
+                         f"use at most that, or 0 for all")
     if limit_train:
         train_idx = train_idx[:limit_train]
     policy = partial(_image_policy, image_size=image_size, grayscale=grayscale, channels=channels)
     train_x, val_x, test_x = policy(train_x[train_idx]), policy(train_x[val_idx]), policy(test_x)
     train_y, val_y = train_y[train_idx], train_y[val_idx]
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise ValueError(f"dataset '{name}': train images are {tuple(train_x.shape[1:])} but test images are "
-                         f"{tuple(test_x.shape[1:])}; pass image_size to resize both")
+        raise ValueError(f"dataset '{name}': train images are {tuple(train_x.shape[1:])} but test "
+                         f"images are {tuple(test_x.shape[1:])}; pass image_size to resize both")
     mean, std = _channel_stats(train_x)
-    return ImageData(str(name), list(classes), train_x, train_y, val_x, val_y, test_x, test_y, mean, std, source)
+    return ImageData(str(name), list(classes), train_x, train_y, val_x, val_y, test_x, test_y,
+                     mean, std, source)
 
 
 def dataset_overview(data: ImageData, per_class=8, max_classes=20):
@@ -551,9 +601,11 @@ def dataset_overview(data: ImageData, per_class=8, max_classes=20):
     import pandas as pd
     k = len(data.classes)
     counts = pd.DataFrame({split: torch.bincount(getattr(data, f"{split}_y"), minlength=k).tolist()
-                           for split in ("train", "val", "test")}, index=pd.Index(data.classes, name="class"))
+                           for split in ("train", "val", "test")},
+                          index=pd.Index(data.classes, name="class"))
     shown = sorted(set(torch.linspace(0, k - 1, min(k, max_classes)).round().long().tolist()))
-    fig, axes = plt.subplots(len(shown), per_class, figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
+    fig, axes = plt.subplots(len(shown), per_class,
+                             figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
                              squeeze=False)
     gray = data.train_x.shape[1] == 1
     for row, label in zip(axes, shown):
@@ -564,8 +616,9 @@ def dataset_overview(data: ImageData, per_class=8, max_classes=20):
                 spine.set_visible(False)
             if j < len(idx):
                 img = data.train_x[idx[j]]
-                ax.imshow(img[0].numpy() if gray else img.permute(1, 2, 0).numpy(), cmap="gray" if gray else None,
-                          vmin=0, vmax=255, interpolation="nearest")
+                ax.imshow(img[0].numpy() if gray else img.permute(1, 2, 0).numpy(),
+                          cmap="gray" if gray else None, vmin=0, vmax=255,
+                          interpolation="nearest")
         row[0].set_ylabel(data.classes[label], rotation=0, ha="right", va="center", fontsize=8)
     note = f" ({len(shown)} of {k} classes shown)" if len(shown) < k else ""
     fig.suptitle(f"{data.name}: train images, {per_class} per class{note}", fontsize=10)
