@@ -683,7 +683,8 @@ def patches(x, *, patch=4):
     B, C, H, W = x.shape
     if H % patch or W % patch:
         valid = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
-        raise ValueError(f"patch={patch} does not divide the {H}x{W} image: valid patch sizes are {valid}")
+        raise ValueError(f"patch={patch} does not divide the {H}x{W} image: valid patch sizes "
+                         f"are {valid}")
     p = patch
     x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
     return x.reshape(B, (H // p) * (W // p), p * p * C)
@@ -693,10 +694,13 @@ def _crops(x, crop, size, ten):
     from torchvision.transforms.v2 import functional as TF
     H, W = x.shape[-2:]
     if not 1 <= crop <= min(H, W):
-        raise ValueError(f"crop={crop} does not fit the {H}x{W} image: valid crop sizes are 1..{min(H, W)}")
-    views = torch.stack(TF.ten_crop(x, crop) if ten else TF.five_crop(x, crop), 1)  # (B, 5|10, C, crop, crop)
+        raise ValueError(f"crop={crop} does not fit the {H}x{W} image: valid crop sizes are "
+                         f"1..{min(H, W)}")
+    # (B, 5|10, C, crop, crop)
+    views = torch.stack(TF.ten_crop(x, crop) if ten else TF.five_crop(x, crop), 1)
     if size and size != crop:
-        views = TF.resize(views.flatten(0, 1), [size, size], antialias=True).unflatten(0, views.shape[:2])
+        views = (TF.resize(views.flatten(0, 1), [size, size], antialias=True)
+                 .unflatten(0, views.shape[:2]))
     return views.flatten(2)  # (B, 5|10, C*s*s)
 
 
@@ -726,10 +730,11 @@ def _sweep(B, L, extreme, *, include_original, random, symmetric, device):
     if random:
         v = lo + (extreme - lo) * torch.rand(B, n, device=device)
     elif symmetric:
-        v = torch.linspace(-extreme, extreme, n, device=device).expand(B, n) if n > 1 else \
-            torch.full((B, n), float(extreme), device=device)
+        v = (torch.linspace(-extreme, extreme, n, device=device).expand(B, n) if n > 1
+             else torch.full((B, n), float(extreme), device=device))
     else:  # a ramp whose last step is the extreme; step 0 is 0 only with include_original
-        v = (extreme * torch.arange(1, n + 1, device=device) / n).expand(B, n) if n else torch.zeros(B, 0, device=device)
+        v = ((extreme * torch.arange(1, n + 1, device=device) / n).expand(B, n) if n
+             else torch.zeros(B, 0, device=device))
     return torch.cat([torch.zeros(B, L - n, device=device), v], 1)  # (B, L)
 
 
@@ -742,7 +747,8 @@ def _warp(x, theta):
 
 
 def _affine(scale=None, angle=None, dx=None, dy=None):
-    """(B, L, 2, 3) affine matrices in affine_grid's normalised coordinates from (B, L) parameters."""
+    """(B, L, 2, 3) affine matrices in affine_grid's normalised coordinates from (B, L)
+    parameters."""
     ref = next(v for v in (scale, angle, dx, dy) if v is not None)
     one, zero = torch.ones_like(ref), torch.zeros_like(ref)
     a = torch.deg2rad(angle) if angle is not None else zero
@@ -761,8 +767,8 @@ def rotations(x, *, seq_len, max_angle=30.0, include_original=True, random=False
 
 def zooms(x, *, seq_len, max_zoom=1.5, include_original=True, random=False):
     """L views zoomed in from 1x towards max_zoom x about the centre."""
-    extra = _sweep(x.shape[0], seq_len, max_zoom - 1, include_original=include_original, random=random,
-                   symmetric=False, device=x.device)
+    extra = _sweep(x.shape[0], seq_len, max_zoom - 1, include_original=include_original,
+                   random=random, symmetric=False, device=x.device)
     return _warp(x, _affine(scale=1 + extra))
 
 
@@ -772,8 +778,8 @@ def shifts(x, *, seq_len, max_shift=4.0, include_original=True, random=False):
     B, H, W = x.shape[0], *x.shape[-2:]
     n = seq_len - 1 if include_original else seq_len
     if random:
-        dx, dy = (_sweep(B, seq_len, max_shift, include_original=include_original, random=True, symmetric=True,
-                         device=x.device) for _ in range(2))
+        dx, dy = (_sweep(B, seq_len, max_shift, include_original=include_original, random=True,
+                         symmetric=True, device=x.device) for _ in range(2))
     else:
         phase = 2 * torch.pi * torch.arange(n, device=x.device) / max(n, 1)
         lead = torch.zeros(seq_len - n, device=x.device)
@@ -785,8 +791,8 @@ def shifts(x, *, seq_len, max_shift=4.0, include_original=True, random=False):
 def blurs(x, *, seq_len, max_sigma=2.0, include_original=True, random=False):
     """L views blurred by Gaussians of sigma 0 -> max_sigma pixels (separable, reflect padding)."""
     B, C, H, W = x.shape
-    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random, symmetric=False,
-                   device=x.device).flatten()  # (B*L,)
+    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random,
+                   symmetric=False, device=x.device).flatten()  # (B*L,)
     radius = min(int(math.ceil(3 * max_sigma)), H - 1, W - 1)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t / sigma.clamp_min(1e-6)[:, None]) ** 2)  # sigma 0: a delta
@@ -802,8 +808,8 @@ def noise(x, *, seq_len, max_sigma=0.5, include_original=True, random=False, see
     """L views with Gaussian noise of sigma 0 -> max_sigma (in units of the data's std). The fixed
     sweep adds the same seeded noise pattern to every image, so test sequences are reproducible."""
     B = x.shape[0]
-    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random, symmetric=False,
-                   device=x.device)
+    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random,
+                   symmetric=False, device=x.device)
     if random:
         z = torch.randn(B, seq_len, *x.shape[1:], device=x.device)
     else:
@@ -820,12 +826,14 @@ def jitter(x, *, seq_len, amount=0.4, include_original=True, random=False):
                device=x.device)
     c = _sweep(B, seq_len, amount, include_original=include_original, random=True, symmetric=True,
                device=x.device) if random else b
-    return (x.unsqueeze(1) * (1 + c[:, :, None, None, None]) + b[:, :, None, None, None]).reshape(B, seq_len, -1)
+    return ((x.unsqueeze(1) * (1 + c[:, :, None, None, None]) + b[:, :, None, None, None])
+            .reshape(B, seq_len, -1))
 
 
-SEQUENCES = {"identity": identity, "rows": rows, "columns": columns, "pixels": pixels, "patches": patches,
-             "five_crop": five_crop, "ten_crop": ten_crop, "rotations": rotations, "zooms": zooms,
-             "shifts": shifts, "blurs": blurs, "noise": noise, "jitter": jitter}
+SEQUENCES = {"identity": identity, "rows": rows, "columns": columns, "pixels": pixels,
+             "patches": patches, "five_crop": five_crop, "ten_crop": ten_crop,
+             "rotations": rotations, "zooms": zooms, "shifts": shifts, "blurs": blurs,
+             "noise": noise, "jitter": jitter}
 
 
 def list_sequences():
@@ -844,14 +852,16 @@ def make_sequence(name: str, seq_len=None, **args):
     valid = [p for p in inspect.signature(fn).parameters if p != "x"]
     bad = sorted(set(args) - set(valid))
     if bad:
-        raise ValueError(f"unknown argument(s) {bad} for transform '{name}': valid arguments are {valid}")
+        raise ValueError(f"unknown argument(s) {bad} for transform '{name}': valid arguments "
+                         f"are {valid}")
     if "seq_len" in valid:
         seq_len = 1 if seq_len is None else seq_len
         if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
             raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
         args["seq_len"] = int(seq_len)
     if "order" in args and args["order"] not in PIXEL_ORDERS:
-        raise ValueError(f"unknown pixel order '{args['order']}': valid orders are {list(PIXEL_ORDERS)}")
+        raise ValueError(f"unknown pixel order '{args['order']}': valid orders are "
+                         f"{list(PIXEL_ORDERS)}")
     return partial(fn, **args)  # a partial, not a lambda: DataLoader workers can pickle it
 
 
@@ -905,7 +915,8 @@ def normalize(x_uint8, mean, std):
 
 
 def _reflect(i, n):
-    """Indices outside 0..n-1 mirrored back in, as F.pad(mode="reflect") does (the edge not repeated)."""
+    """Indices outside 0..n-1 mirrored back in, as F.pad(mode="reflect") does (the edge not
+    repeated)."""
     i = i.abs()
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
@@ -931,7 +942,8 @@ def _coin(B, generator, device):
 def batch_cutout(x, fill, generator=None):
     """Cutout (DeVries & Taylor, 2017): in each image one square of half the image's side set to
     `fill` (uint8 per channel: the mean pixel, which normalises to zero); its centre falls anywhere
-    in the image, so the square may lie partly outside, as in the paper. One masked select, on uint8."""
+    in the image, so the square may lie partly outside, as in the paper. One masked select, on
+    uint8."""
     B, C, H, W = x.shape
     side = max(1, H // 2)
     top = torch.randint(0, H, (B, 1), generator=generator).to(x.device) - side // 2
@@ -947,9 +959,9 @@ AUGMENTS = ("none", "flip", "crop", "flip_crop", "cutout", "flip_crop_cutout")
 
 def augment_with_flips(x, augment, generator=None, fill=None):
     """(augmented batch, which images were mirrored: a (B,) bool tensor, or None without flips), on
-    uint8 images; cutout fills with `fill` (uint8 per channel, default 0). The random draws are those
-    of augment_batch, so a distilled student sees the very batches its undistilled twin sees; a
-    teacher's logits table is looked up by the flags."""
+    uint8 images; cutout fills with `fill` (uint8 per channel, default 0). The random draws are
+    those of augment_batch, so a distilled student sees the very batches its undistilled twin sees;
+    a teacher's logits table is looked up by the flags."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
     flip = _coin(x.shape[0], generator, x.device) if "flip" in augment else None
@@ -958,7 +970,8 @@ def augment_with_flips(x, augment, generator=None, fill=None):
     elif flip is not None:
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     if "cutout" in augment:
-        x = batch_cutout(x, torch.zeros(x.shape[1], dtype=x.dtype) if fill is None else fill, generator)
+        x = batch_cutout(x, torch.zeros(x.shape[1], dtype=x.dtype) if fill is None else fill,
+                         generator)
     return x, flip
 
 
@@ -977,18 +990,19 @@ class Batches:
     No per-sample indexing or collation. Epoch e's order is a function of (seed, e) alone, so a
     run resumed at epoch e sees the batches an uninterrupted one would have seen: seqlab's
     SeqClassifier calls `set_epoch(e)` before each training epoch; used alone, each pass is the
-    next epoch. With
-    `with_index`, each batch also carries its images' indices (x, y, idx): a teacher's logits table
-    is looked up by them.
+    next epoch. With `with_index`, each batch also carries its images' indices (x, y, idx): a
+    teacher's logits table is looked up by them.
 
     Under DDP (`world` processes) each `rank` reads its share of every epoch (`indices`): shuffled,
-    rank r takes the r-th of `world` equal, disjoint blocks of the epoch's permutation, so the ranks
-    take equal steps and together see every image once (when N is not a multiple of `world`, the
-    permutation's last N % world images sit that epoch out, as with DistributedSampler's
-    drop_last); ordered (evaluation), rank r takes every world-th image from r on: all of them, once."""
+    rank r takes the r-th of `world` equal, disjoint blocks of the epoch's permutation, so the
+    ranks take equal steps and together see every image once (when N is not a multiple of `world`,
+    the permutation's last N % world images sit that epoch out, as with DistributedSampler's
+    drop_last); ordered (evaluation), rank r takes every world-th image from r on: all of them,
+    once."""
     def __init__(self, x, y, batch_size, shuffle=False, seed=0, with_index=False, rank=0, world=1):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.seed, self.epoch, self.with_index, self.rank, self.world = seed, 0, with_index, rank, world
+        self.seed, self.epoch, self.with_index = seed, 0, with_index
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -998,8 +1012,9 @@ class Batches:
         return -(-n // self.batch_size)
 
     def order(self, epoch):
-        """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same stream
-        as one generator drawn once per epoch (the order of round-1 runs), recomputed from scratch."""
+        """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same
+        stream as one generator drawn once per epoch (the order of round-1 runs), recomputed from
+        scratch."""
         generator = torch.Generator().manual_seed(self.seed)
         for _ in range(epoch + 1):
             order = torch.randperm(len(self.y), generator=generator)
@@ -1031,9 +1046,11 @@ def per_sample_pipeline(mean, std, seq, augment="none", size=32):
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
     if "cutout" in augment:
         raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
-    steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
+    steps = ([v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")]
+             if "crop" in augment else [])
     steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean.tolist(), std.tolist()), seq])
 
 
 class TensorImages(torch.utils.data.Dataset):
