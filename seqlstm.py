@@ -1075,8 +1075,9 @@ class TensorImages(torch.utils.data.Dataset):
 # MODEL_INFO says per model which input it reads, its default input (the one `model_input`
 # builds for tests and benchmarks) and its source paper.
 #
-# Every model reads (B, T, F) sequences, so the runner, the benchmark and the generic tests can
-# treat them alike. `model.input_form` (also MODEL_INFO[name]["input_form"]) says which form suits it:
+# Every model reads (B, T, F) sequences, so seqlab's runner, the benchmark and the generic tests
+# can treat them alike. `model.input_form` (also MODEL_INFO[name]["input_form"]) says which form
+# suits it:
 #   "sequence"  any (B, T, F) sequence (identity, rows, pixels, series, ...): in_features = F.
 #   "pixels"    Long Range Arena models: the image as a sequence of pixels (B, H*W, C) (transform
 #               `pixels`; grayscale CIFAR-10: 1,024 steps of 1): in_features = C. Pixel values are
@@ -1095,7 +1096,8 @@ def _check_sizes(**sizes):
     """Every size an integer >= 1 (a tuple: each of its entries)."""
     for key, value in sizes.items():
         values = value if isinstance(value, (tuple, list)) else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+                             for v in values):
             raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
 
 
@@ -1111,7 +1113,8 @@ def lstm_loop(gates_x, w_hh, steps):
     c = torch.zeros_like(h)
     outs = []
     for _ in range(steps):
-        i, f, g, o = torch.baddbmm(gates_x, h, w_hh.transpose(1, 2)).chunk(4, -1)  # PyTorch's gate order
+        # PyTorch's gate order
+        i, f, g, o = torch.baddbmm(gates_x, h, w_hh.transpose(1, 2)).chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         outs.append(h)
@@ -1126,7 +1129,8 @@ def gru_loop(gates_x, w_hh, b_hh, steps):
     h = gates_x.new_zeros(D, B, G // 3)
     outs = []
     for _ in range(steps):
-        h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh.transpose(1, 2)).chunk(3, -1)  # PyTorch's gate order
+        # PyTorch's gate order
+        h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh.transpose(1, 2)).chunk(3, -1)
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
         outs.append(h)
@@ -1154,7 +1158,8 @@ def readout_features(readout, seq, h_last, pool=None):
         return seq.mean(1)
     if readout == "attention":
         return pool(seq)
-    return h_last.transpose(0, 1).reshape(h_last.shape[1], -1)  # (B, D*H): [forward final, backward final]
+    # (B, D*H): [forward final, backward final]
+    return h_last.transpose(0, 1).reshape(h_last.shape[1], -1)
 
 
 class BiLSTMFC(nn.Module):
@@ -1196,11 +1201,13 @@ class BiLSTMFC(nn.Module):
                       if layers > 1 else None)  # self.drop before it
         self.pool = AttentionPool(D * H) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc, num_classes))
+        self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(fc, num_classes))
 
     def forward(self, x):  # x: (B, T, F)
         B, T, _ = x.shape
-        if self.hoist and T > 1 and x.stride(1) == 0:  # every step is the same vector (identity sequence)
+        # every step is the same vector (the identity sequence)
+        if self.hoist and T > 1 and x.stride(1) == 0:
             gates = self.in_proj(x[:, 0])  # (B, D*G): once per image, not once per step
             seq, h_last = (self._loop if self.recurrence == "loop" else self._fused)(gates, T)
         else:
@@ -1223,7 +1230,8 @@ class BiLSTMFC(nn.Module):
         return torch.cat(outs, -1), torch.stack(h_last)  # (B, T, D*H), (D, B, H)
 
     def _loop(self, gates, T):
-        """Layer 1 as a Python loop over steps for gates (B, D*G) that are the same at every step."""
+        """Layer 1 as a Python loop over steps for gates (B, D*G) that are the same at every
+        step."""
         B, D, H = gates.shape[0], self.dirs, self.hidden
         w_hh = torch.stack([r.weight_hh_l0 for r in self.recur])  # (D, G, H)
         b_hh = torch.stack([r.bias_hh_l0 for r in self.recur]).unsqueeze(1)  # (D, 1, G)
@@ -1235,7 +1243,7 @@ class BiLSTMFC(nn.Module):
         if self.upper is None and self.readout == "last":
             return None, h_last
         seq = outs.permute(2, 0, 1, 3)  # (B, T, D, H)
-        if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: reverse it to input positions
+        if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: back to input positions
             seq = torch.stack([seq[:, :, 0], seq[:, :, 1].flip(1)], 2)
         return seq.reshape(B, T, D * H), h_last
 
@@ -1294,15 +1302,16 @@ class RNNClassifier(nn.Module):
     input_form = "sequence"
     CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
-    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=128, layers=1, bidirectional=False,
-                 dropout=0.0, readout="last"):
+    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=128, layers=1,
+                 bidirectional=False, dropout=0.0, readout="last"):
         super().__init__()
         _check_choice("cell", cell, list(self.CELLS))
         _check_choice("readout", readout, READOUTS)
         _check_sizes(in_features=in_features, hidden=hidden, layers=layers)
         self.cell, self.hidden, self.layers, self.readout = cell, hidden, layers, readout
         self.dirs = 2 if bidirectional else 1
-        self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True, bidirectional=bidirectional,
+        self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True,
+                                    bidirectional=bidirectional,
                                     dropout=dropout if layers > 1 else 0.0)
         self.pool = AttentionPool(self.dirs * hidden) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
@@ -1311,7 +1320,8 @@ class RNNClassifier(nn.Module):
     def forward(self, x):  # (B, T, F)
         out, h_n = self.rnn(x.contiguous())  # identity sequences arrive as stride-0 views
         h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
-        return self.head(self.drop(readout_features(self.readout, out, h_n[-self.dirs:], self.pool)))
+        return self.head(self.drop(readout_features(self.readout, out, h_n[-self.dirs:],
+                                                    self.pool)))
 
 
 # ---- image models: (B, C, H, W), or the rows layout (B, H, W*C) folded back into the image
@@ -1320,8 +1330,9 @@ def _image_geometry(in_features, channels, image_size):
     """channels and image size of an image model built for rows of in_features = W*C."""
     _check_sizes(in_features=in_features, channels=channels)
     if in_features % channels:
-        raise ValueError(f"in_features={in_features} is not a multiple of channels={channels}: image models read "
-                         f"the rows layout (B, H, W*C), so in_features = W*C; pass channels=C")
+        raise ValueError(f"in_features={in_features} is not a multiple of channels={channels}: "
+                         f"image models read the rows layout (B, H, W*C), so in_features = W*C; "
+                         f"pass channels=C")
     image_size = in_features // channels if image_size is None else image_size
     _check_sizes(image_size=image_size)
     return channels, image_size
@@ -1341,12 +1352,12 @@ class ImageInput:
         if x.ndim == 3:
             B, H, WC = x.shape
             if WC % self.channels:
-                raise ValueError(f"a rows sequence (B, H, W*C) with F={WC} cannot hold {self.channels}-channel "
-                                 f"pixels: pass channels=C to create_model")
+                raise ValueError(f"a rows sequence (B, H, W*C) with F={WC} cannot hold "
+                                 f"{self.channels}-channel pixels: pass channels=C to create_model")
             x = x.reshape(B, H, WC // self.channels, self.channels).permute(0, 3, 1, 2)
         elif x.ndim != 4:
-            raise ValueError(f"image models take (B, C, H, W) images or rows sequences (B, H, W*C), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"image models take (B, C, H, W) images or rows sequences "
+                             f"(B, H, W*C), got shape {tuple(x.shape)}")
         m = self.pad_multiple
         pad_h, pad_w = -x.shape[-2] % m, -x.shape[-1] % m
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
@@ -1357,8 +1368,8 @@ class BiLSTM1d(nn.Module):
     over the H*W tokens in raster order, then a linear layer back to the channel width. Takes
     timm's `rnn_layer` arguments, so it drops into timm's Sequencer2d blocks in place of LSTM2d."""
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, bidirectional=True, union="cat",
-                 with_fc=True, **_):
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, bidirectional=True,
+                 union="cat", with_fc=True, **_):
         super().__init__()
         self.rnn = nn.LSTM(input_size, hidden_size, num_layers, bias=bias, batch_first=True,
                            bidirectional=bidirectional)
@@ -1393,21 +1404,23 @@ class SequencerImage(ImageInput, Sequencer2d):
     `layers`, `patch_sizes`, `dims`, `hidden_sizes`: one entry per stage (`layers` may be one int
     for every stage)."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=(2, 2, 4, 2),
-                 patch_sizes=(2, 2, 2, 1), dims=(48, 96, 96, 96), hidden_sizes=(12, 24, 24, 24), mlp_ratio=3.0,
-                 token_mixer="lstm2d", dropout=0.0, drop_path=0.0):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None,
+                 layers=(2, 2, 4, 2), patch_sizes=(2, 2, 2, 1), dims=(48, 96, 96, 96),
+                 hidden_sizes=(12, 24, 24, 24), mlp_ratio=3.0, token_mixer="lstm2d", dropout=0.0,
+                 drop_path=0.0):
         channels, image_size = _image_geometry(in_features, channels, image_size)
         _check_choice("token_mixer", token_mixer, list(TOKEN_MIXERS))
         patch_sizes, dims, hidden_sizes = tuple(patch_sizes), tuple(dims), tuple(hidden_sizes)
         layers = (layers,) * len(dims) if isinstance(layers, numbers.Integral) else tuple(layers)
         _check_sizes(layers=layers, patch_sizes=patch_sizes, dims=dims, hidden_sizes=hidden_sizes)
         if not len(layers) == len(patch_sizes) == len(dims) == len(hidden_sizes):
-            raise ValueError(f"layers, patch_sizes, dims and hidden_sizes need one entry per stage, got "
-                             f"{layers}, {patch_sizes}, {dims}, {hidden_sizes}")
-        super().__init__(num_classes=num_classes, img_size=image_size, in_chans=channels, layers=layers,
-                         patch_sizes=patch_sizes, embed_dims=dims, hidden_sizes=hidden_sizes,
-                         mlp_ratios=(float(mlp_ratio),) * len(dims), rnn_layer=TOKEN_MIXERS[token_mixer],
-                         drop_rate=dropout, drop_path_rate=drop_path)
+            raise ValueError(f"layers, patch_sizes, dims and hidden_sizes need one entry per "
+                             f"stage, got {layers}, {patch_sizes}, {dims}, {hidden_sizes}")
+        super().__init__(num_classes=num_classes, img_size=image_size, in_chans=channels,
+                         layers=layers, patch_sizes=patch_sizes, embed_dims=dims,
+                         hidden_sizes=hidden_sizes, mlp_ratios=(float(mlp_ratio),) * len(dims),
+                         rnn_layer=TOKEN_MIXERS[token_mixer], drop_rate=dropout,
+                         drop_path_rate=drop_path)
         self.channels, self.image_size = channels, image_size
         self.pad_multiple = math.prod(patch_sizes)
 
@@ -1430,21 +1443,24 @@ class ViTImage(ImageInput, VisionTransformer):
     (32 -> 4: an 8x8 grid of 64 tokens; 28 -> 7: 4x4). Other image sizes run too (timm's dynamic
     image size: the learned positions are resampled, sides padded to a multiple of the patch)."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=None, dim=64,
-                 layers=6, heads=8, mlp_ratio=2.0, dropout=0.0, drop_path=0.0, readout="cls"):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=None,
+                 dim=64, layers=6, heads=8, mlp_ratio=2.0, dropout=0.0, drop_path=0.0,
+                 readout="cls"):
         channels, image_size = _image_geometry(in_features, channels, image_size)
         _check_choice("readout", readout, ["cls", "mean"])
         patch_size = _nearest_divisor(image_size) if patch_size is None else patch_size
         _check_sizes(patch_size=patch_size, dim=dim, layers=layers, heads=heads)
         if image_size % patch_size:
             valid = [d for d in range(1, image_size + 1) if image_size % d == 0]
-            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}: valid patch sizes "
-                             f"are {valid}")
+            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}: "
+                             f"valid patch sizes are {valid}")
         if dim % heads:
             raise ValueError(f"heads={heads} does not divide dim={dim}")
-        super().__init__(img_size=image_size, patch_size=patch_size, in_chans=channels, num_classes=num_classes,
-                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
-                         embed_dim=dim, depth=layers, num_heads=heads, mlp_ratio=mlp_ratio, drop_rate=dropout,
+        super().__init__(img_size=image_size, patch_size=patch_size, in_chans=channels,
+                         num_classes=num_classes,
+                         global_pool="token" if readout == "cls" else "avg",
+                         class_token=readout == "cls", embed_dim=dim, depth=layers,
+                         num_heads=heads, mlp_ratio=mlp_ratio, drop_rate=dropout,
                          proj_drop_rate=dropout, drop_path_rate=drop_path, dynamic_img_size=True,
                          dynamic_img_pad=True)
         self.channels, self.image_size, self.patch_size = channels, image_size, patch_size
@@ -1454,7 +1470,8 @@ class ViTImage(ImageInput, VisionTransformer):
 
 
 class BasicBlock(nn.Module):
-    """ResNet's basic block: two 3x3 convs with batch norm, a 1x1 conv shortcut when the shape changes."""
+    """ResNet's basic block: two 3x3 convs with batch norm, a 1x1 conv shortcut when the shape
+    changes."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -1473,19 +1490,21 @@ class BasicBlock(nn.Module):
 class CifarResNet(ImageInput, nn.Module):
     """The CIFAR ResNet of He et al. ("Deep Residual Learning for Image Recognition", CVPR 2016,
     section 4.2): a 3x3 stem at full 32x32 resolution, three stages of `layers` basic blocks with
-    `width`, 2x and 4x channels (stride 2 between stages: 32 -> 16 -> 8), global average pooling and a
-    linear head; 6 * layers + 2 weighted layers (default layers=3: ResNet-20, 0.27M parameters, 91.3%
-    on CIFAR-10 in the paper). Adapted: 1x1 conv shortcuts (the paper's option B) instead of
-    zero-padded identity shortcuts. A teacher for distillation (fast_cnn is the faster one; its
-    accuracy here: docs/results.md)."""
+    `width`, 2x and 4x channels (stride 2 between stages: 32 -> 16 -> 8), global average pooling
+    and a linear head; 6 * layers + 2 weighted layers (default layers=3: ResNet-20, 0.27M
+    parameters, 91.3% on CIFAR-10 in the paper). Adapted: 1x1 conv shortcuts (the paper's option
+    B) instead of zero-padded identity shortcuts. A teacher for distillation (fast_cnn is the
+    faster one; its accuracy here: docs/results.md)."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=3, width=16):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=3,
+                 width=16):
         super().__init__()
         channels, image_size = _image_geometry(in_features, channels, image_size)
         layers = (layers,) * 3 if isinstance(layers, numbers.Integral) else tuple(layers)
         _check_sizes(layers=layers, width=width)
         self.channels, self.image_size = channels, image_size
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
         blocks, c = [], width
         for stage, n in enumerate(layers):
             c_out = width * 2 ** stage
@@ -1504,8 +1523,8 @@ class CifarResNet(ImageInput, nn.Module):
 
 
 class ConvGroup(nn.Module):
-    """airbench's block: a 3x3 conv, 2x2 max pooling (halving the side, rounding up), batch norm, GELU,
-    then a 3x3 conv, batch norm, GELU."""
+    """airbench's block: a 3x3 conv, 2x2 max pooling (halving the side, rounding up), batch norm,
+    GELU, then a 3x3 conv, batch norm, GELU."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -1520,23 +1539,26 @@ class ConvGroup(nn.Module):
 
 
 class FastCifarNet(ImageInput, nn.Module):
-    """The fast-training CIFAR net of airbench (Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single
-    GPU", 2024; airbench93's widths): a 3x3 stem conv, three ConvGroups of `widths` channels (32 -> 16
-    -> 8 -> 4 pixels), global max pooling and a linear head; 0.6M parameters, about 0.07 GMAC per 32x32
-    image forward, a quarter of airbench94's (widths 64-256-256). Without airbench's whitening
-    initialisation and lookahead; trained by seqlab's TEACHER_RECIPE, which also gives it
-    airbench's test-time augmentation (TEST_VIEWS["flip_shift"]). Runs in channels-last memory
-    layout, which oneDNN's CPU convolutions take faster. The default teacher."""
+    """The fast-training CIFAR net of airbench (Jordan, "94% on CIFAR-10 in 3.29 Seconds on a
+    Single GPU", 2024; airbench93's widths): a 3x3 stem conv, three ConvGroups of `widths`
+    channels (32 -> 16 -> 8 -> 4 pixels), global max pooling and a linear head; 0.6M parameters,
+    about 0.07 GMAC per 32x32 image forward, a quarter of airbench94's (widths 64-256-256).
+    Without airbench's whitening initialisation and lookahead; trained by seqlab's
+    TEACHER_RECIPE, which also gives it airbench's test-time augmentation
+    (TEST_VIEWS["flip_shift"]). Runs in channels-last memory layout, which oneDNN's CPU
+    convolutions take faster. The default teacher."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, widths=(64, 128, 128), stem=32):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None,
+                 widths=(64, 128, 128), stem=32):
         super().__init__()
         channels, image_size = _image_geometry(in_features, channels, image_size)
         widths = tuple(widths)
         _check_sizes(widths=widths, stem=stem)
         self.channels, self.image_size = channels, image_size
-        self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem),
-                                  nn.GELU())
-        self.groups = nn.Sequential(*(ConvGroup(c_in, c_out) for c_in, c_out in zip((stem,) + widths, widths)))
+        self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem), nn.GELU())
+        self.groups = nn.Sequential(*(ConvGroup(c_in, c_out)
+                                      for c_in, c_out in zip((stem,) + widths, widths)))
         self.head = nn.Linear(widths[-1], num_classes)
         self.to(memory_format=torch.channels_last)
 
@@ -1552,17 +1574,18 @@ class TrellisNet(nn.Module):
     temporal convolutional network whose one causal convolution is shared by every level, with the
     input injected at every level and an LSTM-style gated activation. Level i + 1 at step t:
 
-        z = W_x * x[t-d, t] + W_h * h_i[t-d, t] + b     (kernel 2, dilation d; W_x * x computed once per d)
-        c_{i+1}[t] = sigmoid(f) c_i[t-d] + sigmoid(i) tanh(g),   h_{i+1}[t] = sigmoid(o) tanh(c_{i+1}[t])
+        z = W_x * x[t-d, t] + W_h * h_i[t-d, t] + b        (kernel 2, dilation d)
+        c_{i+1}[t] = sigmoid(f) c_i[t-d] + sigmoid(i) tanh(g)
+        h_{i+1}[t] = sigmoid(o) tanh(c_{i+1}[t])
 
-    with the gates (i, o, g, f) the four channel groups of z. As in the authors' sequential MNIST /
-    CIFAR setup: kernel 2, dilations 1, 1, 2, 4, ..., 512 over 11 levels (receptive field 1,025 steps:
-    the whole 1,024-pixel sequence), a linear head on the top level's last step. Adapted for CPU: 32
-    hidden units (the authors: 130) and none of their weight normalisation, weight dropout or
-    auxiliary losses. `layers` is the number of levels; on sequences much shorter than 1,024 steps
-    drop the levels whose dilation exceeds the length (layers=7: receptive field 65 for 8x8 images),
-    as levels that only see padding slow training down. Causal: `features(x)[:, t]` depends on
-    x[:, :t+1] only (tests/test_zoo.py)."""
+    with the gates (i, o, g, f) the four channel groups of z (W_x * x is computed once per d). As in
+    the authors' sequential MNIST / CIFAR setup: kernel 2, dilations 1, 1, 2, 4, ..., 512 over 11
+    levels (receptive field 1,025 steps: the whole 1,024-pixel sequence), a linear head on the top
+    level's last step. Adapted for CPU: 32 hidden units (the authors: 130) and none of their weight
+    normalisation, weight dropout or auxiliary losses. `layers` is the number of levels; on
+    sequences much shorter than 1,024 steps drop the levels whose dilation exceeds the length
+    (layers=7: receptive field 65 for 8x8 images), as levels that only see padding slow training
+    down. Causal: `features(x)[:, t]` depends on x[:, :t+1] only (tests/test_zoo.py)."""
 
     input_form = "pixels"
 
@@ -1572,9 +1595,12 @@ class TrellisNet(nn.Module):
         dilations = tuple(dilations)
         _check_sizes(in_features=in_features, hidden=hidden, layers=layers, kernel_size=kernel_size,
                      dilations=dilations)
-        self.hidden, self.levels, self.kernel_size, self.dilations = hidden, layers, kernel_size, dilations
-        self.inject = nn.Conv1d(in_features, 4 * hidden, kernel_size, bias=False)  # input injection: W_x
-        self.conv = nn.Conv1d(hidden, 4 * hidden, kernel_size)  # the convolution every level shares: W_h, b
+        self.hidden, self.levels = hidden, layers
+        self.kernel_size, self.dilations = kernel_size, dilations
+        # input injection: W_x
+        self.inject = nn.Conv1d(in_features, 4 * hidden, kernel_size, bias=False)
+        # the convolution every level shares: W_h, b
+        self.conv = nn.Conv1d(hidden, 4 * hidden, kernel_size)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 
@@ -1590,7 +1616,8 @@ class TrellisNet(nn.Module):
             pad = (self.kernel_size - 1) * d  # left padding only: causal
             if d not in injected:
                 injected[d] = F.conv1d(F.pad(x, (pad, 0)), self.inject.weight, dilation=d)
-            z = injected[d] + F.conv1d(F.pad(h, (pad, 0)), self.conv.weight, self.conv.bias, dilation=d)
+            z = injected[d] + F.conv1d(F.pad(h, (pad, 0)), self.conv.weight, self.conv.bias,
+                                       dilation=d)
             i, o, g, f = z.chunk(4, 1)
             c_prev = F.pad(c, (d, 0))[:, :, :T]  # the level below's cell state at t - d
             c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
@@ -1607,30 +1634,34 @@ class LipschitzRNN(nn.Module):
     discretised by forward Euler,
 
         h <- h + eps * (A h + tanh(W h + U x_t + b)),
-        A = (1 - beta)(M_A + M_A^T) + beta (M_A - M_A^T) - gamma_a I,   W likewise from M_W, gamma_w,
+        A = (1 - beta)(M_A + M_A^T) + beta (M_A - M_A^T) - gamma_a I,
+        W = (1 - beta)(M_W + M_W^T) + beta (M_W - M_W^T) - gamma_w I,
 
     so beta trades a symmetric part against a skew-symmetric one and gamma shifts the spectrum left.
-    Defaults: 128 units, eps 0.01, beta 0.65, gamma 0.001 (the authors' pixel-MNIST command), M drawn
-    from N(0, (init_std / hidden)^2) with init_std 6 (their driver's default: with the 32 of their
-    README, A's spectrum reaches real part 1.3 and the state grows to norm ~7e4 over 1,024 steps at
-    initialisation, so training stalls near chance); U, b and the linear readout of the last state
-    Xavier-normal / zero. The authors clip gradient norms at 10 (report parameter `grad_clip`).
-    eps sets how far 1,024 (or 784) steps integrate; scale it up for much shorter sequences
-    (eps=0.1 for 64 steps). Adapted: `layers` > 1 stacks cells (each reads the
-    states of the one below); the authors use one."""
+    Defaults: 128 units, eps 0.01, beta 0.65, gamma 0.001 (the authors' pixel-MNIST command), M
+    drawn from N(0, (init_std / hidden)^2) with init_std 6 (their driver's default: with the 32 of
+    their README, A's spectrum reaches real part 1.3 and the state grows to norm ~7e4 over 1,024
+    steps at initialisation, so training stalls near chance); U, b and the linear readout of the
+    last state Xavier-normal / zero. The authors clip gradient norms at 10 (report parameter
+    `grad_clip`). eps sets how far 1,024 (or 784) steps integrate; scale it up for much shorter
+    sequences (eps=0.1 for 64 steps). Adapted: `layers` > 1 stacks cells (each reads the states of
+    the one below); the authors use one."""
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, hidden=128, layers=1, eps=0.01, beta=0.65, gamma_a=0.001,
-                 gamma_w=0.001, init_std=6.0, dropout=0.0):
+    def __init__(self, *, in_features, num_classes, hidden=128, layers=1, eps=0.01, beta=0.65,
+                 gamma_a=0.001, gamma_w=0.001, init_std=6.0, dropout=0.0):
         super().__init__()
         _check_sizes(in_features=in_features, hidden=hidden, layers=layers)
         if not 0 <= beta <= 1 or eps <= 0:
             raise ValueError(f"need 0 <= beta <= 1 and eps > 0, got beta={beta}, eps={eps}")
-        self.hidden, self.layers, self.eps, self.beta, self.gamma_a, self.gamma_w = \
-            hidden, layers, eps, beta, gamma_a, gamma_w
-        self.U = nn.ModuleList(nn.Linear(in_features if i == 0 else hidden, hidden) for i in range(layers))
-        gaussian = lambda: nn.Parameter(torch.randn(hidden, hidden) * init_std / hidden)  # noqa: E731
+        self.hidden, self.layers, self.eps = hidden, layers, eps
+        self.beta, self.gamma_a, self.gamma_w = beta, gamma_a, gamma_w
+        self.U = nn.ModuleList(nn.Linear(in_features if i == 0 else hidden, hidden)
+                               for i in range(layers))
+
+        def gaussian():
+            return nn.Parameter(torch.randn(hidden, hidden) * init_std / hidden)
         self.M_A = nn.ParameterList(gaussian() for _ in range(layers))
         self.M_W = nn.ParameterList(gaussian() for _ in range(layers))
         self.drop = nn.Dropout(dropout)
@@ -1640,7 +1671,8 @@ class LipschitzRNN(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def _structured(self, M, gamma):
-        return (1 - self.beta) * (M + M.T) + self.beta * (M - M.T) - gamma * torch.eye(len(M), device=M.device)
+        return ((1 - self.beta) * (M + M.T) + self.beta * (M - M.T)
+                - gamma * torch.eye(len(M), device=M.device))
 
     def A(self, layer=0):
         return self._structured(self.M_A[layer], self.gamma_a)
@@ -1652,10 +1684,12 @@ class LipschitzRNN(nn.Module):
         seq = x
         for layer in range(self.layers):
             z = self.U[layer](seq)  # (B, T, H): U x_t + b for every step at once
-            AW = torch.cat([self.A(layer), self.W(layer)]).T  # (H, 2H): one matmul per step for A h and W h
+            # A h and W h in one matmul per step
+            AW = torch.cat([self.A(layer), self.W(layer)]).T  # (H, 2H)
             h = z.new_zeros(z.shape[0], self.hidden)
             states = []
-            for z_t in z.unbind(1):  # unbind, not z[:, t]: its backward would add T full-size gradients
+            # unbind, not z[:, t]: its backward would add T full-size gradients
+            for z_t in z.unbind(1):
                 ah, wh = (h @ AW).chunk(2, -1)
                 h = h + self.eps * (ah + torch.tanh(wh + z_t))
                 states.append(h)
@@ -1664,9 +1698,9 @@ class LipschitzRNN(nn.Module):
 
 
 def _pixel_embedding(in_features, dim, seq_len):
-    """Linear projection of each step's (normalised) values and learned positions, both initialised as
-    in ViT (truncated normal, std 0.02): with PyTorch's default init a projection of one grey value
-    (fan-in 1) would start 30x larger than the positions and drown them."""
+    """Linear projection of each step's (normalised) values and learned positions, both initialised
+    as in ViT (truncated normal, std 0.02): with PyTorch's default init a projection of one grey
+    value (fan-in 1) would start 30x larger than the positions and drown them."""
     _check_sizes(in_features=in_features, dim=dim, seq_len=seq_len)
     embed, pos = nn.Linear(in_features, dim), nn.Parameter(torch.zeros(1, seq_len, dim))
     nn.init.trunc_normal_(embed.weight, std=0.02)
@@ -1677,43 +1711,47 @@ def _pixel_embedding(in_features, dim, seq_len):
 
 def _positions(pos, T):
     if T > pos.shape[1]:
-        raise ValueError(f"a sequence of {T} steps is longer than the model's seq_len={pos.shape[1]} learned "
-                         f"positions: create it with seq_len >= {T}")
+        raise ValueError(f"a sequence of {T} steps is longer than the model's "
+                         f"seq_len={pos.shape[1]} learned positions: create it with "
+                         f"seq_len >= {T}")
     return pos[:, :T]
 
 
 class PixelTransformer(VisionTransformer):
-    """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than 16x16
-    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel a
-    token. timm's `VisionTransformer` with `patch_size=1`, behind the pixel input of this project: the
-    sequence (B, H*W, C) is folded back into the (B, C, H, W) image it came from (a square of seq_len
-    pixels) and embedded by timm's 1x1 patch convolution (a linear projection of each pixel's values)
-    plus learned positions, then pre-norm blocks (GELU MLP), a final LayerNorm and a CLS token read by
-    the head (readout "cls"; "mean": average over tokens, no CLS). Adapted: the Long Range Arena
-    image-task size (Tay et al., ICLR 2021, as in the Nystromformer authors' config: width 64, 2 layers,
-    2 heads, MLP 128) instead of ViT-S, for CPU; no position for the CLS token (timm's no_embed_class).
-    seq_len: the number of learned positions (1,024 for 32x32); a shorter square sequence (784 MNIST
-    pixels) gets them resampled to its grid (timm's dynamic image size)."""
+    """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than
+    16x16 Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every
+    pixel a token. timm's `VisionTransformer` with `patch_size=1`, behind the pixel input of this
+    project: the sequence (B, H*W, C) is folded back into the (B, C, H, W) image it came from (a
+    square of seq_len pixels) and embedded by timm's 1x1 patch convolution (a linear projection of
+    each pixel's values) plus learned positions, then pre-norm blocks (GELU MLP), a final LayerNorm
+    and a CLS token read by the head (readout "cls"; "mean": average over tokens, no CLS). Adapted:
+    the Long Range Arena image-task size (Tay et al., ICLR 2021, as in the Nystromformer authors'
+    config: width 64, 2 layers, 2 heads, MLP 128) instead of ViT-S, for CPU; no position for the CLS
+    token (timm's no_embed_class). seq_len: the number of learned positions (1,024 for 32x32); a
+    shorter square sequence (784 MNIST pixels) gets them resampled to its grid (timm's dynamic image
+    size)."""
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
-                 dropout=0.0, readout="cls"):
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2,
+                 mlp=128, dropout=0.0, readout="cls"):
         _check_choice("readout", readout, ["cls", "mean"])
-        _check_sizes(in_features=in_features, seq_len=seq_len, dim=dim, layers=layers, heads=heads, mlp=mlp)
+        _check_sizes(in_features=in_features, seq_len=seq_len, dim=dim, layers=layers, heads=heads,
+                     mlp=mlp)
         side = math.isqrt(seq_len)
         if side * side != seq_len:
             raise ValueError(f"seq_len={seq_len} is not a square number of pixels (H*W with H = W)")
         if dim % heads:
             raise ValueError(f"heads={heads} does not divide dim={dim}")
         super().__init__(img_size=side, patch_size=1, in_chans=in_features, num_classes=num_classes,
-                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
+                         global_pool="token" if readout == "cls" else "avg",
+                         class_token=readout == "cls",
                          no_embed_class=True, embed_dim=dim, depth=layers, num_heads=heads,
                          mlp_ratio=mlp / dim, proj_drop_rate=dropout, attn_drop_rate=dropout,
                          dynamic_img_size=True)
         self.seq_len = seq_len
-        # PyTorch's default init would start a 1x1 projection of one grey value (fan-in 1) 30x larger
-        # than timm's positions (std 0.02) and drown them: initialise it like them.
+        # PyTorch's default init would start a 1x1 projection of one grey value (fan-in 1) 30x
+        # larger than timm's positions (std 0.02) and drown them: initialise it like them.
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
         nn.init.zeros_(self.patch_embed.proj.bias)
 
@@ -1721,15 +1759,17 @@ class PixelTransformer(VisionTransformer):
         B, T, C = x.shape
         side = math.isqrt(T)
         if T > self.seq_len or side * side != T:
-            raise ValueError(f"PiT reads square images of at most seq_len={self.seq_len} pixels, got a "
-                             f"sequence of {T} steps")
+            raise ValueError(f"PiT reads square images of at most seq_len={self.seq_len} pixels, "
+                             f"got a sequence of {T} steps")
         image = x.reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return super().forward(image)
 
 
 def iterative_pinv(a, iterations=6):
-    """Moore-Penrose pseudo-inverse of each matrix in `a` (..., m, m) by the Nystromformer's iteration
-    (Razavi et al., 2014): Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4 from Z = A^T / (||A||_1 ||A||_inf)."""
+    """Moore-Penrose pseudo-inverse of each matrix in `a` (..., m, m) by the Nystromformer's
+    iteration (Razavi et al., 2014):
+
+        Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4 from Z = A^T / (||A||_1 ||A||_inf)."""
     eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
     norm = a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1)  # ||A||_1 ||A||_inf per matrix
     z = a.transpose(-1, -2) / norm[..., None, None]
@@ -1744,12 +1784,13 @@ class NystromAttention(nn.Module):
 
         softmax(Q K^T / sqrt(d)) V  ~  softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V
 
-    (Q and K each scaled by d^-1/4), with landmarks Ql, Kl the means of `landmarks` equal segments of
-    the queries and keys, and pinv the 6-iteration pseudo-inverse above. The sequence is zero-padded
-    to a multiple of the number of landmarks (padded keys masked out of the last factor, as in the
-    authors' code); fewer steps than landmarks use one landmark per step. `conv_kernel` > 0 adds the
-    paper's skip connection: a depthwise convolution of the values along the sequence (35 in the
-    authors' LRA runs). `forward(x, exact=True)` computes the exact softmax attention instead."""
+    (Q and K each scaled by d^-1/4), with landmarks Ql, Kl the means of `landmarks` equal segments
+    of the queries and keys, and pinv the 6-iteration pseudo-inverse above. The sequence is
+    zero-padded to a multiple of the number of landmarks (padded keys masked out of the last factor,
+    as in the authors' code); fewer steps than landmarks use one landmark per step.
+    `conv_kernel` > 0 adds the paper's skip connection: a depthwise convolution of the values along
+    the sequence (35 in the authors' LRA runs). `forward(x, exact=True)` computes the exact softmax
+    attention instead."""
 
     def __init__(self, dim, heads, landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
         super().__init__()
@@ -1766,7 +1807,8 @@ class NystromAttention(nn.Module):
     def forward(self, x, exact=False):  # (B, T, D)
         B, T, D = x.shape
         h, d = self.heads, D // self.heads
-        q, k, v = self.qkv(x).view(B, T, 3, h, d).permute(2, 0, 3, 1, 4).contiguous()  # each (B, h, T, d)
+        # each (B, h, T, d)
+        q, k, v = self.qkv(x).view(B, T, 3, h, d).permute(2, 0, 3, 1, 4).contiguous()
         if exact:
             out = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
         else:
@@ -1783,12 +1825,16 @@ class NystromAttention(nn.Module):
             k2 = F.softmax(ql @ kl.transpose(-1, -2), -1)  # (B, h, m, m)
             scores = ql @ k.transpose(-1, -2)  # (B, h, m, T')
             if pad:
-                scores = scores.masked_fill(torch.arange(T + pad, device=x.device) >= T, float("-inf"))
+                scores = scores.masked_fill(torch.arange(T + pad, device=x.device) >= T,
+                                            float("-inf"))
             k3 = F.softmax(scores, -1)
             out = ((k1 @ iterative_pinv(k2, self.pinv_iterations)) @ (k3 @ vp))[:, :, :T]
-        if self.conv is not None:  # the head's kernel on each of its d channels: a depthwise conv1d over h*d
-            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K): on CPU faster than a Conv2d (K, 1)
-            conv = F.conv1d(v.transpose(2, 3).reshape(B, h * d, T), w, padding=self.conv.padding, groups=h * d)
+        if self.conv is not None:
+            # the head's kernel on each of its d channels: a depthwise conv1d over h*d (on CPU
+            # faster than a Conv2d (K, 1))
+            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K)
+            conv = F.conv1d(v.transpose(2, 3).reshape(B, h * d, T), w, padding=self.conv.padding,
+                            groups=h * d)
             out = out + conv.view(B, h, d, T).transpose(2, 3)
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
 
@@ -1797,8 +1843,8 @@ class _PreNormBlock(nn.Module):
     def __init__(self, dim, mixer, mlp, dropout):
         super().__init__()
         self.norm1, self.mixer, self.norm2 = nn.LayerNorm(dim), mixer, nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp, dim), nn.Dropout(dropout))
 
     def forward(self, x):
         x = x + self.mixer(self.norm1(x))
@@ -1815,14 +1861,15 @@ class Nystromformer(nn.Module):
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
-                 landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2,
+                 mlp=128, landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
         super().__init__()
         _check_sizes(layers=layers, mlp=mlp)
         self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
-        self.blocks = nn.Sequential(*[_PreNormBlock(dim, NystromAttention(dim, heads, landmarks, pinv_iterations,
-                                                                          conv_kernel, dropout), mlp, dropout)
-                                      for _ in range(layers)])
+        self.blocks = nn.Sequential(*[
+            _PreNormBlock(dim, NystromAttention(dim, heads, landmarks, pinv_iterations, conv_kernel,
+                                                dropout), mlp, dropout)
+            for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -1848,8 +1895,8 @@ class FNet(nn.Module):
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, mlp=128, dropout=0.0,
-                 readout="mean"):
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, mlp=128,
+                 dropout=0.0, readout="mean"):
         super().__init__()
         _check_choice("readout", readout, ["mean", "first"])
         _check_sizes(layers=layers, mlp=mlp)
@@ -1878,8 +1925,9 @@ def s4d_kernel(dt, A, C, L):
         A_bar = exp(dt A),   B_bar = (A_bar - 1) / A * B   (B = 1: S4D learns C only),
         K[l] = 2 Re(sum_n C_n B_bar_n A_bar_n^l),   l = 0 .. L-1,
 
-    a Vandermonde product. dt (..., H) step sizes, A and C (..., H, N/2) complex -> K (..., H, L). Each
-    mode stands for itself and its complex conjugate (the real system has state size N): hence 2 Re."""
+    a Vandermonde product. dt (..., H) step sizes, A and C (..., H, N/2) complex -> K (..., H, L).
+    Each mode stands for itself and its complex conjugate (the real system has state size N):
+    hence 2 Re."""
     dtA = dt.unsqueeze(-1) * A  # (..., H, N/2)
     steps = torch.arange(L, device=A.device, dtype=dt.dtype)
     powers = torch.exp(dtA.unsqueeze(-1) * steps)  # (..., H, N/2, L): A_bar^l
@@ -1887,24 +1935,26 @@ def s4d_kernel(dt, A, C, L):
 
 
 class S4DLayer(nn.Module):
-    """One S4D layer on (B, L, H) sequences: per channel a diagonal state-space model (A, B = 1, C, D,
-    step size dt) applied as a length-L convolution by FFT, then GELU, dropout and a position-wise
-    GLU output layer (Linear H -> 2H, GLU). S4D-Lin initialisation: A_n = -1/2 + i pi n; log dt uniform
-    in [log dt_min, log dt_max]; C complex standard normal. A and dt carry `_optim` (their own lr, no
-    weight decay), the S4 authors' convention that `param_groups` reads.
+    """One S4D layer on (B, L, H) sequences: per channel a diagonal state-space model
+    (A, B = 1, C, D, step size dt) applied as a length-L convolution by FFT, then GELU, dropout and
+    a position-wise GLU output layer (Linear H -> 2H, GLU). S4D-Lin initialisation:
+    A_n = -1/2 + i pi n; log dt uniform in [log dt_min, log dt_max]; C complex standard normal.
+    A and dt carry `_optim` (their own lr, no weight decay), the S4 authors' convention that
+    `param_groups` reads.
 
     bidirectional: a second kernel (a second set of A, C, dt) reads the sequence backwards; both are
     laid into one kernel of length 2L, the backward one flipped into the second half, so one FFT
-    convolution of size 2L applies both: step t sees steps <= t through the first and steps > t through
-    the second (as in the authors' code). Dropout masks are shared by all steps of a channel (the
-    authors' DropoutNd)."""
+    convolution of size 2L applies both: step t sees steps <= t through the first and steps > t
+    through the second (as in the authors' code). Dropout masks are shared by all steps of a channel
+    (the authors' DropoutNd)."""
 
     def __init__(self, dim, *, state=64, bidirectional=False, dropout=0.0, ssm_lr=1e-3, dt_min=1e-3,
                  dt_max=1e-1):
         super().__init__()
         c, n = 1 + bidirectional, state // 2  # kernels (one per direction); modes (conjugate pairs)
         self.bidirectional, self.dropout = bidirectional, dropout
-        self.log_dt = nn.Parameter(torch.rand(c, dim) * math.log(dt_max / dt_min) + math.log(dt_min))
+        self.log_dt = nn.Parameter(torch.rand(c, dim) * math.log(dt_max / dt_min)
+                                   + math.log(dt_min))
         self.log_A_real = nn.Parameter(torch.full((c, dim, n), math.log(0.5)))
         self.A_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32).repeat(c, dim, 1))
         C = torch.randn(c, dim, n, dtype=torch.cfloat)
@@ -1915,7 +1965,8 @@ class S4DLayer(nn.Module):
         self.out = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GLU(-1))
 
     def ssm(self):
-        """The continuous-time parameters: dt (c, H), A and C (c, H, N/2) complex; c = 2 if bidirectional."""
+        """The continuous-time parameters: dt (c, H), A and C (c, H, N/2) complex; c = 2 if
+        bidirectional."""
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         return torch.exp(self.log_dt), A, torch.view_as_complex(self.C)
 
@@ -1927,13 +1978,14 @@ class S4DLayer(nn.Module):
         return F.pad(k[0], (0, L)) + F.pad(k[1].flip(-1), (L, 0))
 
     def conv(self, u):
-        """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L keeps
-        the circular convolution from wrapping around (linear convolution of the first L outputs). The
-        FFTs run along the last, contiguous dimension, which is faster than along dim 1
-        (docs/speed.md)."""
+        """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L
+        keeps the circular convolution from wrapping around (linear convolution of the first L
+        outputs). The FFTs run along the last, contiguous dimension, which is faster than along
+        dim 1 (docs/speed.md)."""
         L = u.shape[1]
         k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L+1)
-        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
+        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f,
+                            n=2 * L)[..., :L]  # (B, H, L)
         return y.transpose(1, 2) + u * self.D  # (B, L, H)
 
     def forward(self, u):  # (B, L, H)
@@ -1948,26 +2000,28 @@ def _check_flag(**flags):
 
 
 class S4D(nn.Module):
-    """S4D (Gu, Gupta, Goel & Re, "On the Parameterization and Initialization of Diagonal State Space
-    Models", NeurIPS 2022): a linear encoder of each step's values (no 0..255 tokens), `layers` S4DLayers
-    of `dim` channels with state size `state` (N: N/2 complex modes and their conjugates), each in a
-    residual block with LayerNorm (post-norm: x = LN(x + drop(S4D(x))); prenorm: x = x + drop(S4D(LN(x))))
-    and channel dropout, mean pooling over steps and a linear head. `ssm_lr` is the learning rate of A
-    and dt (their weight decay 0): the authors' training recipe, honoured by `param_groups`.
+    """S4D (Gu, Gupta, Goel & Re, "On the Parameterization and Initialization of Diagonal State
+    Space Models", NeurIPS 2022): a linear encoder of each step's values (no 0..255 tokens),
+    `layers` S4DLayers of `dim` channels with state size `state` (N: N/2 complex modes and their
+    conjugates), each in a residual block with LayerNorm (post-norm: x = LN(x + drop(S4D(x)));
+    prenorm: x = x + drop(S4D(LN(x)))) and channel dropout, mean pooling over steps and a linear
+    head. `ssm_lr` is the learning rate of A and dt (their weight decay 0): the authors' training
+    recipe, honoured by `param_groups`.
 
-    Adapted for a CPU: 4 layers x 64 channels (the authors' LRA Image model: 6 x 512, bidirectional, a
-    200-epoch schedule), unidirectional by default; the minimal S4D of the authors' code (B fixed at 1,
-    C learned; no bottleneck or gating options). Causal unless bidirectional: `features(x)[:, t]`
-    depends on x[:, :t+1] only (tests/test_s4d.py)."""
+    Adapted for a CPU: 4 layers x 64 channels (the authors' LRA Image model: 6 x 512, bidirectional,
+    a 200-epoch schedule), unidirectional by default; the minimal S4D of the authors' code (B fixed
+    at 1, C learned; no bottleneck or gating options). Causal unless bidirectional:
+    `features(x)[:, t]` depends on x[:, :t+1] only (tests/test_s4d.py)."""
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, dim=64, layers=4, state=64, dropout=0.1, prenorm=False,
-                 bidirectional=False, ssm_lr=1e-3, dt_min=1e-3, dt_max=1e-1):
+    def __init__(self, *, in_features, num_classes, dim=64, layers=4, state=64, dropout=0.1,
+                 prenorm=False, bidirectional=False, ssm_lr=1e-3, dt_min=1e-3, dt_max=1e-1):
         super().__init__()
         _check_sizes(in_features=in_features, dim=dim, layers=layers, state=state)
         if state % 2:
-            raise ValueError(f"state must be even (N/2 complex modes and their conjugates), got {state!r}")
+            raise ValueError(f"state must be even (N/2 complex modes and their conjugates), "
+                             f"got {state!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not ssm_lr >= 0:
@@ -2000,13 +2054,13 @@ class S4D(nn.Module):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registry entry: `factory(in_features=, num_classes=, **cfg)` builds the model. `input` is the
-    default input (the one tests and benchmarks use): a C x H x W image turned into a sequence by
-    `transform` (with `transform_args`), plus the `model_args` that input needs; `test_input` a tiny
-    one for fast tests (8x8 images; 64-step pixel sequences, for which the pixel models' position
-    tables shrink to 64, TrellisNet keeps the 7 levels whose receptive field (65 steps) covers them
-    and the Lipschitz RNN's step eps grows to 0.1 and S4D's step sizes 16x, so that 64 steps integrate
-    over a time comparable to the 1,024 steps of the default)."""
+    """A registry entry: `factory(in_features=, num_classes=, **cfg)` builds the model. `input` is
+    the default input (the one tests and benchmarks use): a C x H x W image turned into a sequence
+    by `transform` (with `transform_args`), plus the `model_args` that input needs; `test_input` a
+    tiny one for fast tests (8x8 images; 64-step pixel sequences, for which the pixel models'
+    position tables shrink to 64, TrellisNet keeps the 7 levels whose receptive field (65 steps)
+    covers them and the Lipschitz RNN's step eps grows to 0.1 and S4D's step sizes 16x, so that 64
+    steps integrate over a time comparable to the 1,024 steps of the default)."""
     factory: object
     cfg: dict
     input_form: str
@@ -2017,8 +2071,8 @@ class ModelEntry:
 
 
 def _input(image, transform, **args):
-    return {"image": tuple(image), "transform": transform, "transform_args": args.pop("transform_args", {}),
-            "model_args": args}
+    return {"image": tuple(image), "transform": transform,
+            "transform_args": args.pop("transform_args", {}), "model_args": args}
 
 
 _ANY = "identity/any (B, T, F)"
@@ -2132,25 +2186,28 @@ def model_options(name):
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': valid names are {list_models()}")
     params = inspect.signature(MODELS[name].factory).parameters.values()
-    return [p.name for p in params if p.name not in ("in_features", "num_classes") and p.kind == p.KEYWORD_ONLY]
+    return [p.name for p in params
+            if p.name not in ("in_features", "num_classes") and p.kind == p.KEYWORD_ONLY]
 
 
 def create_model(name: str, *, in_features: int, num_classes: int, **overrides) -> nn.Module:
-    """Build model `name` for (B, T, in_features) inputs (see MODEL_INFO[name] for the form it reads)
-    and num_classes outputs: the registry's config for `name`, updated by `overrides`."""
+    """Build model `name` for (B, T, in_features) inputs (see MODEL_INFO[name] for the form it
+    reads) and num_classes outputs: the registry's config for `name`, updated by `overrides`."""
     valid = model_options(name)
     bad = sorted(set(overrides) - set(valid))
     if bad:
-        raise ValueError(f"bad model_args {overrides} for '{name}': unknown key(s) {bad}; valid keys are {valid}")
-    model = MODELS[name].factory(in_features=in_features, num_classes=num_classes, **{**MODELS[name].cfg, **overrides})
+        raise ValueError(f"bad model_args {overrides} for '{name}': unknown key(s) {bad}; "
+                         f"valid keys are {valid}")
+    model = MODELS[name].factory(in_features=in_features, num_classes=num_classes,
+                                 **{**MODELS[name].cfg, **overrides})
     if not hasattr(model, "input_form"):
         model.input_form = MODELS[name].input_form
     return model
 
 
 def _orthogonal_rnn(rnn: nn.RNNBase, gates: int):
-    """Per gate: orthogonal W_hh, Xavier W_ih, zero biases, and an LSTM's forget-gate bias 1 (on b_hh,
-    so that b_ih + b_hh is 1). A frozen weight (BiLSTMFC's identity W_ih) keeps its value."""
+    """Per gate: orthogonal W_hh, Xavier W_ih, zero biases, and an LSTM's forget-gate bias 1 (on
+    b_hh, so that b_ih + b_hh is 1). A frozen weight (BiLSTMFC's identity W_ih) keeps its value."""
     for name, p in rnn.named_parameters():
         if not p.requires_grad:
             continue
@@ -2161,16 +2218,17 @@ def _orthogonal_rnn(rnn: nn.RNNBase, gates: int):
                 elif name.startswith("weight_ih"):
                     nn.init.xavier_uniform_(chunk)
                 else:
-                    chunk.fill_(1.0 if gates == 4 and g == 1 and name.startswith("bias_hh") else 0.0)
+                    chunk.fill_(1.0 if gates == 4 and g == 1 and name.startswith("bias_hh")
+                                else 0.0)
 
 
 def orthogonal_init(model):
-    """Orthogonal hidden-to-hidden weights (Saxe et al., 2014), forget-gate bias 1 (Jozefowicz et al.,
-    2015), Xavier input weights (Glorot & Bengio, 2010) in every recurrent layer of `model`."""
+    """Orthogonal hidden-to-hidden weights (Saxe et al., 2014), forget-gate bias 1 (Jozefowicz et
+    al., 2015), Xavier input weights (Glorot & Bengio, 2010) in every recurrent layer of `model`."""
     rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
     if not rnns:
-        raise ValueError(f"init 'orthogonal' is for recurrent models; {type(model).__name__} has no "
-                         f"recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
+        raise ValueError(f"init 'orthogonal' is for recurrent models; {type(model).__name__} "
+                         f"has no recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
     for rnn in rnns:
         _orthogonal_rnn(rnn, {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1))
     if isinstance(model, BiLSTMFC):  # layer 1's input weights and biases live in in_proj
@@ -2181,13 +2239,15 @@ def orthogonal_init(model):
     return model
 
 
-INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}  # PyTorch's, or orthogonal_init
+# init name -> function(model) -> model: PyTorch's own initialisation, or orthogonal_init
+INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}
 
 
 def model_input(name, batch_size=1, *, tiny=False, seed=0):
     """A batch of model `name`'s default input (MODEL_INFO[name]["input"]; tiny: its "test_input"):
     standard-normal "normalised images" turned into that sequence. Returns (x, in_features,
-    model_args), ready for create_model(name, in_features=in_features, num_classes=K, **model_args)."""
+    model_args), ready for
+    create_model(name, in_features=in_features, num_classes=K, **model_args)."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': valid names are {list_models()}")
     spec = MODEL_INFO[name]["test_input" if tiny else "input"]
@@ -2201,13 +2261,15 @@ def count_params(model):
 
 
 def describe_models():
-    """One line per model: its parameters at its default input, that input, its input form and paper."""
+    """One line per model: its parameters at its default input, that input, its input form and
+    paper."""
     lines = []
     for name in list_models():
         x, n_feat, args = model_input(name)
         n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
         spec = MODEL_INFO[name]["input"]
-        shown = f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = {tuple(x.shape[1:])}"
+        shown = (f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = "
+                 f"{tuple(x.shape[1:])}")
         lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
                      f"{MODEL_INFO[name]['paper']}")
     return lines
@@ -2217,16 +2279,22 @@ def describe_models():
 # Distillation: the loss, and the teacher as a student's training step reads it
 
 def distillation_loss(student_logits, teacher_logits, labels, *, alpha, temperature, hard=False):
-    """Hinton et al. (2015): (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T),
-    batch means; with `hard`, DeiT's hard-label variant (Touvron et al. 2021): (1 - alpha) * CE(student,
-    labels) + alpha * CE(student, teacher's argmax), where the temperature plays no part.
+    """Hinton et al. (2015), batch means:
+
+        (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T);
+
+    with `hard`, DeiT's hard-label variant (Touvron et al. 2021), where the temperature plays no
+    part:
+
+        (1 - alpha) * CE(student, labels) + alpha * CE(student, teacher's argmax).
 
     Run the teacher under torch.no_grad(); its logits are detached here all the same."""
     teacher_logits = teacher_logits.detach()
     ce = F.cross_entropy(student_logits, labels)
     if hard:
         return (1 - alpha) * ce + alpha * F.cross_entropy(student_logits, teacher_logits.argmax(-1))
-    kl = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, -1),
+                  F.log_softmax(teacher_logits / temperature, -1),
                   reduction="batchmean", log_target=True)
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
@@ -2245,23 +2313,28 @@ def build_teacher(name, args, image_shape, num_classes):
         to_input, defaults, n_feat = as_is, {"channels": C}, W * C
     else:
         spec = MODEL_INFO[name]["input"]
-        to_input, defaults = make_sequence(spec["transform"], **spec["transform_args"]), spec["model_args"]
+        to_input, defaults = (make_sequence(spec["transform"], **spec["transform_args"]),
+                              spec["model_args"])
         n_feat = to_input(torch.zeros(1, *image_shape)).shape[-1]
-    return create_model(name, in_features=n_feat, num_classes=num_classes, **{**defaults, **args}), to_input
+    return create_model(name, in_features=n_feat, num_classes=num_classes,
+                        **{**defaults, **args}), to_input
 
 
 def _moved(z, start):
-    """The batch z (B, C, H, W) moved one pixel sideways, reflect-padded: start 0 moves it right, 2 left."""
+    """The batch z (B, C, H, W) moved one pixel sideways, reflect-padded: start 0 moves it right,
+    2 left."""
     return F.pad(z, (1, 1, 0, 0), mode="reflect")[..., start:start + z.shape[-1]]
 
 
-TEST_VIEWS = {  # a teacher's test-time augmentation: normalised batch -> [(weight, view)], weights summing to 1
+# a teacher's test-time augmentation: normalised batch -> [(weight, view)], weights summing to 1
+TEST_VIEWS = {
     "none": lambda z: [(1.0, z)],
     "flip": lambda z: [(0.5, z), (0.5, z.flip(3))],
-    # airbench's: the image and its mirror, each as is (1/4) and moved a pixel left and right (1/8 each);
-    # closed under mirroring (the mirror of a view is a view), so an image and its mirror get one answer
-    "flip_shift": lambda z: [(w, v) for u in (z, z.flip(3)) for w, v in ((0.25, u), (0.125, _moved(u, 0)),
-                                                                         (0.125, _moved(u, 2)))],
+    # airbench's: the image and its mirror, each as is (1/4) and moved a pixel left and right (1/8
+    # each); closed under mirroring (the mirror of a view is a view), so an image and its mirror
+    # get one answer
+    "flip_shift": lambda z: [(w, v) for u in (z, z.flip(3))
+                             for w, v in ((0.25, u), (0.125, _moved(u, 0)), (0.125, _moved(u, 2)))],
 }
 
 
@@ -2305,10 +2378,9 @@ def logits_table(teacher: Teacher, x_uint8, batch=512):
     test-time views include the mirror gives both one answer: computed once."""
     def both(xb):
         logits = teacher.live(xb)
-        return torch.stack([logits, logits if teacher.tta != "none" else teacher.live(xb.flip(3))], 1).half()
+        return torch.stack([logits, logits if teacher.tta != "none" else teacher.live(xb.flip(3))],
+                           1).half()
     return torch.cat([both(xb) for xb in x_uint8.split(batch)])
-
-
 
 
 if __name__ == "__main__":  # the command line lives in the package: a hand-off, not an import
