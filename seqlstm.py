@@ -1,32 +1,23 @@
 """seqlstm: classify images as sequences.
 
 Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas et al., IJCNN 2014,
-rows, pixels, patches, crops, series of transformed views), sequence models (MODELS: BiLSTM + FC,
-RNNs, Sequencer2D, ViT, the LRA pixel models, S4D) read them, Lightning trains them and MLflow tracks
-every run. `report.ipynb` drives it:  `python seqlstm.py report params/smoke.yaml`.
-Search: `python seqlstm.py tune params/tune.yaml --trials 30`; runs without the notebook (DDP):
-`python seqlstm.py train params/X.yaml`. Others: `bench [--quick]`, `datasets|transforms|models`.
+rows, pixels, patches, crops, series of transformed views) that sequence models read (MODELS:
+BiLSTM + FC, RNNs, Sequencer2D, ViT, the LRA pixel models, S4D), alone or distilled from a teacher.
+This file imports torch, torchvision and timm only (scikit-learn, matplotlib and pandas lazily,
+where a function needs them), so it can be dropped into Colab alone. The command line
+(`python seqlstm.py report|train|tune|bench|datasets|transforms|models`) is handed off to the
+package seqlab beside it, which imports this module.
 
 Contents, in reading order (each section uses only what comes before it):
-  Data                 DATASETS, load_dataset: every dataset as in-memory uint8 tensors, cached
-  Sequence transforms  SEQUENCES, make_sequence; the batched fast path (normalize, augment, Batches)
-  Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel models
-  Distillation         distillation_loss, build_teacher, Teacher (logits table or live), logits_table
-  Lightning module     SeqClassifier (OPTIMIZERS, SCHEDULES, PRECISIONS, STRATEGIES; an optional Teacher),
-                       EpochLog, TrainTimer
-  Report parameters    parse_yaml, typed_param, check_values, plan_report -> [Run] (per_model, variants,
-                       undistilled twins, extra_runs), check_run_inputs
-  Tracking             tracking_experiment (locked), code_version, run_key, append_summary (locked)
-  Experiment runner    the steps: open_run, build_run, make_trainer, evaluate, track_run
-  Teacher              TEACHER_RECIPE, teacher_for: cache folder | its MLflow run | trained (locked)
-  Running a run        run_experiment: reuse | resume | new -> teacher -> build -> fit -> evaluate ->
-                       track, failures contained (fail_run), interrupts marked KILLED; DDP ranks (rank_run)
-  Report               prepare_report (all checks, each dataset loaded once), variant_table,
-                       distillation_table, render_report
-  Tuning               tune: read_tune_file -> study (SQLite | journal | PostgreSQL) -> claim_trial ->
-                       run_trial (the runner, PruneOnValAcc, nested MLflow run) -> write_best
-  Benchmark            bench: speed as ratios measured in one run
-  Command line         main: report, train, tune, bench, datasets, transforms, models
+  Data                 ImageData, DATASETS, load_dataset: every dataset as in-memory uint8 tensors,
+                       decoded once and cached; dataset_overview
+  Sequence transforms  SEQUENCES, make_sequence, STEP_LAYOUT; the batched fast path (normalize,
+                       AUGMENTS, augment_batch, Batches); the per-sample path (per_sample_pipeline,
+                       TensorImages)
+  Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel
+                       models, S4D; MODEL_INFO, model_input, describe_models
+  Distillation         distillation_loss, build_teacher, TEST_VIEWS, Teacher (its logits from a
+                       table or live), logits_table
 """
 from __future__ import annotations
 
@@ -43,6 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.sequencer import LSTM2d, Sequencer2d
+from timm.models.vision_transformer import VisionTransformer
+
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("SEQLSTM_DATA", "./data"))
@@ -89,9 +83,21 @@ def _missing(name, data_dir, layouts, url):
         f"Set data_dir (or $SEQLSTM_DATA) to the folder that holds it.")
 
 
+def _download(fetch, name, data_dir, download, layouts, url):
+    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming
+    what was looked for."""
+    if download:
+        try:
+            return fetch()
+        except Exception as e:  # no network, bad checksum, ...: say what we looked for instead
+            raise _missing(name, data_dir, layouts, url) from e
+    raise _missing(name, data_dir, layouts, url)
+
+
 def _from_torchvision(ds, channels_first=False):
     """(images uint8 (N, C, H, W), labels int64) from a torchvision dataset's in-memory arrays:
-    `.data` (N, H, W), (N, H, W, C) or, with channels_first (SVHN), (N, C, H, W); `.targets` or `.labels`."""
+    `.data` (N, H, W), (N, H, W, C) or, with channels_first (SVHN), (N, C, H, W); `.targets` or
+    `.labels`."""
     x = torch.as_tensor(ds.data)
     if x.ndim == 3:
         x = x.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
@@ -101,27 +107,31 @@ def _from_torchvision(ds, channels_first=False):
     return x.contiguous(), torch.as_tensor(labels, dtype=torch.int64)
 
 
-def _torchvision_splits(cls, root, download, *, train=({"train": True},), test=({"train": False},), classes=None,
-                        channels_first=False, **kw):
-    """(train_x, train_y, test_x, test_y, classes) through torchvision's class `cls`. `train` and `test` hold
-    the constructor arguments of each part of a split (several parts are concatenated: SVHN train + extra);
-    `classes` is for classes without a `.classes` attribute."""
+def _torchvision_splits(cls, root, download, *, train=({"train": True},), test=({"train": False},),
+                        classes=None, channels_first=False, **kw):
+    """(train_x, train_y, test_x, test_y, classes) through torchvision's class `cls`. `train` and
+    `test` hold the constructor arguments of each part of a split (several parts are concatenated:
+    SVHN train + extra); `classes` is for classes without a `.classes` attribute."""
     def split(parts):
         loaded = [cls(root, download=download, **part, **kw) for part in parts]
         xs, ys = zip(*(_from_torchvision(ds, channels_first) for ds in loaded))
-        return loaded[0], (torch.cat(xs) if len(xs) > 1 else xs[0]), (torch.cat(ys) if len(ys) > 1 else ys[0])
+        return (loaded[0], (torch.cat(xs) if len(xs) > 1 else xs[0]),
+                (torch.cat(ys) if len(ys) > 1 else ys[0]))
     first, train_x, train_y = split(train)
     _, test_x, test_y = split(test)
     return train_x, train_y, test_x, test_y, list(classes or first.classes)
 
 
 def _read_torchvision(cls, root, folder, **kw):
-    """_torchvision_splits from files already on disk; a damaged or incomplete copy names its folder."""
+    """_torchvision_splits from files already on disk; a damaged or incomplete copy names its
+    folder."""
     try:
         return _torchvision_splits(cls, root, False, **kw)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
-        raise ValueError(f"{folder} is there, but torchvision's {cls.__name__} cannot read it ({e}). Replace the "
-                         f"missing or damaged files, or delete the folder to download it again.") from e
+    # torchvision: "Dataset not found or corrupted" (a missing file or a bad checksum)
+    except RuntimeError as e:
+        raise ValueError(f"{folder} is there, but torchvision's {cls.__name__} cannot read it "
+                         f"({e}). Replace the missing or damaged files, or delete the folder to "
+                         f"download it again.") from e
 
 
 class _MixedSizes(ValueError):
@@ -135,8 +145,9 @@ def _decode_folder(paths_labels, image_size=None):
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     from tqdm.auto import tqdm
     images = []
-    quiet = not sys.stderr.isatty()  # a bar in a terminal; in a rendered report it would be stderr noise
-    for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False, disable=quiet):
+    quiet = not sys.stderr.isatty()  # a bar in a terminal; in a rendered report, stderr noise
+    for path, _ in tqdm(paths_labels, desc="decoding images", mininterval=2, leave=False,
+                        disable=quiet):
         try:
             with Image.open(path) as im:
                 img = pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
@@ -145,10 +156,12 @@ def _decode_folder(paths_labels, image_size=None):
         if image_size is not None and img.shape[1:] != (image_size, image_size):
             img = resize(img, [image_size, image_size], antialias=True)
         if images and img.shape != images[0].shape:
-            raise _MixedSizes(f"{path} is {tuple(img.shape)} but earlier images are {tuple(images[0].shape)}; "
-                              f"pass image_size to resize every image to one size")
+            raise _MixedSizes(f"{path} is {tuple(img.shape)} but earlier images are "
+                              f"{tuple(images[0].shape)}; pass image_size to resize every image "
+                              f"to one size")
         images.append(img)
-    return torch.stack(images), torch.tensor([label for _, label in paths_labels], dtype=torch.int64)
+    return torch.stack(images), torch.tensor([label for _, label in paths_labels],
+                                             dtype=torch.int64)
 
 
 def cache_dir() -> Path:
@@ -158,17 +171,18 @@ def cache_dir() -> Path:
 def _cached_decode(root: Path, train_files, test_files, classes, image_size=None):
     """Decode (path, label) lists into (train_x, train_y, test_x, test_y, classes), once.
 
-    The tensors are cached in cache_dir() ($SEQLSTM_CACHE, else ~/.cache/seqlstm) under a key made of
-    the folder, the file list with its labels and class names, and the size and modification time of
-    every file: an added, removed, changed or relabelled file makes a new entry. Images that share one
-    size are cached at that size, one entry for every image_size (load_dataset resizes the tensors);
-    only a folder of mixed sizes is decoded (and cached) at image_size."""
+    The tensors are cached in cache_dir() ($SEQLSTM_CACHE, else ~/.cache/seqlstm) under a key made
+    of the folder, the file list with its labels and class names, and the size and modification
+    time of every file: an added, removed, changed or relabelled file makes a new entry. Images
+    that share one size are cached at that size, one entry for every image_size (load_dataset
+    resizes the tensors); only a folder of mixed sizes is decoded (and cached) at image_size."""
     root = Path(root)
     files = train_files + test_files
     stats = [os.stat(path) for path, _ in files]
     prefix = len(str(root))  # paths relative to root: the same key from any working directory
     listing = "\n".join([*classes, *(f"{str(path)[prefix:]}\t{label}" for path, label in files)])
-    fingerprint = (f"{len(stats)}|{sum(s.st_size for s in stats)}|{max(s.st_mtime_ns for s in stats)}|"
+    fingerprint = (f"{len(stats)}|{sum(s.st_size for s in stats)}|"
+                   f"{max(s.st_mtime_ns for s in stats)}|"
                    f"{hashlib.sha1(listing.encode()).hexdigest()}")
 
     def entry(size):
@@ -188,7 +202,8 @@ def _cached_decode(root: Path, train_files, test_files, classes, image_size=None
         if image_size is None:
             raise
         size = image_size
-        splits = (*_decode_folder(train_files, size), *_decode_folder(test_files, size), list(classes))
+        splits = (*_decode_folder(train_files, size), *_decode_folder(test_files, size),
+                  list(classes))
     cache = entry(size)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +224,8 @@ def _image_folder(root: Path, image_size=None):
     for split_dir in (root / "train", test_dir):
         classes, to_idx = find_classes(str(split_dir))
         try:
-            splits[split_dir.name] = classes, make_dataset(str(split_dir), to_idx, extensions=IMG_EXTENSIONS,
+            splits[split_dir.name] = classes, make_dataset(str(split_dir), to_idx,
+                                                            extensions=IMG_EXTENSIONS,
                                                             allow_empty=False)
         except FileNotFoundError as e:  # an empty class folder: say which split
             raise FileNotFoundError(f"{split_dir}: {e}") from e
@@ -231,14 +247,31 @@ def _cifar10(data_dir, download, image_size):
         return (_read_torchvision(CIFAR10, data_dir, data_dir / "cifar-10-batches-py"),
                 "torchvision CIFAR10 (original pixels)")
     if _is_image_folder(data_dir / "cifar10-jpeg"):
-        return _image_folder(data_dir / "cifar10-jpeg", image_size), "cifar10-jpeg ImageFolder (JPEG re-encoded)"
-    return _download(partial(_torchvision_splits, CIFAR10, data_dir, True), "cifar10", data_dir, download,
-                     ["cifar-10-batches-py/data_batch_1..5, test_batch", "cifar10-jpeg/{train,test}/<class>/*.jpg"],
+        return (_image_folder(data_dir / "cifar10-jpeg", image_size),
+                "cifar10-jpeg ImageFolder (JPEG re-encoded)")
+    return _download(partial(_torchvision_splits, CIFAR10, data_dir, True), "cifar10", data_dir,
+                     download, ["cifar-10-batches-py/data_batch_1..5, test_batch",
+                                "cifar10-jpeg/{train,test}/<class>/*.jpg"],
                      CIFAR10.url), "torchvision CIFAR10 (downloaded)"
 
 
+def _cifar100_coarse(folder, splits):
+    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same
+    pickles."""
+    import pickle
+
+    def read(file, key):
+        with open(folder / file, "rb") as f:
+            return pickle.load(f, encoding="latin1")[key]
+    train_x, _, test_x, _, _ = splits
+    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64)
+                       for f in ("train", "test"))
+    return train_x, train_y, test_x, test_y, list(read("meta", "coarse_label_names"))
+
+
 def _cifar100(data_dir, download, image_size, labels="fine"):
-    """CIFAR-100 (torchvision CIFAR100): 100 fine classes, or with labels="coarse" the 20 superclasses."""
+    """CIFAR-100 (torchvision CIFAR100): 100 fine classes, or with labels="coarse" the 20
+    superclasses."""
     from torchvision.datasets import CIFAR100
     if labels not in ("fine", "coarse"):
         raise ValueError(f"cifar100: labels must be 'fine' or 'coarse', got {labels!r}")
@@ -246,40 +279,31 @@ def _cifar100(data_dir, download, image_size, labels="fine"):
     if folder.is_dir():
         splits, source = _read_torchvision(CIFAR100, data_dir, folder), "torchvision CIFAR100"
     else:
-        splits = _download(partial(_torchvision_splits, CIFAR100, data_dir, True), "cifar100", data_dir, download,
-                           ["cifar-100-python/{train,test,meta}"], CIFAR100.url)
+        splits = _download(partial(_torchvision_splits, CIFAR100, data_dir, True), "cifar100",
+                           data_dir, download, ["cifar-100-python/{train,test,meta}"],
+                           CIFAR100.url)
         source = "torchvision CIFAR100 (downloaded)"
-    return (splits, source) if labels == "fine" else (_cifar100_coarse(folder, splits), f"{source}, coarse labels")
-
-
-def _cifar100_coarse(folder, splits):
-    """The same images with CIFAR-100's coarse labels (20 superclasses), read from the same pickles."""
-    import pickle
-
-    def read(file, key):
-        with open(folder / file, "rb") as f:
-            return pickle.load(f, encoding="latin1")[key]
-    train_x, _, test_x, _, _ = splits
-    train_y, test_y = (torch.as_tensor(read(f, "coarse_labels"), dtype=torch.int64) for f in ("train", "test"))
-    return train_x, train_y, test_x, test_y, list(read("meta", "coarse_label_names"))
+    return ((splits, source) if labels == "fine"
+            else (_cifar100_coarse(folder, splits), f"{source}, coarse labels"))
 
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 
 
 def _svhn(data_dir, download, image_size, extra=False):
-    """SVHN (torchvision SVHN): 32x32 house-number digits 0-9; extra=True adds the 531,131 extra images to train."""
+    """SVHN (torchvision SVHN): 32x32 house-number digits 0-9; extra=True adds the 531,131 extra
+    images to train."""
     from torchvision.datasets import SVHN
     parts = ["train", "test"] + ["extra"] * bool(extra)
-    kw = dict(train=[{"split": "train"}] + [{"split": "extra"}] * bool(extra), test=[{"split": "test"}],
-              classes=[str(i) for i in range(10)], channels_first=True)
+    kw = dict(train=[{"split": "train"}] + [{"split": "extra"}] * bool(extra),
+              test=[{"split": "test"}], classes=[str(i) for i in range(10)], channels_first=True)
     name = "torchvision SVHN" + " + extra" * bool(extra)
     for root in (data_dir / "SVHN", data_dir):
         if all((root / f"{p}_32x32.mat").is_file() for p in parts):
             return _read_torchvision(SVHN, root, root, **kw), name
     files = "{" + ",".join(parts) + "}_32x32.mat"
-    return _download(partial(_torchvision_splits, SVHN, data_dir / "SVHN", True, **kw), "svhn", data_dir, download,
-                     [f"SVHN/{files}", files], SVHN_URL), f"{name} (downloaded)"
+    return _download(partial(_torchvision_splits, SVHN, data_dir / "SVHN", True, **kw), "svhn",
+                     data_dir, download, [f"SVHN/{files}", files], SVHN_URL), f"{name} (downloaded)"
 
 
 def _idx_files(cls, name, data_dir, download):
@@ -304,25 +328,32 @@ def _fashion_mnist(data_dir, download, image_size):
     return _idx_files(FashionMNIST, "fashion_mnist", data_dir, download)
 
 
-IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
-                      "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
-                      "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
-                      "n03888257": "parachute"}  # the wnids of torchvision's Imagenette and of fastai's releases
+# the wnids of torchvision's Imagenette and of fastai's releases
+IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer",
+                      "n02979186": "cassette player", "n03000684": "chain saw",
+                      "n03028079": "church", "n03394916": "French horn",
+                      "n03417042": "garbage truck", "n03425413": "gas pump",
+                      "n03445777": "golf ball", "n03888257": "parachute"}
 IMAGENETTE_SIZES = {"full": "imagenette2", "320px": "imagenette2-320", "160px": "imagenette2-160"}
 
 
 def _imagenette(data_dir, download, image_size, size=None):
-    """Imagenette, 10 ImageNet classes (torchvision Imagenette, size full/320px/160px), or an ImageFolder copy."""
+    """Imagenette, 10 ImageNet classes (torchvision Imagenette, size full/320px/160px), or an
+    ImageFolder copy."""
     from torchvision.datasets import Imagenette
     if size is not None and size not in IMAGENETTE_SIZES:
-        raise ValueError(f"imagenette: size must be one of {list(IMAGENETTE_SIZES)} or None, got {size!r}")
-    folders = [IMAGENETTE_SIZES[size]] if size else ["imagenette-64", *reversed(IMAGENETTE_SIZES.values())]
+        raise ValueError(f"imagenette: size must be one of {list(IMAGENETTE_SIZES)} or None, "
+                         f"got {size!r}")
+    folders = ([IMAGENETTE_SIZES[size]] if size
+               else ["imagenette-64", *reversed(IMAGENETTE_SIZES.values())])
     root = next((data_dir / f for f in folders if _is_image_folder(data_dir / f)), None)
     source = f"Imagenette ImageFolder {root.name}" if root else ""
-    if root is None:  # torchvision unpacks imagenette2-<size>/{train,val}/<wnid>/*.JPEG (images of mixed sizes)
+    if root is None:
+        # torchvision unpacks imagenette2-<size>/{train,val}/<wnid>/*.JPEG (images of mixed sizes)
         size = size or "160px"
-        _download(lambda: Imagenette(data_dir, split="train", size=size, download=True), "imagenette", data_dir,
-                  download, [f"{f}/{{train,val}}/<wnid>/*.JPEG" for f in folders],
+        _download(lambda: Imagenette(data_dir, split="train", size=size, download=True),
+                  "imagenette", data_dir, download,
+                  [f"{f}/{{train,val}}/<wnid>/*.JPEG" for f in folders],
                   f"https://s3.amazonaws.com/fast-ai-imageclas/{IMAGENETTE_SIZES[size]}.tgz")
         root = data_dir / IMAGENETTE_SIZES[size]
         source = f"torchvision Imagenette {root.name} (downloaded)"
@@ -333,22 +364,9 @@ def _imagenette(data_dir, download, image_size, size=None):
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def _tiny_imagenet(data_dir, download, image_size):
-    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the test split."""
-    root = data_dir / "tiny-imagenet-200"
-    source = "Tiny-ImageNet tiny-imagenet-200/"
-    if not all((root / p).exists() for p in ("wnids.txt", "train", "val/val_annotations.txt")):
-        from torchvision.datasets.utils import download_and_extract_archive
-        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir), "tiny_imagenet", data_dir,
-                  download, ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-                             "val/val_annotations.txt}"], TINY_IMAGENET_URL)
-        source += " (downloaded)"
-    train_files, test_files, classes = _tiny_imagenet_files(root)
-    return _cached_decode(root, train_files, test_files, classes, image_size), source
-
-
 def _tiny_imagenet_files(root: Path):
-    """(train [(path, label)], test [(path, label)], class names) of the Tiny-ImageNet release layout.
+    """(train [(path, label)], test [(path, label)], class names) of the Tiny-ImageNet release
+    layout.
 
     Labels follow the sorted wnids of wnids.txt; names are the first synonym in words.txt."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -363,12 +381,14 @@ def _tiny_imagenet_files(root: Path):
             words[wnid] = synonyms.split(",")[0].strip()
     folders = {p.name for p in (root / "train").iterdir() if p.is_dir()}
     if folders != set(wnids):
-        raise ValueError(f"{root / 'train'} and {root / 'wnids.txt'} hold different classes: folders not in wnids.txt "
-                         f"{sorted(folders - set(wnids))}, wnids without a folder {sorted(set(wnids) - folders)}")
+        raise ValueError(f"{root / 'train'} and {root / 'wnids.txt'} hold different classes: "
+                         f"folders not in wnids.txt {sorted(folders - set(wnids))}, "
+                         f"wnids without a folder {sorted(set(wnids) - folders)}")
     train = []
     for wnid in wnids:
         images = root / "train" / wnid / "images"
-        found = sorted(p for p in images.iterdir() if p.suffix.lower() in IMG_EXTENSIONS) if images.is_dir() else []
+        found = (sorted(p for p in images.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+                 if images.is_dir() else [])
         if not found:
             raise FileNotFoundError(f"no image files in {images} (class {wnid} of wnids.txt)")
         train += [(str(p), to_idx[wnid]) for p in found]
@@ -378,47 +398,60 @@ def _tiny_imagenet_files(root: Path):
             continue
         fields = line.split("\t")
         if len(fields) < 2:
-            raise ValueError(f"{annotations}, line {n}: expected '<file>\\t<wnid>...', got {line!r}")
+            raise ValueError(f"{annotations}, line {n}: expected '<file>\\t<wnid>...', "
+                             f"got {line!r}")
         file, wnid = fields[0], fields[1]
         if wnid not in to_idx:
             raise ValueError(f"{annotations}, line {n}: {file} is labelled {wnid}, which is not in "
                              f"{root / 'wnids.txt'}")
         path = root / "val" / "images" / file
         if not path.is_file():
-            raise FileNotFoundError(f"{annotations}, line {n}: the image file {path} does not exist")
+            raise FileNotFoundError(f"{annotations}, line {n}: the image file {path} "
+                                    f"does not exist")
         test.append((str(path), to_idx[wnid]))
     if not test:
         raise ValueError(f"{annotations} labels no images")
     return train, test, [words.get(w) or w for w in wnids]
 
 
-def _download(fetch, name, data_dir, download, layouts, url):
-    """fetch() (downloading) when `download`; offline, or when it fails, DatasetNotFound naming what was looked for."""
-    if download:
-        try:
-            return fetch()
-        except Exception as e:  # no network, bad checksum, ...: say what we looked for instead
-            raise _missing(name, data_dir, layouts, url) from e
-    raise _missing(name, data_dir, layouts, url)
+def _tiny_imagenet(data_dir, download, image_size):
+    """Tiny-ImageNet-200 (the official zip): 64x64, 200 classes; its labelled val split is the
+    test split."""
+    root = data_dir / "tiny-imagenet-200"
+    source = "Tiny-ImageNet tiny-imagenet-200/"
+    if not all((root / p).exists() for p in ("wnids.txt", "train", "val/val_annotations.txt")):
+        from torchvision.datasets.utils import download_and_extract_archive
+        _download(lambda: download_and_extract_archive(TINY_IMAGENET_URL, data_dir),
+                  "tiny_imagenet", data_dir, download,
+                  ["tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, "
+                   "val/images/*.JPEG, val/val_annotations.txt}"], TINY_IMAGENET_URL)
+        source += " (downloaded)"
+    train_files, test_files, classes = _tiny_imagenet_files(root)
+    return _cached_decode(root, train_files, test_files, classes, image_size), source
 
 
 def _digits(data_dir, download, image_size):
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download): a fixed stratified 80/20 split."""
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download): a fixed stratified 80/20
+    split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
-    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # (N,1,8,8), 0..16 -> 0..255
+    # (N, 1, 8, 8), 0..16 -> 0..255
+    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
     y = torch.from_numpy(d.target).long()
     tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=d.target)
     return (x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)]), "scikit-learn digits"
 
 
-# name -> loader(data_dir, download, image_size, **options) -> ((train_x, train_y, test_x, test_y, classes), source).
-# Options are load_dataset's dataset_args; a name variant binds some (cifar100_coarse, svhn_extra) so that a list
-# of dataset names can mix them.
-DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100, "cifar100_coarse": partial(_cifar100, labels="coarse"),
-            "svhn": _svhn, "svhn_extra": partial(_svhn, extra=True), "fashion_mnist": _fashion_mnist,
-            "imagenette": _imagenette, "tiny_imagenet": _tiny_imagenet, "mnist": _mnist, "digits": _digits}
+# name -> loader(data_dir, download, image_size, **options)
+#         -> ((train_x, train_y, test_x, test_y, classes), source).
+# Options are load_dataset's dataset_args; a name variant binds some (cifar100_coarse, svhn_extra)
+# so that a list of dataset names can mix them.
+DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100,
+            "cifar100_coarse": partial(_cifar100, labels="coarse"),
+            "svhn": _svhn, "svhn_extra": partial(_svhn, extra=True),
+            "fashion_mnist": _fashion_mnist, "imagenette": _imagenette,
+            "tiny_imagenet": _tiny_imagenet, "mnist": _mnist, "digits": _digits}
 
 
 def list_datasets():
@@ -426,9 +459,11 @@ def list_datasets():
 
 
 def dataset_options(name):
-    """{option: default} of a registered dataset: what load_dataset(name, dataset_args=...) accepts."""
+    """{option: default} of a registered dataset: what load_dataset(name, dataset_args=...)
+    accepts."""
     import inspect
-    return {p.name: p.default for p in list(inspect.signature(DATASETS[name]).parameters.values())[3:]}
+    return {p.name: p.default
+            for p in list(inspect.signature(DATASETS[name]).parameters.values())[3:]}
 
 
 def describe_datasets():
@@ -440,7 +475,8 @@ def describe_datasets():
             base = next(k for k, v in DATASETS.items() if v is loader.func)
             text = f"{base} with dataset_args {loader.keywords}"
         else:
-            text = (loader.__doc__ or "").strip().splitlines()[0]
+            # its docstring's first paragraph, on one line
+            text = " ".join((loader.__doc__ or "").strip().split("\n\n")[0].split())
             options = ", ".join(f"{k}={v!r}" for k, v in dataset_options(name).items())
             text += f"  [dataset_args: {options}]" if options else ""
         lines.append(f"{name:<16} {text}")
@@ -460,12 +496,14 @@ def _load_splits(name, data_dir, download, image_size, options=None):
         if options:
             raise ValueError(f"an ImageFolder takes no dataset_args, got {options}")
         return _image_folder(folder, image_size), f"ImageFolder {folder.resolve()}"
-    raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder with "
-                     f"train/ and test/ (or val/) subfolders in ImageFolder layout ({folder.resolve()} is not)")
+    raise ValueError(f"unknown dataset '{name}': valid names are {list_datasets()}, or a folder "
+                     f"with train/ and test/ (or val/) subfolders in ImageFolder layout "
+                     f"({folder.resolve()} is not)")
 
 
 def _chunked(x, fn, elements=1 << 24):
-    """fn over uint8 images x (N, ...) in chunks of about `elements` values: bounded temporary memory."""
+    """fn over uint8 images x (N, ...) in chunks of about `elements` values: bounded temporary
+    memory."""
     if len(x) == 0:
         return fn(torch.zeros((1, *x.shape[1:]), dtype=x.dtype))[:0]
     step = max(1, elements // x[0].numel())
@@ -480,9 +518,9 @@ def _chunked(x, fn, elements=1 << 24):
 
 
 def _image_policy(x, *, image_size=None, grayscale=False, channels=None):
-    """uint8 images (N, C, H, W): RGB to one channel of ITU-R 601 luma (torchvision's rgb_to_grayscale) when
-    `grayscale` or channels == 1; resized to image_size x image_size (antialiased); 1 channel repeated to 3
-    when channels == 3."""
+    """uint8 images (N, C, H, W): RGB to one channel of ITU-R 601 luma (torchvision's
+    rgb_to_grayscale) when `grayscale` or channels == 1; resized to image_size x image_size
+    (antialiased); 1 channel repeated to 3 when channels == 3."""
     from torchvision.transforms.v2.functional import resize, rgb_to_grayscale
     if (grayscale or channels == 1) and x.shape[1] == 3:
         x = _chunked(x, rgb_to_grayscale)
@@ -494,8 +532,9 @@ def _image_policy(x, *, image_size=None, grayscale=False, channels=None):
 
 
 def _channel_stats(x, elements=1 << 24):
-    """Per-channel mean and (unbiased) std in [0, 1] units of uint8 images (N, C, H, W), from histograms of
-    the 256 values counted in chunks of about `elements` values: exact, and no float copy of the whole set."""
+    """Per-channel mean and (unbiased) std in [0, 1] units of uint8 images (N, C, H, W), from
+    histograms of the 256 values counted in chunks of about `elements` values: exact, and no float
+    copy of the whole set."""
     C = x.shape[1]
     hist = torch.zeros(C, 256, dtype=torch.int64)
     step = max(1, elements // max(1, x[0].numel() if len(x) else 1))
@@ -510,42 +549,47 @@ def _channel_stats(x, elements=1 << 24):
     return (mean / 255).float(), (var.sqrt() / 255).float().clamp_min(1e-3)
 
 
-def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None, image_size=None,
-                 grayscale=False, channels=None, dataset_args=None, download=True) -> ImageData:
+def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_train=None,
+                 image_size=None, grayscale=False, channels=None, dataset_args=None,
+                 download=True) -> ImageData:
     """Load a dataset as uint8 tensors with train / val / test splits.
 
     Validation is a seeded random `val_fraction` of the official train split; `limit_train`
     keeps only the first N remaining training images (quick runs). The image policy applies to
     every split: `image_size` resizes to image_size x image_size (antialiased), `grayscale` turns
     RGB into one channel of ITU-R 601 luma, `channels=3` repeats one channel three times
-    (`channels=1` is grayscale). `dataset_args` are the dataset's own options (dataset_options(name),
-    e.g. {"labels": "coarse"} for cifar100). Mean and std come from the final train split."""
+    (`channels=1` is grayscale). `dataset_args` are the dataset's own options
+    (dataset_options(name), e.g. {"labels": "coarse"} for cifar100). Mean and std come from the
+    final train split."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
+    if image_size is not None and (isinstance(image_size, bool)
+                                   or not isinstance(image_size, numbers.Integral)
                                    or image_size < 1):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None (keep), 1 or 3, got {channels!r}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    (train_x, train_y, test_x, test_y, classes), source = _load_splits(name, data_dir, download, image_size,
-                                                                       dataset_args)
+    (train_x, train_y, test_x, test_y, classes), source = _load_splits(name, data_dir, download,
+                                                                       image_size, dataset_args)
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * len(train_y)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     if limit_train and limit_train > len(train_idx):
-        raise ValueError(f"limit_train={limit_train} is above the {len(train_idx):,} training images of "
-                         f"'{name}' (after holding out val_fraction={val_fraction}): use at most that, or 0 for all")
+        raise ValueError(f"limit_train={limit_train} is above the {len(train_idx):,} training "
+                         f"images of '{name}' (after holding out val_fraction={val_fraction}): "
+                         f"use at most that, or 0 for all")
     if limit_train:
         train_idx = train_idx[:limit_train]
     policy = partial(_image_policy, image_size=image_size, grayscale=grayscale, channels=channels)
     train_x, val_x, test_x = policy(train_x[train_idx]), policy(train_x[val_idx]), policy(test_x)
     train_y, val_y = train_y[train_idx], train_y[val_idx]
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise ValueError(f"dataset '{name}': train images are {tuple(train_x.shape[1:])} but test images are "
-                         f"{tuple(test_x.shape[1:])}; pass image_size to resize both")
+        raise ValueError(f"dataset '{name}': train images are {tuple(train_x.shape[1:])} but test "
+                         f"images are {tuple(test_x.shape[1:])}; pass image_size to resize both")
     mean, std = _channel_stats(train_x)
-    return ImageData(str(name), list(classes), train_x, train_y, val_x, val_y, test_x, test_y, mean, std, source)
+    return ImageData(str(name), list(classes), train_x, train_y, val_x, val_y, test_x, test_y,
+                     mean, std, source)
 
 
 def dataset_overview(data: ImageData, per_class=8, max_classes=20):
@@ -557,9 +601,11 @@ def dataset_overview(data: ImageData, per_class=8, max_classes=20):
     import pandas as pd
     k = len(data.classes)
     counts = pd.DataFrame({split: torch.bincount(getattr(data, f"{split}_y"), minlength=k).tolist()
-                           for split in ("train", "val", "test")}, index=pd.Index(data.classes, name="class"))
+                           for split in ("train", "val", "test")},
+                          index=pd.Index(data.classes, name="class"))
     shown = sorted(set(torch.linspace(0, k - 1, min(k, max_classes)).round().long().tolist()))
-    fig, axes = plt.subplots(len(shown), per_class, figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
+    fig, axes = plt.subplots(len(shown), per_class,
+                             figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
                              squeeze=False)
     gray = data.train_x.shape[1] == 1
     for row, label in zip(axes, shown):
@@ -570,8 +616,9 @@ def dataset_overview(data: ImageData, per_class=8, max_classes=20):
                 spine.set_visible(False)
             if j < len(idx):
                 img = data.train_x[idx[j]]
-                ax.imshow(img[0].numpy() if gray else img.permute(1, 2, 0).numpy(), cmap="gray" if gray else None,
-                          vmin=0, vmax=255, interpolation="nearest")
+                ax.imshow(img[0].numpy() if gray else img.permute(1, 2, 0).numpy(),
+                          cmap="gray" if gray else None, vmin=0, vmax=255,
+                          interpolation="nearest")
         row[0].set_ylabel(data.classes[label], rotation=0, ha="right", va="center", fontsize=8)
     note = f" ({len(shown)} of {k} classes shown)" if len(shown) < k else ""
     fig.suptitle(f"{data.name}: train images, {per_class} per class{note}", fontsize=10)
@@ -636,7 +683,8 @@ def patches(x, *, patch=4):
     B, C, H, W = x.shape
     if H % patch or W % patch:
         valid = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
-        raise ValueError(f"patch={patch} does not divide the {H}x{W} image: valid patch sizes are {valid}")
+        raise ValueError(f"patch={patch} does not divide the {H}x{W} image: valid patch sizes "
+                         f"are {valid}")
     p = patch
     x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
     return x.reshape(B, (H // p) * (W // p), p * p * C)
@@ -646,10 +694,13 @@ def _crops(x, crop, size, ten):
     from torchvision.transforms.v2 import functional as TF
     H, W = x.shape[-2:]
     if not 1 <= crop <= min(H, W):
-        raise ValueError(f"crop={crop} does not fit the {H}x{W} image: valid crop sizes are 1..{min(H, W)}")
-    views = torch.stack(TF.ten_crop(x, crop) if ten else TF.five_crop(x, crop), 1)  # (B, 5|10, C, crop, crop)
+        raise ValueError(f"crop={crop} does not fit the {H}x{W} image: valid crop sizes are "
+                         f"1..{min(H, W)}")
+    # (B, 5|10, C, crop, crop)
+    views = torch.stack(TF.ten_crop(x, crop) if ten else TF.five_crop(x, crop), 1)
     if size and size != crop:
-        views = TF.resize(views.flatten(0, 1), [size, size], antialias=True).unflatten(0, views.shape[:2])
+        views = (TF.resize(views.flatten(0, 1), [size, size], antialias=True)
+                 .unflatten(0, views.shape[:2]))
     return views.flatten(2)  # (B, 5|10, C*s*s)
 
 
@@ -679,10 +730,11 @@ def _sweep(B, L, extreme, *, include_original, random, symmetric, device):
     if random:
         v = lo + (extreme - lo) * torch.rand(B, n, device=device)
     elif symmetric:
-        v = torch.linspace(-extreme, extreme, n, device=device).expand(B, n) if n > 1 else \
-            torch.full((B, n), float(extreme), device=device)
+        v = (torch.linspace(-extreme, extreme, n, device=device).expand(B, n) if n > 1
+             else torch.full((B, n), float(extreme), device=device))
     else:  # a ramp whose last step is the extreme; step 0 is 0 only with include_original
-        v = (extreme * torch.arange(1, n + 1, device=device) / n).expand(B, n) if n else torch.zeros(B, 0, device=device)
+        v = ((extreme * torch.arange(1, n + 1, device=device) / n).expand(B, n) if n
+             else torch.zeros(B, 0, device=device))
     return torch.cat([torch.zeros(B, L - n, device=device), v], 1)  # (B, L)
 
 
@@ -695,7 +747,8 @@ def _warp(x, theta):
 
 
 def _affine(scale=None, angle=None, dx=None, dy=None):
-    """(B, L, 2, 3) affine matrices in affine_grid's normalised coordinates from (B, L) parameters."""
+    """(B, L, 2, 3) affine matrices in affine_grid's normalised coordinates from (B, L)
+    parameters."""
     ref = next(v for v in (scale, angle, dx, dy) if v is not None)
     one, zero = torch.ones_like(ref), torch.zeros_like(ref)
     a = torch.deg2rad(angle) if angle is not None else zero
@@ -714,8 +767,8 @@ def rotations(x, *, seq_len, max_angle=30.0, include_original=True, random=False
 
 def zooms(x, *, seq_len, max_zoom=1.5, include_original=True, random=False):
     """L views zoomed in from 1x towards max_zoom x about the centre."""
-    extra = _sweep(x.shape[0], seq_len, max_zoom - 1, include_original=include_original, random=random,
-                   symmetric=False, device=x.device)
+    extra = _sweep(x.shape[0], seq_len, max_zoom - 1, include_original=include_original,
+                   random=random, symmetric=False, device=x.device)
     return _warp(x, _affine(scale=1 + extra))
 
 
@@ -725,8 +778,8 @@ def shifts(x, *, seq_len, max_shift=4.0, include_original=True, random=False):
     B, H, W = x.shape[0], *x.shape[-2:]
     n = seq_len - 1 if include_original else seq_len
     if random:
-        dx, dy = (_sweep(B, seq_len, max_shift, include_original=include_original, random=True, symmetric=True,
-                         device=x.device) for _ in range(2))
+        dx, dy = (_sweep(B, seq_len, max_shift, include_original=include_original, random=True,
+                         symmetric=True, device=x.device) for _ in range(2))
     else:
         phase = 2 * torch.pi * torch.arange(n, device=x.device) / max(n, 1)
         lead = torch.zeros(seq_len - n, device=x.device)
@@ -738,8 +791,8 @@ def shifts(x, *, seq_len, max_shift=4.0, include_original=True, random=False):
 def blurs(x, *, seq_len, max_sigma=2.0, include_original=True, random=False):
     """L views blurred by Gaussians of sigma 0 -> max_sigma pixels (separable, reflect padding)."""
     B, C, H, W = x.shape
-    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random, symmetric=False,
-                   device=x.device).flatten()  # (B*L,)
+    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random,
+                   symmetric=False, device=x.device).flatten()  # (B*L,)
     radius = min(int(math.ceil(3 * max_sigma)), H - 1, W - 1)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t / sigma.clamp_min(1e-6)[:, None]) ** 2)  # sigma 0: a delta
@@ -755,8 +808,8 @@ def noise(x, *, seq_len, max_sigma=0.5, include_original=True, random=False, see
     """L views with Gaussian noise of sigma 0 -> max_sigma (in units of the data's std). The fixed
     sweep adds the same seeded noise pattern to every image, so test sequences are reproducible."""
     B = x.shape[0]
-    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random, symmetric=False,
-                   device=x.device)
+    sigma = _sweep(B, seq_len, max_sigma, include_original=include_original, random=random,
+                   symmetric=False, device=x.device)
     if random:
         z = torch.randn(B, seq_len, *x.shape[1:], device=x.device)
     else:
@@ -773,12 +826,14 @@ def jitter(x, *, seq_len, amount=0.4, include_original=True, random=False):
                device=x.device)
     c = _sweep(B, seq_len, amount, include_original=include_original, random=True, symmetric=True,
                device=x.device) if random else b
-    return (x.unsqueeze(1) * (1 + c[:, :, None, None, None]) + b[:, :, None, None, None]).reshape(B, seq_len, -1)
+    return ((x.unsqueeze(1) * (1 + c[:, :, None, None, None]) + b[:, :, None, None, None])
+            .reshape(B, seq_len, -1))
 
 
-SEQUENCES = {"identity": identity, "rows": rows, "columns": columns, "pixels": pixels, "patches": patches,
-             "five_crop": five_crop, "ten_crop": ten_crop, "rotations": rotations, "zooms": zooms,
-             "shifts": shifts, "blurs": blurs, "noise": noise, "jitter": jitter}
+SEQUENCES = {"identity": identity, "rows": rows, "columns": columns, "pixels": pixels,
+             "patches": patches, "five_crop": five_crop, "ten_crop": ten_crop,
+             "rotations": rotations, "zooms": zooms, "shifts": shifts, "blurs": blurs,
+             "noise": noise, "jitter": jitter}
 
 
 def list_sequences():
@@ -797,20 +852,26 @@ def make_sequence(name: str, seq_len=None, **args):
     valid = [p for p in inspect.signature(fn).parameters if p != "x"]
     bad = sorted(set(args) - set(valid))
     if bad:
-        raise ValueError(f"unknown argument(s) {bad} for transform '{name}': valid arguments are {valid}")
+        raise ValueError(f"unknown argument(s) {bad} for transform '{name}': valid arguments "
+                         f"are {valid}")
     if "seq_len" in valid:
         seq_len = 1 if seq_len is None else seq_len
         if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
             raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
         args["seq_len"] = int(seq_len)
     if "order" in args and args["order"] not in PIXEL_ORDERS:
-        raise ValueError(f"unknown pixel order '{args['order']}': valid orders are {list(PIXEL_ORDERS)}")
+        raise ValueError(f"unknown pixel order '{args['order']}': valid orders are "
+                         f"{list(PIXEL_ORDERS)}")
     return partial(fn, **args)  # a partial, not a lambda: DataLoader workers can pickle it
 
 
 def sequence_shape(name, image_shape=(3, 32, 32), seq_len=None, **args):
     """(T, F) of transform `name` for one C x H x W image."""
     return tuple(make_sequence(name, seq_len, **args)(torch.zeros(1, *image_shape)).shape[1:])
+
+
+def _one_image(batched, img):
+    return batched(img.unsqueeze(0))[0]
 
 
 def sequence_transform(name: str, **args):
@@ -844,45 +905,18 @@ def describe_sequences(shape, seq_len):
     return lines
 
 
-def _one_image(batched, img):
-    return batched(img.unsqueeze(0))[0]
-
-
-def per_sample_pipeline(mean, std, seq, augment="none", size=32):
-    """The classic torchvision per-sample pipeline on uint8 (C, size, size) tensors, the same
-    steps as the batched fast path, for DataLoader users."""
-    from torchvision.transforms import v2
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
-    if "cutout" in augment:
-        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
-    steps = [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")] if "crop" in augment else []
-    steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist()), seq])
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 images + labels served one sample at a time through a per-sample transform."""
-    def __init__(self, x, y, transform):
-        self.x, self.y, self.transform = x, y, transform
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.transform(self.x[i]), self.y[i]
-
-
 # The fast path: whole batches of uint8 tensors, normalised and augmented at once.
 
 def normalize(x_uint8, mean, std):
-    """(x / 255 - mean) / std per channel, as one fused multiply-add (4 broadcast passes cost 10x more)."""
+    """(x / 255 - mean) / std per channel, as one fused multiply-add: one pass over the batch, not
+    four broadcast ones."""
     scale, shift = (1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
     return torch.addcmul(shift, x_uint8.to(torch.float32), scale)
 
 
 def _reflect(i, n):
-    """Indices outside 0..n-1 mirrored back in, as F.pad(mode="reflect") does (the edge not repeated)."""
+    """Indices outside 0..n-1 mirrored back in, as F.pad(mode="reflect") does (the edge not
+    repeated)."""
     i = i.abs()
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
@@ -905,14 +939,11 @@ def _coin(B, generator, device):
     return (torch.rand(B, generator=generator) < 0.5).to(device)
 
 
-def batch_flip(x, generator=None):
-    return augment_with_flips(x, "flip", generator)[0]
-
-
 def batch_cutout(x, fill, generator=None):
     """Cutout (DeVries & Taylor, 2017): in each image one square of half the image's side set to
     `fill` (uint8 per channel: the mean pixel, which normalises to zero); its centre falls anywhere
-    in the image, so the square may lie partly outside, as in the paper. One masked select, on uint8."""
+    in the image, so the square may lie partly outside, as in the paper. One masked select, on
+    uint8."""
     B, C, H, W = x.shape
     side = max(1, H // 2)
     top = torch.randint(0, H, (B, 1), generator=generator).to(x.device) - side // 2
@@ -928,9 +959,9 @@ AUGMENTS = ("none", "flip", "crop", "flip_crop", "cutout", "flip_crop_cutout")
 
 def augment_with_flips(x, augment, generator=None, fill=None):
     """(augmented batch, which images were mirrored: a (B,) bool tensor, or None without flips), on
-    uint8 images; cutout fills with `fill` (uint8 per channel, default 0). The random draws are those
-    of augment_batch, so a distilled student sees the very batches its undistilled twin sees; a
-    teacher's logits table is looked up by the flags."""
+    uint8 images; cutout fills with `fill` (uint8 per channel, default 0). The random draws are
+    those of augment_batch, so a distilled student sees the very batches its undistilled twin sees;
+    a teacher's logits table is looked up by the flags."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
     flip = _coin(x.shape[0], generator, x.device) if "flip" in augment else None
@@ -939,7 +970,8 @@ def augment_with_flips(x, augment, generator=None, fill=None):
     elif flip is not None:
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     if "cutout" in augment:
-        x = batch_cutout(x, torch.zeros(x.shape[1], dtype=x.dtype) if fill is None else fill, generator)
+        x = batch_cutout(x, torch.zeros(x.shape[1], dtype=x.dtype) if fill is None else fill,
+                         generator)
     return x, flip
 
 
@@ -948,23 +980,29 @@ def augment_batch(x, augment, generator=None, fill=None):
     return augment_with_flips(x, augment, generator, fill)[0]
 
 
+def batch_flip(x, generator=None):
+    return augment_with_flips(x, "flip", generator)[0]
+
+
 class Batches:
     """Shuffled (or ordered) batches of in-memory tensors: the loader of the fast path.
 
     No per-sample indexing or collation. Epoch e's order is a function of (seed, e) alone, so a
-    run resumed at epoch e sees the batches an uninterrupted one would have seen: SeqClassifier calls
-    `set_epoch(e)` before each training epoch; used alone, each pass is the next epoch. With
-    `with_index`, each batch also carries its images' indices (x, y, idx): a teacher's logits table
-    is looked up by them.
+    run resumed at epoch e sees the batches an uninterrupted one would have seen: seqlab's
+    SeqClassifier calls `set_epoch(e)` before each training epoch; used alone, each pass is the
+    next epoch. With `with_index`, each batch also carries its images' indices (x, y, idx): a
+    teacher's logits table is looked up by them.
 
     Under DDP (`world` processes) each `rank` reads its share of every epoch (`indices`): shuffled,
-    rank r takes the r-th of `world` equal, disjoint blocks of the epoch's permutation, so the ranks
-    take equal steps and together see every image once (when N is not a multiple of `world`, the
-    permutation's last N % world images sit that epoch out, as with DistributedSampler's
-    drop_last); ordered (evaluation), rank r takes every world-th image from r on: all of them, once."""
+    rank r takes the r-th of `world` equal, disjoint blocks of the epoch's permutation, so the
+    ranks take equal steps and together see every image once (when N is not a multiple of `world`,
+    the permutation's last N % world images sit that epoch out, as with DistributedSampler's
+    drop_last); ordered (evaluation), rank r takes every world-th image from r on: all of them,
+    once."""
     def __init__(self, x, y, batch_size, shuffle=False, seed=0, with_index=False, rank=0, world=1):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.seed, self.epoch, self.with_index, self.rank, self.world = seed, 0, with_index, rank, world
+        self.seed, self.epoch, self.with_index = seed, 0, with_index
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -974,8 +1012,9 @@ class Batches:
         return -(-n // self.batch_size)
 
     def order(self, epoch):
-        """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same stream
-        as one generator drawn once per epoch (the order of round-1 runs), recomputed from scratch."""
+        """The (epoch + 1)-th permutation drawn from a generator seeded with `seed`: the same
+        stream as one generator drawn once per epoch (the order of round-1 runs), recomputed from
+        scratch."""
         generator = torch.Generator().manual_seed(self.seed)
         for _ in range(epoch + 1):
             order = torch.randperm(len(self.y), generator=generator)
@@ -996,6 +1035,36 @@ class Batches:
             yield (self.x[idx], self.y[idx], idx) if self.with_index else (self.x[idx], self.y[idx])
 
 
+# The per-sample path: the same steps as torchvision transforms of one image at a time, for
+# DataLoader users.
+
+def per_sample_pipeline(mean, std, seq, augment="none", size=32):
+    """The classic torchvision per-sample pipeline on uint8 (C, size, size) tensors, the same
+    steps as the batched fast path, for DataLoader users."""
+    from torchvision.transforms import v2
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment '{augment}': valid values are {list(AUGMENTS)}")
+    if "cutout" in augment:
+        raise ValueError(f"augment '{augment}': cutout runs on the batched fast path only")
+    steps = ([v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")]
+             if "crop" in augment else [])
+    steps += [v2.RandomHorizontalFlip()] if "flip" in augment else []
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean.tolist(), std.tolist()), seq])
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 images + labels served one sample at a time through a per-sample transform."""
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
+
+
 # ----------------------------------------------------------------------------------------
 # Models
 #
@@ -1006,8 +1075,9 @@ class Batches:
 # MODEL_INFO says per model which input it reads, its default input (the one `model_input`
 # builds for tests and benchmarks) and its source paper.
 #
-# Every model reads (B, T, F) sequences, so the runner, the benchmark and the generic tests can
-# treat them alike. `model.input_form` (also MODEL_INFO[name]["input_form"]) says which form suits it:
+# Every model reads (B, T, F) sequences, so seqlab's runner, the benchmark and the generic tests
+# can treat them alike. `model.input_form` (also MODEL_INFO[name]["input_form"]) says which form
+# suits it:
 #   "sequence"  any (B, T, F) sequence (identity, rows, pixels, series, ...): in_features = F.
 #   "pixels"    Long Range Arena models: the image as a sequence of pixels (B, H*W, C) (transform
 #               `pixels`; grayscale CIFAR-10: 1,024 steps of 1): in_features = C. Pixel values are
@@ -1026,7 +1096,8 @@ def _check_sizes(**sizes):
     """Every size an integer >= 1 (a tuple: each of its entries)."""
     for key, value in sizes.items():
         values = value if isinstance(value, (tuple, list)) else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+                             for v in values):
             raise ValueError(f"{key} must be >= 1 (integers), got {value!r}")
 
 
@@ -1042,7 +1113,8 @@ def lstm_loop(gates_x, w_hh, steps):
     c = torch.zeros_like(h)
     outs = []
     for _ in range(steps):
-        i, f, g, o = torch.baddbmm(gates_x, h, w_hh.transpose(1, 2)).chunk(4, -1)  # PyTorch's gate order
+        # PyTorch's gate order
+        i, f, g, o = torch.baddbmm(gates_x, h, w_hh.transpose(1, 2)).chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         outs.append(h)
@@ -1057,7 +1129,8 @@ def gru_loop(gates_x, w_hh, b_hh, steps):
     h = gates_x.new_zeros(D, B, G // 3)
     outs = []
     for _ in range(steps):
-        h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh.transpose(1, 2)).chunk(3, -1)  # PyTorch's gate order
+        # PyTorch's gate order
+        h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh.transpose(1, 2)).chunk(3, -1)
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
         outs.append(h)
@@ -1085,7 +1158,8 @@ def readout_features(readout, seq, h_last, pool=None):
         return seq.mean(1)
     if readout == "attention":
         return pool(seq)
-    return h_last.transpose(0, 1).reshape(h_last.shape[1], -1)  # (B, D*H): [forward final, backward final]
+    # (B, D*H): [forward final, backward final]
+    return h_last.transpose(0, 1).reshape(h_last.shape[1], -1)
 
 
 class BiLSTMFC(nn.Module):
@@ -1101,8 +1175,8 @@ class BiLSTMFC(nn.Module):
     of layer 1 is an nn.LSTM / nn.GRU per direction whose input weight is a fixed identity
     matrix, so precomputed gate pre-activations run on the fused kernel (`recurrence="fused"`);
     on the hoisted path a small loop advancing both directions in one batched matmul per step
-    (`"loop"`) measured faster on CPU (`python seqlstm.py bench`) and is the default. Either
-    way the results equal nn.LSTM / nn.GRU on the repeated sequence (tests/test_models.py)."""
+    (`"loop"`) is the default, as it ran faster on CPU (docs/speed.md). Either way the results
+    equal nn.LSTM / nn.GRU on the repeated sequence (tests/test_models.py)."""
 
     CELLS = {"lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}  # class, gates
 
@@ -1127,11 +1201,13 @@ class BiLSTMFC(nn.Module):
                       if layers > 1 else None)  # self.drop before it
         self.pool = AttentionPool(D * H) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc, num_classes))
+        self.head = nn.Sequential(nn.Linear(D * H, fc), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(fc, num_classes))
 
     def forward(self, x):  # x: (B, T, F)
         B, T, _ = x.shape
-        if self.hoist and T > 1 and x.stride(1) == 0:  # every step is the same vector (identity sequence)
+        # every step is the same vector (the identity sequence)
+        if self.hoist and T > 1 and x.stride(1) == 0:
             gates = self.in_proj(x[:, 0])  # (B, D*G): once per image, not once per step
             seq, h_last = (self._loop if self.recurrence == "loop" else self._fused)(gates, T)
         else:
@@ -1154,7 +1230,8 @@ class BiLSTMFC(nn.Module):
         return torch.cat(outs, -1), torch.stack(h_last)  # (B, T, D*H), (D, B, H)
 
     def _loop(self, gates, T):
-        """Layer 1 as a Python loop over steps for gates (B, D*G) that are the same at every step."""
+        """Layer 1 as a Python loop over steps for gates (B, D*G) that are the same at every
+        step."""
         B, D, H = gates.shape[0], self.dirs, self.hidden
         w_hh = torch.stack([r.weight_hh_l0 for r in self.recur])  # (D, G, H)
         b_hh = torch.stack([r.bias_hh_l0 for r in self.recur]).unsqueeze(1)  # (D, 1, G)
@@ -1166,7 +1243,7 @@ class BiLSTMFC(nn.Module):
         if self.upper is None and self.readout == "last":
             return None, h_last
         seq = outs.permute(2, 0, 1, 3)  # (B, T, D, H)
-        if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: reverse it to input positions
+        if D == 2:  # the backward direction's step t saw inputs T-1-t..T-1: back to input positions
             seq = torch.stack([seq[:, :, 0], seq[:, :, 1].flip(1)], 2)
         return seq.reshape(B, T, D * H), h_last
 
@@ -1225,15 +1302,16 @@ class RNNClassifier(nn.Module):
     input_form = "sequence"
     CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
-    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=128, layers=1, bidirectional=False,
-                 dropout=0.0, readout="last"):
+    def __init__(self, *, in_features, num_classes, cell="lstm", hidden=128, layers=1,
+                 bidirectional=False, dropout=0.0, readout="last"):
         super().__init__()
         _check_choice("cell", cell, list(self.CELLS))
         _check_choice("readout", readout, READOUTS)
         _check_sizes(in_features=in_features, hidden=hidden, layers=layers)
         self.cell, self.hidden, self.layers, self.readout = cell, hidden, layers, readout
         self.dirs = 2 if bidirectional else 1
-        self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True, bidirectional=bidirectional,
+        self.rnn = self.CELLS[cell](in_features, hidden, layers, batch_first=True,
+                                    bidirectional=bidirectional,
                                     dropout=dropout if layers > 1 else 0.0)
         self.pool = AttentionPool(self.dirs * hidden) if readout == "attention" else None
         self.drop = nn.Dropout(dropout)
@@ -1242,7 +1320,8 @@ class RNNClassifier(nn.Module):
     def forward(self, x):  # (B, T, F)
         out, h_n = self.rnn(x.contiguous())  # identity sequences arrive as stride-0 views
         h_n = h_n[0] if isinstance(h_n, tuple) else h_n  # the LSTM's (h, c)
-        return self.head(self.drop(readout_features(self.readout, out, h_n[-self.dirs:], self.pool)))
+        return self.head(self.drop(readout_features(self.readout, out, h_n[-self.dirs:],
+                                                    self.pool)))
 
 
 # ---- image models: (B, C, H, W), or the rows layout (B, H, W*C) folded back into the image
@@ -1251,8 +1330,9 @@ def _image_geometry(in_features, channels, image_size):
     """channels and image size of an image model built for rows of in_features = W*C."""
     _check_sizes(in_features=in_features, channels=channels)
     if in_features % channels:
-        raise ValueError(f"in_features={in_features} is not a multiple of channels={channels}: image models read "
-                         f"the rows layout (B, H, W*C), so in_features = W*C; pass channels=C")
+        raise ValueError(f"in_features={in_features} is not a multiple of channels={channels}: "
+                         f"image models read the rows layout (B, H, W*C), so in_features = W*C; "
+                         f"pass channels=C")
     image_size = in_features // channels if image_size is None else image_size
     _check_sizes(image_size=image_size)
     return channels, image_size
@@ -1272,19 +1352,15 @@ class ImageInput:
         if x.ndim == 3:
             B, H, WC = x.shape
             if WC % self.channels:
-                raise ValueError(f"a rows sequence (B, H, W*C) with F={WC} cannot hold {self.channels}-channel "
-                                 f"pixels: pass channels=C to create_model")
+                raise ValueError(f"a rows sequence (B, H, W*C) with F={WC} cannot hold "
+                                 f"{self.channels}-channel pixels: pass channels=C to create_model")
             x = x.reshape(B, H, WC // self.channels, self.channels).permute(0, 3, 1, 2)
         elif x.ndim != 4:
-            raise ValueError(f"image models take (B, C, H, W) images or rows sequences (B, H, W*C), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"image models take (B, C, H, W) images or rows sequences "
+                             f"(B, H, W*C), got shape {tuple(x.shape)}")
         m = self.pad_multiple
         pad_h, pad_w = -x.shape[-2] % m, -x.shape[-1] % m
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-
-
-from timm.models.sequencer import LSTM2d, Sequencer2d  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 
 class BiLSTM1d(nn.Module):
@@ -1292,8 +1368,8 @@ class BiLSTM1d(nn.Module):
     over the H*W tokens in raster order, then a linear layer back to the channel width. Takes
     timm's `rnn_layer` arguments, so it drops into timm's Sequencer2d blocks in place of LSTM2d."""
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, bidirectional=True, union="cat",
-                 with_fc=True, **_):
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, bidirectional=True,
+                 union="cat", with_fc=True, **_):
         super().__init__()
         self.rnn = nn.LSTM(input_size, hidden_size, num_layers, bias=bias, batch_first=True,
                            bidirectional=bidirectional)
@@ -1328,21 +1404,23 @@ class SequencerImage(ImageInput, Sequencer2d):
     `layers`, `patch_sizes`, `dims`, `hidden_sizes`: one entry per stage (`layers` may be one int
     for every stage)."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=(2, 2, 4, 2),
-                 patch_sizes=(2, 2, 2, 1), dims=(48, 96, 96, 96), hidden_sizes=(12, 24, 24, 24), mlp_ratio=3.0,
-                 token_mixer="lstm2d", dropout=0.0, drop_path=0.0):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None,
+                 layers=(2, 2, 4, 2), patch_sizes=(2, 2, 2, 1), dims=(48, 96, 96, 96),
+                 hidden_sizes=(12, 24, 24, 24), mlp_ratio=3.0, token_mixer="lstm2d", dropout=0.0,
+                 drop_path=0.0):
         channels, image_size = _image_geometry(in_features, channels, image_size)
         _check_choice("token_mixer", token_mixer, list(TOKEN_MIXERS))
         patch_sizes, dims, hidden_sizes = tuple(patch_sizes), tuple(dims), tuple(hidden_sizes)
         layers = (layers,) * len(dims) if isinstance(layers, numbers.Integral) else tuple(layers)
         _check_sizes(layers=layers, patch_sizes=patch_sizes, dims=dims, hidden_sizes=hidden_sizes)
         if not len(layers) == len(patch_sizes) == len(dims) == len(hidden_sizes):
-            raise ValueError(f"layers, patch_sizes, dims and hidden_sizes need one entry per stage, got "
-                             f"{layers}, {patch_sizes}, {dims}, {hidden_sizes}")
-        super().__init__(num_classes=num_classes, img_size=image_size, in_chans=channels, layers=layers,
-                         patch_sizes=patch_sizes, embed_dims=dims, hidden_sizes=hidden_sizes,
-                         mlp_ratios=(float(mlp_ratio),) * len(dims), rnn_layer=TOKEN_MIXERS[token_mixer],
-                         drop_rate=dropout, drop_path_rate=drop_path)
+            raise ValueError(f"layers, patch_sizes, dims and hidden_sizes need one entry per "
+                             f"stage, got {layers}, {patch_sizes}, {dims}, {hidden_sizes}")
+        super().__init__(num_classes=num_classes, img_size=image_size, in_chans=channels,
+                         layers=layers, patch_sizes=patch_sizes, embed_dims=dims,
+                         hidden_sizes=hidden_sizes, mlp_ratios=(float(mlp_ratio),) * len(dims),
+                         rnn_layer=TOKEN_MIXERS[token_mixer], drop_rate=dropout,
+                         drop_path_rate=drop_path)
         self.channels, self.image_size = channels, image_size
         self.pad_multiple = math.prod(patch_sizes)
 
@@ -1365,21 +1443,24 @@ class ViTImage(ImageInput, VisionTransformer):
     (32 -> 4: an 8x8 grid of 64 tokens; 28 -> 7: 4x4). Other image sizes run too (timm's dynamic
     image size: the learned positions are resampled, sides padded to a multiple of the patch)."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=None, dim=64,
-                 layers=6, heads=8, mlp_ratio=2.0, dropout=0.0, drop_path=0.0, readout="cls"):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=None,
+                 dim=64, layers=6, heads=8, mlp_ratio=2.0, dropout=0.0, drop_path=0.0,
+                 readout="cls"):
         channels, image_size = _image_geometry(in_features, channels, image_size)
         _check_choice("readout", readout, ["cls", "mean"])
         patch_size = _nearest_divisor(image_size) if patch_size is None else patch_size
         _check_sizes(patch_size=patch_size, dim=dim, layers=layers, heads=heads)
         if image_size % patch_size:
             valid = [d for d in range(1, image_size + 1) if image_size % d == 0]
-            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}: valid patch sizes "
-                             f"are {valid}")
+            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}: "
+                             f"valid patch sizes are {valid}")
         if dim % heads:
             raise ValueError(f"heads={heads} does not divide dim={dim}")
-        super().__init__(img_size=image_size, patch_size=patch_size, in_chans=channels, num_classes=num_classes,
-                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
-                         embed_dim=dim, depth=layers, num_heads=heads, mlp_ratio=mlp_ratio, drop_rate=dropout,
+        super().__init__(img_size=image_size, patch_size=patch_size, in_chans=channels,
+                         num_classes=num_classes,
+                         global_pool="token" if readout == "cls" else "avg",
+                         class_token=readout == "cls", embed_dim=dim, depth=layers,
+                         num_heads=heads, mlp_ratio=mlp_ratio, drop_rate=dropout,
                          proj_drop_rate=dropout, drop_path_rate=drop_path, dynamic_img_size=True,
                          dynamic_img_pad=True)
         self.channels, self.image_size, self.patch_size = channels, image_size, patch_size
@@ -1389,7 +1470,8 @@ class ViTImage(ImageInput, VisionTransformer):
 
 
 class BasicBlock(nn.Module):
-    """ResNet's basic block: two 3x3 convs with batch norm, a 1x1 conv shortcut when the shape changes."""
+    """ResNet's basic block: two 3x3 convs with batch norm, a 1x1 conv shortcut when the shape
+    changes."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -1408,19 +1490,21 @@ class BasicBlock(nn.Module):
 class CifarResNet(ImageInput, nn.Module):
     """The CIFAR ResNet of He et al. ("Deep Residual Learning for Image Recognition", CVPR 2016,
     section 4.2): a 3x3 stem at full 32x32 resolution, three stages of `layers` basic blocks with
-    `width`, 2x and 4x channels (stride 2 between stages: 32 -> 16 -> 8), global average pooling and a
-    linear head; 6 * layers + 2 weighted layers (default layers=3: ResNet-20, 0.27M parameters, 91.3%
-    on CIFAR-10 in the paper). Adapted: 1x1 conv shortcuts (the paper's option B) instead of
-    zero-padded identity shortcuts. A teacher for distillation (82% in 21 minutes on 2 CPU cores: see
-    MEASUREMENTS; fast_cnn is the faster one)."""
+    `width`, 2x and 4x channels (stride 2 between stages: 32 -> 16 -> 8), global average pooling
+    and a linear head; 6 * layers + 2 weighted layers (default layers=3: ResNet-20, 0.27M
+    parameters, 91.3% on CIFAR-10 in the paper). Adapted: 1x1 conv shortcuts (the paper's option
+    B) instead of zero-padded identity shortcuts. A teacher for distillation (fast_cnn is the
+    faster one; its accuracy here: docs/results.md)."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=3, width=16):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, layers=3,
+                 width=16):
         super().__init__()
         channels, image_size = _image_geometry(in_features, channels, image_size)
         layers = (layers,) * 3 if isinstance(layers, numbers.Integral) else tuple(layers)
         _check_sizes(layers=layers, width=width)
         self.channels, self.image_size = channels, image_size
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
         blocks, c = [], width
         for stage, n in enumerate(layers):
             c_out = width * 2 ** stage
@@ -1439,8 +1523,8 @@ class CifarResNet(ImageInput, nn.Module):
 
 
 class ConvGroup(nn.Module):
-    """airbench's block: a 3x3 conv, 2x2 max pooling (halving the side, rounding up), batch norm, GELU,
-    then a 3x3 conv, batch norm, GELU."""
+    """airbench's block: a 3x3 conv, 2x2 max pooling (halving the side, rounding up), batch norm,
+    GELU, then a 3x3 conv, batch norm, GELU."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -1455,23 +1539,26 @@ class ConvGroup(nn.Module):
 
 
 class FastCifarNet(ImageInput, nn.Module):
-    """The fast-training CIFAR net of airbench (Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single
-    GPU", 2024; airbench93's widths): a 3x3 stem conv, three ConvGroups of `widths` channels (32 -> 16
-    -> 8 -> 4 pixels), global max pooling and a linear head; 0.6M parameters, about 0.07 GMAC per 32x32
-    image forward, a quarter of airbench94's (widths 64-256-256). Without airbench's whitening
-    initialisation and lookahead; trained by TEACHER_RECIPE, which also gives it airbench's test-time
-    augmentation (TEST_VIEWS["flip_shift"]). Runs in channels-last memory layout, which oneDNN's CPU
+    """The fast-training CIFAR net of airbench (Jordan, "94% on CIFAR-10 in 3.29 Seconds on a
+    Single GPU", 2024; airbench93's widths): a 3x3 stem conv, three ConvGroups of `widths`
+    channels (32 -> 16 -> 8 -> 4 pixels), global max pooling and a linear head; 0.6M parameters,
+    about 0.07 GMAC per 32x32 image forward, a quarter of airbench94's (widths 64-256-256).
+    Without airbench's whitening initialisation and lookahead; trained by seqlab's
+    TEACHER_RECIPE, which also gives it airbench's test-time augmentation
+    (TEST_VIEWS["flip_shift"]). Runs in channels-last memory layout, which oneDNN's CPU
     convolutions take faster. The default teacher."""
 
-    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, widths=(64, 128, 128), stem=32):
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None,
+                 widths=(64, 128, 128), stem=32):
         super().__init__()
         channels, image_size = _image_geometry(in_features, channels, image_size)
         widths = tuple(widths)
         _check_sizes(widths=widths, stem=stem)
         self.channels, self.image_size = channels, image_size
-        self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem),
-                                  nn.GELU())
-        self.groups = nn.Sequential(*(ConvGroup(c_in, c_out) for c_in, c_out in zip((stem,) + widths, widths)))
+        self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem), nn.GELU())
+        self.groups = nn.Sequential(*(ConvGroup(c_in, c_out)
+                                      for c_in, c_out in zip((stem,) + widths, widths)))
         self.head = nn.Linear(widths[-1], num_classes)
         self.to(memory_format=torch.channels_last)
 
@@ -1487,17 +1574,18 @@ class TrellisNet(nn.Module):
     temporal convolutional network whose one causal convolution is shared by every level, with the
     input injected at every level and an LSTM-style gated activation. Level i + 1 at step t:
 
-        z = W_x * x[t-d, t] + W_h * h_i[t-d, t] + b     (kernel 2, dilation d; W_x * x computed once per d)
-        c_{i+1}[t] = sigmoid(f) c_i[t-d] + sigmoid(i) tanh(g),   h_{i+1}[t] = sigmoid(o) tanh(c_{i+1}[t])
+        z = W_x * x[t-d, t] + W_h * h_i[t-d, t] + b        (kernel 2, dilation d)
+        c_{i+1}[t] = sigmoid(f) c_i[t-d] + sigmoid(i) tanh(g)
+        h_{i+1}[t] = sigmoid(o) tanh(c_{i+1}[t])
 
-    with the gates (i, o, g, f) the four channel groups of z. As in the authors' sequential MNIST /
-    CIFAR setup: kernel 2, dilations 1, 1, 2, 4, ..., 512 over 11 levels (receptive field 1,025 steps:
-    the whole 1,024-pixel sequence), a linear head on the top level's last step. Adapted for CPU: 32
-    hidden units (the authors: 130) and none of their weight normalisation, weight dropout or
-    auxiliary losses. `layers` is the number of levels; on sequences much shorter than 1,024 steps
-    drop the levels whose dilation exceeds the length (layers=7: receptive field 65 for 8x8 images),
-    as levels that only see padding slow training down. Causal: `features(x)[:, t]` depends on
-    x[:, :t+1] only (tests/test_zoo.py)."""
+    with the gates (i, o, g, f) the four channel groups of z (W_x * x is computed once per d). As in
+    the authors' sequential MNIST / CIFAR setup: kernel 2, dilations 1, 1, 2, 4, ..., 512 over 11
+    levels (receptive field 1,025 steps: the whole 1,024-pixel sequence), a linear head on the top
+    level's last step. Adapted for CPU: 32 hidden units (the authors: 130) and none of their weight
+    normalisation, weight dropout or auxiliary losses. `layers` is the number of levels; on
+    sequences much shorter than 1,024 steps drop the levels whose dilation exceeds the length
+    (layers=7: receptive field 65 for 8x8 images), as levels that only see padding slow training
+    down. Causal: `features(x)[:, t]` depends on x[:, :t+1] only (tests/test_zoo.py)."""
 
     input_form = "pixels"
 
@@ -1507,9 +1595,12 @@ class TrellisNet(nn.Module):
         dilations = tuple(dilations)
         _check_sizes(in_features=in_features, hidden=hidden, layers=layers, kernel_size=kernel_size,
                      dilations=dilations)
-        self.hidden, self.levels, self.kernel_size, self.dilations = hidden, layers, kernel_size, dilations
-        self.inject = nn.Conv1d(in_features, 4 * hidden, kernel_size, bias=False)  # input injection: W_x
-        self.conv = nn.Conv1d(hidden, 4 * hidden, kernel_size)  # the convolution every level shares: W_h, b
+        self.hidden, self.levels = hidden, layers
+        self.kernel_size, self.dilations = kernel_size, dilations
+        # input injection: W_x
+        self.inject = nn.Conv1d(in_features, 4 * hidden, kernel_size, bias=False)
+        # the convolution every level shares: W_h, b
+        self.conv = nn.Conv1d(hidden, 4 * hidden, kernel_size)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 
@@ -1525,7 +1616,8 @@ class TrellisNet(nn.Module):
             pad = (self.kernel_size - 1) * d  # left padding only: causal
             if d not in injected:
                 injected[d] = F.conv1d(F.pad(x, (pad, 0)), self.inject.weight, dilation=d)
-            z = injected[d] + F.conv1d(F.pad(h, (pad, 0)), self.conv.weight, self.conv.bias, dilation=d)
+            z = injected[d] + F.conv1d(F.pad(h, (pad, 0)), self.conv.weight, self.conv.bias,
+                                       dilation=d)
             i, o, g, f = z.chunk(4, 1)
             c_prev = F.pad(c, (d, 0))[:, :, :T]  # the level below's cell state at t - d
             c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
@@ -1542,30 +1634,34 @@ class LipschitzRNN(nn.Module):
     discretised by forward Euler,
 
         h <- h + eps * (A h + tanh(W h + U x_t + b)),
-        A = (1 - beta)(M_A + M_A^T) + beta (M_A - M_A^T) - gamma_a I,   W likewise from M_W, gamma_w,
+        A = (1 - beta)(M_A + M_A^T) + beta (M_A - M_A^T) - gamma_a I,
+        W = (1 - beta)(M_W + M_W^T) + beta (M_W - M_W^T) - gamma_w I,
 
     so beta trades a symmetric part against a skew-symmetric one and gamma shifts the spectrum left.
-    Defaults: 128 units, eps 0.01, beta 0.65, gamma 0.001 (the authors' pixel-MNIST command), M drawn
-    from N(0, (init_std / hidden)^2) with init_std 6 (their driver's default: with the 32 of their
-    README, A's spectrum reaches real part 1.3 and the state grows to norm ~7e4 over 1,024 steps at
-    initialisation, so training stalls near chance); U, b and the linear readout of the last state
-    Xavier-normal / zero. The authors clip gradient norms at 10 (report parameter `grad_clip`).
-    eps sets how far 1,024 (or 784) steps integrate; scale it up for much shorter sequences
-    (eps=0.1 for 64 steps). Adapted: `layers` > 1 stacks cells (each reads the
-    states of the one below); the authors use one."""
+    Defaults: 128 units, eps 0.01, beta 0.65, gamma 0.001 (the authors' pixel-MNIST command), M
+    drawn from N(0, (init_std / hidden)^2) with init_std 6 (their driver's default: with the 32 of
+    their README, A's spectrum reaches real part 1.3 and the state grows to norm ~7e4 over 1,024
+    steps at initialisation, so training stalls near chance); U, b and the linear readout of the
+    last state Xavier-normal / zero. The authors clip gradient norms at 10 (report parameter
+    `grad_clip`). eps sets how far 1,024 (or 784) steps integrate; scale it up for much shorter
+    sequences (eps=0.1 for 64 steps). Adapted: `layers` > 1 stacks cells (each reads the states of
+    the one below); the authors use one."""
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, hidden=128, layers=1, eps=0.01, beta=0.65, gamma_a=0.001,
-                 gamma_w=0.001, init_std=6.0, dropout=0.0):
+    def __init__(self, *, in_features, num_classes, hidden=128, layers=1, eps=0.01, beta=0.65,
+                 gamma_a=0.001, gamma_w=0.001, init_std=6.0, dropout=0.0):
         super().__init__()
         _check_sizes(in_features=in_features, hidden=hidden, layers=layers)
         if not 0 <= beta <= 1 or eps <= 0:
             raise ValueError(f"need 0 <= beta <= 1 and eps > 0, got beta={beta}, eps={eps}")
-        self.hidden, self.layers, self.eps, self.beta, self.gamma_a, self.gamma_w = \
-            hidden, layers, eps, beta, gamma_a, gamma_w
-        self.U = nn.ModuleList(nn.Linear(in_features if i == 0 else hidden, hidden) for i in range(layers))
-        gaussian = lambda: nn.Parameter(torch.randn(hidden, hidden) * init_std / hidden)  # noqa: E731
+        self.hidden, self.layers, self.eps = hidden, layers, eps
+        self.beta, self.gamma_a, self.gamma_w = beta, gamma_a, gamma_w
+        self.U = nn.ModuleList(nn.Linear(in_features if i == 0 else hidden, hidden)
+                               for i in range(layers))
+
+        def gaussian():
+            return nn.Parameter(torch.randn(hidden, hidden) * init_std / hidden)
         self.M_A = nn.ParameterList(gaussian() for _ in range(layers))
         self.M_W = nn.ParameterList(gaussian() for _ in range(layers))
         self.drop = nn.Dropout(dropout)
@@ -1575,7 +1671,8 @@ class LipschitzRNN(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def _structured(self, M, gamma):
-        return (1 - self.beta) * (M + M.T) + self.beta * (M - M.T) - gamma * torch.eye(len(M), device=M.device)
+        return ((1 - self.beta) * (M + M.T) + self.beta * (M - M.T)
+                - gamma * torch.eye(len(M), device=M.device))
 
     def A(self, layer=0):
         return self._structured(self.M_A[layer], self.gamma_a)
@@ -1587,10 +1684,12 @@ class LipschitzRNN(nn.Module):
         seq = x
         for layer in range(self.layers):
             z = self.U[layer](seq)  # (B, T, H): U x_t + b for every step at once
-            AW = torch.cat([self.A(layer), self.W(layer)]).T  # (H, 2H): one matmul per step for A h and W h
+            # A h and W h in one matmul per step
+            AW = torch.cat([self.A(layer), self.W(layer)]).T  # (H, 2H)
             h = z.new_zeros(z.shape[0], self.hidden)
             states = []
-            for z_t in z.unbind(1):  # unbind, not z[:, t]: its backward would add T full-size gradients
+            # unbind, not z[:, t]: its backward would add T full-size gradients
+            for z_t in z.unbind(1):
                 ah, wh = (h @ AW).chunk(2, -1)
                 h = h + self.eps * (ah + torch.tanh(wh + z_t))
                 states.append(h)
@@ -1599,9 +1698,9 @@ class LipschitzRNN(nn.Module):
 
 
 def _pixel_embedding(in_features, dim, seq_len):
-    """Linear projection of each step's (normalised) values and learned positions, both initialised as
-    in ViT (truncated normal, std 0.02): with PyTorch's default init a projection of one grey value
-    (fan-in 1) would start 30x larger than the positions and drown them."""
+    """Linear projection of each step's (normalised) values and learned positions, both initialised
+    as in ViT (truncated normal, std 0.02): with PyTorch's default init a projection of one grey
+    value (fan-in 1) would start 30x larger than the positions and drown them."""
     _check_sizes(in_features=in_features, dim=dim, seq_len=seq_len)
     embed, pos = nn.Linear(in_features, dim), nn.Parameter(torch.zeros(1, seq_len, dim))
     nn.init.trunc_normal_(embed.weight, std=0.02)
@@ -1612,43 +1711,47 @@ def _pixel_embedding(in_features, dim, seq_len):
 
 def _positions(pos, T):
     if T > pos.shape[1]:
-        raise ValueError(f"a sequence of {T} steps is longer than the model's seq_len={pos.shape[1]} learned "
-                         f"positions: create it with seq_len >= {T}")
+        raise ValueError(f"a sequence of {T} steps is longer than the model's "
+                         f"seq_len={pos.shape[1]} learned positions: create it with "
+                         f"seq_len >= {T}")
     return pos[:, :T]
 
 
 class PixelTransformer(VisionTransformer):
-    """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than 16x16
-    Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every pixel a
-    token. timm's `VisionTransformer` with `patch_size=1`, behind the pixel input of this project: the
-    sequence (B, H*W, C) is folded back into the (B, C, H, W) image it came from (a square of seq_len
-    pixels) and embedded by timm's 1x1 patch convolution (a linear projection of each pixel's values)
-    plus learned positions, then pre-norm blocks (GELU MLP), a final LayerNorm and a CLS token read by
-    the head (readout "cls"; "mean": average over tokens, no CLS). Adapted: the Long Range Arena
-    image-task size (Tay et al., ICLR 2021, as in the Nystromformer authors' config: width 64, 2 layers,
-    2 heads, MLP 128) instead of ViT-S, for CPU; no position for the CLS token (timm's no_embed_class).
-    seq_len: the number of learned positions (1,024 for 32x32); a shorter square sequence (784 MNIST
-    pixels) gets them resampled to its grid (timm's dynamic image size)."""
+    """Pixel Transformer, PiT (Nguyen, Mahmoud, ..., Snoek & Chen, "An Image is Worth More Than
+    16x16 Patches: Exploring Transformers on Individual Pixels", 2024): ViT with patch size 1, every
+    pixel a token. timm's `VisionTransformer` with `patch_size=1`, behind the pixel input of this
+    project: the sequence (B, H*W, C) is folded back into the (B, C, H, W) image it came from (a
+    square of seq_len pixels) and embedded by timm's 1x1 patch convolution (a linear projection of
+    each pixel's values) plus learned positions, then pre-norm blocks (GELU MLP), a final LayerNorm
+    and a CLS token read by the head (readout "cls"; "mean": average over tokens, no CLS). Adapted:
+    the Long Range Arena image-task size (Tay et al., ICLR 2021, as in the Nystromformer authors'
+    config: width 64, 2 layers, 2 heads, MLP 128) instead of ViT-S, for CPU; no position for the CLS
+    token (timm's no_embed_class). seq_len: the number of learned positions (1,024 for 32x32); a
+    shorter square sequence (784 MNIST pixels) gets them resampled to its grid (timm's dynamic image
+    size)."""
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
-                 dropout=0.0, readout="cls"):
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2,
+                 mlp=128, dropout=0.0, readout="cls"):
         _check_choice("readout", readout, ["cls", "mean"])
-        _check_sizes(in_features=in_features, seq_len=seq_len, dim=dim, layers=layers, heads=heads, mlp=mlp)
+        _check_sizes(in_features=in_features, seq_len=seq_len, dim=dim, layers=layers, heads=heads,
+                     mlp=mlp)
         side = math.isqrt(seq_len)
         if side * side != seq_len:
             raise ValueError(f"seq_len={seq_len} is not a square number of pixels (H*W with H = W)")
         if dim % heads:
             raise ValueError(f"heads={heads} does not divide dim={dim}")
         super().__init__(img_size=side, patch_size=1, in_chans=in_features, num_classes=num_classes,
-                         global_pool="token" if readout == "cls" else "avg", class_token=readout == "cls",
+                         global_pool="token" if readout == "cls" else "avg",
+                         class_token=readout == "cls",
                          no_embed_class=True, embed_dim=dim, depth=layers, num_heads=heads,
                          mlp_ratio=mlp / dim, proj_drop_rate=dropout, attn_drop_rate=dropout,
                          dynamic_img_size=True)
         self.seq_len = seq_len
-        # PyTorch's default init would start a 1x1 projection of one grey value (fan-in 1) 30x larger
-        # than timm's positions (std 0.02) and drown them: initialise it like them.
+        # PyTorch's default init would start a 1x1 projection of one grey value (fan-in 1) 30x
+        # larger than timm's positions (std 0.02) and drown them: initialise it like them.
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
         nn.init.zeros_(self.patch_embed.proj.bias)
 
@@ -1656,15 +1759,17 @@ class PixelTransformer(VisionTransformer):
         B, T, C = x.shape
         side = math.isqrt(T)
         if T > self.seq_len or side * side != T:
-            raise ValueError(f"PiT reads square images of at most seq_len={self.seq_len} pixels, got a "
-                             f"sequence of {T} steps")
+            raise ValueError(f"PiT reads square images of at most seq_len={self.seq_len} pixels, "
+                             f"got a sequence of {T} steps")
         image = x.reshape(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return super().forward(image)
 
 
 def iterative_pinv(a, iterations=6):
-    """Moore-Penrose pseudo-inverse of each matrix in `a` (..., m, m) by the Nystromformer's iteration
-    (Razavi et al., 2014): Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4 from Z = A^T / (||A||_1 ||A||_inf)."""
+    """Moore-Penrose pseudo-inverse of each matrix in `a` (..., m, m) by the Nystromformer's
+    iteration (Razavi et al., 2014):
+
+        Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4 from Z = A^T / (||A||_1 ||A||_inf)."""
     eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
     norm = a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1)  # ||A||_1 ||A||_inf per matrix
     z = a.transpose(-1, -2) / norm[..., None, None]
@@ -1679,12 +1784,13 @@ class NystromAttention(nn.Module):
 
         softmax(Q K^T / sqrt(d)) V  ~  softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V
 
-    (Q and K each scaled by d^-1/4), with landmarks Ql, Kl the means of `landmarks` equal segments of
-    the queries and keys, and pinv the 6-iteration pseudo-inverse above. The sequence is zero-padded
-    to a multiple of the number of landmarks (padded keys masked out of the last factor, as in the
-    authors' code); fewer steps than landmarks use one landmark per step. `conv_kernel` > 0 adds the
-    paper's skip connection: a depthwise convolution of the values along the sequence (35 in the
-    authors' LRA runs). `forward(x, exact=True)` computes the exact softmax attention instead."""
+    (Q and K each scaled by d^-1/4), with landmarks Ql, Kl the means of `landmarks` equal segments
+    of the queries and keys, and pinv the 6-iteration pseudo-inverse above. The sequence is
+    zero-padded to a multiple of the number of landmarks (padded keys masked out of the last factor,
+    as in the authors' code); fewer steps than landmarks use one landmark per step.
+    `conv_kernel` > 0 adds the paper's skip connection: a depthwise convolution of the values along
+    the sequence (35 in the authors' LRA runs). `forward(x, exact=True)` computes the exact softmax
+    attention instead."""
 
     def __init__(self, dim, heads, landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
         super().__init__()
@@ -1701,7 +1807,8 @@ class NystromAttention(nn.Module):
     def forward(self, x, exact=False):  # (B, T, D)
         B, T, D = x.shape
         h, d = self.heads, D // self.heads
-        q, k, v = self.qkv(x).view(B, T, 3, h, d).permute(2, 0, 3, 1, 4).contiguous()  # each (B, h, T, d)
+        # each (B, h, T, d)
+        q, k, v = self.qkv(x).view(B, T, 3, h, d).permute(2, 0, 3, 1, 4).contiguous()
         if exact:
             out = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
         else:
@@ -1718,12 +1825,16 @@ class NystromAttention(nn.Module):
             k2 = F.softmax(ql @ kl.transpose(-1, -2), -1)  # (B, h, m, m)
             scores = ql @ k.transpose(-1, -2)  # (B, h, m, T')
             if pad:
-                scores = scores.masked_fill(torch.arange(T + pad, device=x.device) >= T, float("-inf"))
+                scores = scores.masked_fill(torch.arange(T + pad, device=x.device) >= T,
+                                            float("-inf"))
             k3 = F.softmax(scores, -1)
             out = ((k1 @ iterative_pinv(k2, self.pinv_iterations)) @ (k3 @ vp))[:, :, :T]
-        if self.conv is not None:  # the head's kernel on each of its d channels: a depthwise conv1d over h*d
-            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K); 4x faster on CPU than Conv2d (K, 1)
-            conv = F.conv1d(v.transpose(2, 3).reshape(B, h * d, T), w, padding=self.conv.padding, groups=h * d)
+        if self.conv is not None:
+            # the head's kernel on each of its d channels: a depthwise conv1d over h*d (on CPU
+            # faster than a Conv2d (K, 1))
+            w = self.conv.weight.repeat_interleave(d, 0)  # (h*d, 1, K)
+            conv = F.conv1d(v.transpose(2, 3).reshape(B, h * d, T), w, padding=self.conv.padding,
+                            groups=h * d)
             out = out + conv.view(B, h, d, T).transpose(2, 3)
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
 
@@ -1732,8 +1843,8 @@ class _PreNormBlock(nn.Module):
     def __init__(self, dim, mixer, mlp, dropout):
         super().__init__()
         self.norm1, self.mixer, self.norm2 = nn.LayerNorm(dim), mixer, nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp, dim), nn.Dropout(dropout))
 
     def forward(self, x):
         x = x + self.mixer(self.norm1(x))
@@ -1750,14 +1861,15 @@ class Nystromformer(nn.Module):
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2, mlp=128,
-                 landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, heads=2,
+                 mlp=128, landmarks=32, pinv_iterations=6, conv_kernel=35, dropout=0.0):
         super().__init__()
         _check_sizes(layers=layers, mlp=mlp)
         self.embed, self.pos = _pixel_embedding(in_features, dim, seq_len)
-        self.blocks = nn.Sequential(*[_PreNormBlock(dim, NystromAttention(dim, heads, landmarks, pinv_iterations,
-                                                                          conv_kernel, dropout), mlp, dropout)
-                                      for _ in range(layers)])
+        self.blocks = nn.Sequential(*[
+            _PreNormBlock(dim, NystromAttention(dim, heads, landmarks, pinv_iterations, conv_kernel,
+                                                dropout), mlp, dropout)
+            for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -1783,8 +1895,8 @@ class FNet(nn.Module):
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, mlp=128, dropout=0.0,
-                 readout="mean"):
+    def __init__(self, *, in_features, num_classes, seq_len=1024, dim=64, layers=2, mlp=128,
+                 dropout=0.0, readout="mean"):
         super().__init__()
         _check_choice("readout", readout, ["mean", "first"])
         _check_sizes(layers=layers, mlp=mlp)
@@ -1813,8 +1925,9 @@ def s4d_kernel(dt, A, C, L):
         A_bar = exp(dt A),   B_bar = (A_bar - 1) / A * B   (B = 1: S4D learns C only),
         K[l] = 2 Re(sum_n C_n B_bar_n A_bar_n^l),   l = 0 .. L-1,
 
-    a Vandermonde product. dt (..., H) step sizes, A and C (..., H, N/2) complex -> K (..., H, L). Each
-    mode stands for itself and its complex conjugate (the real system has state size N): hence 2 Re."""
+    a Vandermonde product. dt (..., H) step sizes, A and C (..., H, N/2) complex -> K (..., H, L).
+    Each mode stands for itself and its complex conjugate (the real system has state size N):
+    hence 2 Re."""
     dtA = dt.unsqueeze(-1) * A  # (..., H, N/2)
     steps = torch.arange(L, device=A.device, dtype=dt.dtype)
     powers = torch.exp(dtA.unsqueeze(-1) * steps)  # (..., H, N/2, L): A_bar^l
@@ -1822,24 +1935,26 @@ def s4d_kernel(dt, A, C, L):
 
 
 class S4DLayer(nn.Module):
-    """One S4D layer on (B, L, H) sequences: per channel a diagonal state-space model (A, B = 1, C, D,
-    step size dt) applied as a length-L convolution by FFT, then GELU, dropout and a position-wise
-    GLU output layer (Linear H -> 2H, GLU). S4D-Lin initialisation: A_n = -1/2 + i pi n; log dt uniform
-    in [log dt_min, log dt_max]; C complex standard normal. A and dt carry `_optim` (their own lr, no
-    weight decay), the S4 authors' convention that `param_groups` reads.
+    """One S4D layer on (B, L, H) sequences: per channel a diagonal state-space model
+    (A, B = 1, C, D, step size dt) applied as a length-L convolution by FFT, then GELU, dropout and
+    a position-wise GLU output layer (Linear H -> 2H, GLU). S4D-Lin initialisation:
+    A_n = -1/2 + i pi n; log dt uniform in [log dt_min, log dt_max]; C complex standard normal.
+    A and dt carry `_optim` (their own lr, no weight decay), the S4 authors' convention that
+    `param_groups` reads.
 
     bidirectional: a second kernel (a second set of A, C, dt) reads the sequence backwards; both are
     laid into one kernel of length 2L, the backward one flipped into the second half, so one FFT
-    convolution of size 2L applies both: step t sees steps <= t through the first and steps > t through
-    the second (as in the authors' code). Dropout masks are shared by all steps of a channel (the
-    authors' DropoutNd)."""
+    convolution of size 2L applies both: step t sees steps <= t through the first and steps > t
+    through the second (as in the authors' code). Dropout masks are shared by all steps of a channel
+    (the authors' DropoutNd)."""
 
     def __init__(self, dim, *, state=64, bidirectional=False, dropout=0.0, ssm_lr=1e-3, dt_min=1e-3,
                  dt_max=1e-1):
         super().__init__()
         c, n = 1 + bidirectional, state // 2  # kernels (one per direction); modes (conjugate pairs)
         self.bidirectional, self.dropout = bidirectional, dropout
-        self.log_dt = nn.Parameter(torch.rand(c, dim) * math.log(dt_max / dt_min) + math.log(dt_min))
+        self.log_dt = nn.Parameter(torch.rand(c, dim) * math.log(dt_max / dt_min)
+                                   + math.log(dt_min))
         self.log_A_real = nn.Parameter(torch.full((c, dim, n), math.log(0.5)))
         self.A_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32).repeat(c, dim, 1))
         C = torch.randn(c, dim, n, dtype=torch.cfloat)
@@ -1850,7 +1965,8 @@ class S4DLayer(nn.Module):
         self.out = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GLU(-1))
 
     def ssm(self):
-        """The continuous-time parameters: dt (c, H), A and C (c, H, N/2) complex; c = 2 if bidirectional."""
+        """The continuous-time parameters: dt (c, H), A and C (c, H, N/2) complex; c = 2 if
+        bidirectional."""
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         return torch.exp(self.log_dt), A, torch.view_as_complex(self.C)
 
@@ -1862,12 +1978,14 @@ class S4DLayer(nn.Module):
         return F.pad(k[0], (0, L)) + F.pad(k[1].flip(-1), (L, 0))
 
     def conv(self, u):
-        """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L keeps
-        the circular convolution from wrapping around (linear convolution of the first L outputs). The
-        FFTs run along the last, contiguous dimension: a quarter less time than along dim 1 (measured)."""
+        """The state-space model alone: y = K * u + D u, (B, L, H) -> (B, L, H). The FFT size 2L
+        keeps the circular convolution from wrapping around (linear convolution of the first L
+        outputs). The FFTs run along the last, contiguous dimension, which is faster than along
+        dim 1 (docs/speed.md)."""
         L = u.shape[1]
         k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L+1)
-        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
+        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f,
+                            n=2 * L)[..., :L]  # (B, H, L)
         return y.transpose(1, 2) + u * self.D  # (B, L, H)
 
     def forward(self, u):  # (B, L, H)
@@ -1882,26 +2000,28 @@ def _check_flag(**flags):
 
 
 class S4D(nn.Module):
-    """S4D (Gu, Gupta, Goel & Re, "On the Parameterization and Initialization of Diagonal State Space
-    Models", NeurIPS 2022): a linear encoder of each step's values (no 0..255 tokens), `layers` S4DLayers
-    of `dim` channels with state size `state` (N: N/2 complex modes and their conjugates), each in a
-    residual block with LayerNorm (post-norm: x = LN(x + drop(S4D(x))); prenorm: x = x + drop(S4D(LN(x))))
-    and channel dropout, mean pooling over steps and a linear head. `ssm_lr` is the learning rate of A
-    and dt (their weight decay 0): the authors' training recipe, honoured by `param_groups`.
+    """S4D (Gu, Gupta, Goel & Re, "On the Parameterization and Initialization of Diagonal State
+    Space Models", NeurIPS 2022): a linear encoder of each step's values (no 0..255 tokens),
+    `layers` S4DLayers of `dim` channels with state size `state` (N: N/2 complex modes and their
+    conjugates), each in a residual block with LayerNorm (post-norm: x = LN(x + drop(S4D(x)));
+    prenorm: x = x + drop(S4D(LN(x)))) and channel dropout, mean pooling over steps and a linear
+    head. `ssm_lr` is the learning rate of A and dt (their weight decay 0): the authors' training
+    recipe, honoured by `param_groups`.
 
-    Adapted for a CPU: 4 layers x 64 channels (the authors' LRA Image model: 6 x 512, bidirectional, a
-    200-epoch schedule), unidirectional by default; the minimal S4D of the authors' code (B fixed at 1,
-    C learned; no bottleneck or gating options). Causal unless bidirectional: `features(x)[:, t]`
-    depends on x[:, :t+1] only (tests/test_s4d.py)."""
+    Adapted for a CPU: 4 layers x 64 channels (the authors' LRA Image model: 6 x 512, bidirectional,
+    a 200-epoch schedule), unidirectional by default; the minimal S4D of the authors' code (B fixed
+    at 1, C learned; no bottleneck or gating options). Causal unless bidirectional:
+    `features(x)[:, t]` depends on x[:, :t+1] only (tests/test_s4d.py)."""
 
     input_form = "pixels"
 
-    def __init__(self, *, in_features, num_classes, dim=64, layers=4, state=64, dropout=0.1, prenorm=False,
-                 bidirectional=False, ssm_lr=1e-3, dt_min=1e-3, dt_max=1e-1):
+    def __init__(self, *, in_features, num_classes, dim=64, layers=4, state=64, dropout=0.1,
+                 prenorm=False, bidirectional=False, ssm_lr=1e-3, dt_min=1e-3, dt_max=1e-1):
         super().__init__()
         _check_sizes(in_features=in_features, dim=dim, layers=layers, state=state)
         if state % 2:
-            raise ValueError(f"state must be even (N/2 complex modes and their conjugates), got {state!r}")
+            raise ValueError(f"state must be even (N/2 complex modes and their conjugates), "
+                             f"got {state!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not ssm_lr >= 0:
@@ -1934,13 +2054,13 @@ class S4D(nn.Module):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registry entry: `factory(in_features=, num_classes=, **cfg)` builds the model. `input` is the
-    default input (the one tests and benchmarks use): a C x H x W image turned into a sequence by
-    `transform` (with `transform_args`), plus the `model_args` that input needs; `test_input` a tiny
-    one for fast tests (8x8 images; 64-step pixel sequences, for which the pixel models' position
-    tables shrink to 64, TrellisNet keeps the 7 levels whose receptive field (65 steps) covers them
-    and the Lipschitz RNN's step eps grows to 0.1 and S4D's step sizes 16x, so that 64 steps integrate
-    over a time comparable to the 1,024 steps of the default)."""
+    """A registry entry: `factory(in_features=, num_classes=, **cfg)` builds the model. `input` is
+    the default input (the one tests and benchmarks use): a C x H x W image turned into a sequence
+    by `transform` (with `transform_args`), plus the `model_args` that input needs; `test_input` a
+    tiny one for fast tests (8x8 images; 64-step pixel sequences, for which the pixel models'
+    position tables shrink to 64, TrellisNet keeps the 7 levels whose receptive field (65 steps)
+    covers them and the Lipschitz RNN's step eps grows to 0.1 and S4D's step sizes 16x, so that 64
+    steps integrate over a time comparable to the 1,024 steps of the default)."""
     factory: object
     cfg: dict
     input_form: str
@@ -1951,8 +2071,8 @@ class ModelEntry:
 
 
 def _input(image, transform, **args):
-    return {"image": tuple(image), "transform": transform, "transform_args": args.pop("transform_args", {}),
-            "model_args": args}
+    return {"image": tuple(image), "transform": transform,
+            "transform_args": args.pop("transform_args", {}), "model_args": args}
 
 
 _ANY = "identity/any (B, T, F)"
@@ -1964,67 +2084,91 @@ _GRAY = (1, 32, 32)
 
 MODELS = {
     "bilstm_fc": ModelEntry(
-        BiLSTMFC, {}, "sequence", _ANY, _input(_CIFAR, "identity", transform_args={"seq_len": 10}),
-        _input((3, 4, 4), "identity", transform_args={"seq_len": 5}),
-        "the test task: BiLSTM + FC on identity sequences (Biswas et al., IJCNN 2014)"),
+        factory=BiLSTMFC, cfg={}, input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "identity", transform_args={"seq_len": 10}),
+        test_input=_input((3, 4, 4), "identity", transform_args={"seq_len": 5}),
+        paper="the test task: BiLSTM + FC on identity sequences (Biswas et al., IJCNN 2014)"),
     "rnn": ModelEntry(
-        RNNClassifier, dict(cell="rnn"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Elman, Finding Structure in Time, Cognitive Science 1990"),
+        factory=RNNClassifier, cfg=dict(cell="rnn"), input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Elman, Finding Structure in Time, Cognitive Science 1990"),
     "gru": ModelEntry(
-        RNNClassifier, dict(cell="gru"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Cho et al., Learning Phrase Representations using RNN Encoder-Decoder, EMNLP 2014"),
+        factory=RNNClassifier, cfg=dict(cell="gru"), input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Cho et al., Learning Phrase Representations using RNN Encoder-Decoder, EMNLP 2014"),
     "lstm": ModelEntry(
-        RNNClassifier, dict(cell="lstm"), "sequence", _ANY, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Hochreiter & Schmidhuber, Long Short-Term Memory, Neural Computation 1997"),
+        factory=RNNClassifier, cfg=dict(cell="lstm"), input_form="sequence", sequence=_ANY,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Hochreiter & Schmidhuber, Long Short-Term Memory, Neural Computation 1997"),
     "lstm_rows_mnist": ModelEntry(
-        RNNClassifier, dict(cell="lstm", hidden=128, layers=3), "sequence", "rows (B, 28, 28); any (B, T, F)",
-        _input((1, 28, 28), "rows"), _input((1, 8, 8), "rows"),
-        "Hochreiter & Schmidhuber 1997; sequential MNIST (Le, Jaitly & Hinton 2015)"),
+        factory=RNNClassifier, cfg=dict(cell="lstm", hidden=128, layers=3), input_form="sequence",
+        sequence="rows (B, 28, 28); any (B, T, F)",
+        input=_input((1, 28, 28), "rows"), test_input=_input((1, 8, 8), "rows"),
+        paper="Hochreiter & Schmidhuber 1997; sequential MNIST (Le, Jaitly & Hinton 2015)"),
     "lstm_pixels_mnist": ModelEntry(
-        RNNClassifier, dict(cell="lstm", hidden=128, layers=3), "sequence", "pixels (B, 784, 1); any (B, T, F)",
-        _input((1, 28, 28), "pixels"), _input((1, 8, 8), "pixels"),
-        "Hochreiter & Schmidhuber 1997; pixel-by-pixel MNIST (Le, Jaitly & Hinton 2015)"),
+        factory=RNNClassifier, cfg=dict(cell="lstm", hidden=128, layers=3), input_form="sequence",
+        sequence="pixels (B, 784, 1); any (B, T, F)",
+        input=_input((1, 28, 28), "pixels"), test_input=_input((1, 8, 8), "pixels"),
+        paper="Hochreiter & Schmidhuber 1997; pixel-by-pixel MNIST (Le, Jaitly & Hinton 2015)"),
     "sequencer2d_s": ModelEntry(
-        SequencerImage, dict(layers=(2, 2, 4, 2)), "image", _IMAGE, _input(_CIFAR, "rows"),
-        _input((3, 8, 8), "rows"), _SEQUENCER + " (Sequencer2D-S scaled down for 32x32)"),
+        factory=SequencerImage, cfg=dict(layers=(2, 2, 4, 2)), input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper=_SEQUENCER + " (Sequencer2D-S scaled down for 32x32)"),
     "sequencer2d_m": ModelEntry(
-        SequencerImage, dict(layers=(2, 2, 7, 2)), "image", _IMAGE, _input(_CIFAR, "rows"),
-        _input((3, 8, 8), "rows"), _SEQUENCER + " (Sequencer2D-M scaled down for 32x32)"),
+        factory=SequencerImage, cfg=dict(layers=(2, 2, 7, 2)), input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper=_SEQUENCER + " (Sequencer2D-M scaled down for 32x32)"),
     "vanilla_sequencer": ModelEntry(
-        SequencerImage, dict(token_mixer="lstm1d", layers=(2, 2), patch_sizes=(4, 2), dims=(64, 128),
-                             hidden_sizes=(32, 64)), "image", _IMAGE, _input(_CIFAR, "rows"),
-        _input((3, 8, 8), "rows"), _SEQUENCER + " (Vanilla Sequencer: BiLSTM over flattened tokens)"),
+        factory=SequencerImage,
+        cfg=dict(token_mixer="lstm1d", layers=(2, 2), patch_sizes=(4, 2), dims=(64, 128),
+                 hidden_sizes=(32, 64)),
+        input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper=_SEQUENCER + " (Vanilla Sequencer: BiLSTM over flattened tokens)"),
     "vit_small_seq": ModelEntry(
-        ViTImage, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021"),
+        factory=ViTImage, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021"),
     "cnn_teacher": ModelEntry(
-        CifarResNet, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (CIFAR ResNet-20)"),
+        factory=CifarResNet, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="He et al., Deep Residual Learning for Image Recognition, CVPR 2016 "
+              "(CIFAR ResNet-20)"),
     "fast_cnn": ModelEntry(
-        FastCifarNet, {}, "image", _IMAGE, _input(_CIFAR, "rows"), _input((3, 8, 8), "rows"),
-        "Jordan, 94% on CIFAR-10 in 3.29 Seconds on a Single GPU, 2024 (airbench93's net, no whitening)"),
+        factory=FastCifarNet, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Jordan, 94% on CIFAR-10 in 3.29 Seconds on a Single GPU, 2024 "
+              "(airbench93's net, no whitening)"),
     "trellisnet": ModelEntry(
-        TrellisNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", layers=7),
-        "Bai, Kolter & Koltun, Trellis Networks for Sequence Modeling, ICLR 2019"),
+        factory=TrellisNet, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", layers=7),
+        paper="Bai, Kolter & Koltun, Trellis Networks for Sequence Modeling, ICLR 2019"),
     "lipschitz_rnn": ModelEntry(
-        LipschitzRNN, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", eps=0.1),
-        "Erichson et al., Lipschitz Recurrent Neural Networks, ICLR 2021"),
+        factory=LipschitzRNN, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", eps=0.1),
+        paper="Erichson et al., Lipschitz Recurrent Neural Networks, ICLR 2021"),
     "pit": ModelEntry(
-        PixelTransformer, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
-        "Nguyen et al., An Image is Worth More Than 16x16 Patches: Exploring Transformers on Individual Pixels, "
-        "2024"),
+        factory=PixelTransformer, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", seq_len=64),
+        paper="Nguyen et al., An Image is Worth More Than 16x16 Patches: Exploring Transformers on "
+              "Individual Pixels, 2024"),
     "nystromformer": ModelEntry(
-        Nystromformer, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"),
-        _input((1, 8, 8), "pixels", seq_len=64, landmarks=8, conv_kernel=9),
-        "Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention, AAAI 2021"),
+        factory=Nystromformer, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"),
+        test_input=_input((1, 8, 8), "pixels", seq_len=64, landmarks=8, conv_kernel=9),
+        paper="Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating "
+              "Self-Attention, AAAI 2021"),
     "fnet": ModelEntry(
-        FNet, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"), _input((1, 8, 8), "pixels", seq_len=64),
-        "Lee-Thorp et al., FNet: Mixing Tokens with Fourier Transforms, NAACL 2022"),
+        factory=FNet, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"), test_input=_input((1, 8, 8), "pixels", seq_len=64),
+        paper="Lee-Thorp et al., FNet: Mixing Tokens with Fourier Transforms, NAACL 2022"),
     "s4d": ModelEntry(
-        S4D, {}, "pixels", _PIXELS, _input(_GRAY, "pixels"),
-        _input((1, 8, 8), "pixels", dim=32, state=8, dropout=0.0, dt_min=0.016, dt_max=1.6),
-        "Gu, Gupta, Goel & Re, On the Parameterization and Initialization of Diagonal State Space Models, "
-        "NeurIPS 2022 (S4D)"),
+        factory=S4D, cfg={}, input_form="pixels", sequence=_PIXELS,
+        input=_input(_GRAY, "pixels"),
+        test_input=_input((1, 8, 8), "pixels", dim=32, state=8, dropout=0.0, dt_min=0.016,
+                          dt_max=1.6),
+        paper="Gu, Gupta, Goel & Re, On the Parameterization and Initialization of Diagonal State "
+              "Space Models, NeurIPS 2022 (S4D)"),
 }
 
 MODEL_INFO = {name: {"input_form": e.input_form, "sequence": e.sequence, "input": e.input,
@@ -2042,25 +2186,28 @@ def model_options(name):
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': valid names are {list_models()}")
     params = inspect.signature(MODELS[name].factory).parameters.values()
-    return [p.name for p in params if p.name not in ("in_features", "num_classes") and p.kind == p.KEYWORD_ONLY]
+    return [p.name for p in params
+            if p.name not in ("in_features", "num_classes") and p.kind == p.KEYWORD_ONLY]
 
 
 def create_model(name: str, *, in_features: int, num_classes: int, **overrides) -> nn.Module:
-    """Build model `name` for (B, T, in_features) inputs (see MODEL_INFO[name] for the form it reads)
-    and num_classes outputs: the registry's config for `name`, updated by `overrides`."""
+    """Build model `name` for (B, T, in_features) inputs (see MODEL_INFO[name] for the form it
+    reads) and num_classes outputs: the registry's config for `name`, updated by `overrides`."""
     valid = model_options(name)
     bad = sorted(set(overrides) - set(valid))
     if bad:
-        raise ValueError(f"bad model_args {overrides} for '{name}': unknown key(s) {bad}; valid keys are {valid}")
-    model = MODELS[name].factory(in_features=in_features, num_classes=num_classes, **{**MODELS[name].cfg, **overrides})
+        raise ValueError(f"bad model_args {overrides} for '{name}': unknown key(s) {bad}; "
+                         f"valid keys are {valid}")
+    model = MODELS[name].factory(in_features=in_features, num_classes=num_classes,
+                                 **{**MODELS[name].cfg, **overrides})
     if not hasattr(model, "input_form"):
         model.input_form = MODELS[name].input_form
     return model
 
 
 def _orthogonal_rnn(rnn: nn.RNNBase, gates: int):
-    """Per gate: orthogonal W_hh, Xavier W_ih, zero biases, and an LSTM's forget-gate bias 1 (on b_hh,
-    so that b_ih + b_hh is 1). A frozen weight (BiLSTMFC's identity W_ih) keeps its value."""
+    """Per gate: orthogonal W_hh, Xavier W_ih, zero biases, and an LSTM's forget-gate bias 1 (on
+    b_hh, so that b_ih + b_hh is 1). A frozen weight (BiLSTMFC's identity W_ih) keeps its value."""
     for name, p in rnn.named_parameters():
         if not p.requires_grad:
             continue
@@ -2071,16 +2218,17 @@ def _orthogonal_rnn(rnn: nn.RNNBase, gates: int):
                 elif name.startswith("weight_ih"):
                     nn.init.xavier_uniform_(chunk)
                 else:
-                    chunk.fill_(1.0 if gates == 4 and g == 1 and name.startswith("bias_hh") else 0.0)
+                    chunk.fill_(1.0 if gates == 4 and g == 1 and name.startswith("bias_hh")
+                                else 0.0)
 
 
 def orthogonal_init(model):
-    """Orthogonal hidden-to-hidden weights (Saxe et al., 2014), forget-gate bias 1 (Jozefowicz et al.,
-    2015), Xavier input weights (Glorot & Bengio, 2010) in every recurrent layer of `model`."""
+    """Orthogonal hidden-to-hidden weights (Saxe et al., 2014), forget-gate bias 1 (Jozefowicz et
+    al., 2015), Xavier input weights (Glorot & Bengio, 2010) in every recurrent layer of `model`."""
     rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
     if not rnns:
-        raise ValueError(f"init 'orthogonal' is for recurrent models; {type(model).__name__} has no "
-                         f"recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
+        raise ValueError(f"init 'orthogonal' is for recurrent models; {type(model).__name__} "
+                         f"has no recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
     for rnn in rnns:
         _orthogonal_rnn(rnn, {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1))
     if isinstance(model, BiLSTMFC):  # layer 1's input weights and biases live in in_proj
@@ -2091,26 +2239,15 @@ def orthogonal_init(model):
     return model
 
 
-INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}  # PyTorch's, or orthogonal_init
-
-
-def describe_models():
-    """One line per model: its parameters at its default input, that input, its input form and paper."""
-    lines = []
-    for name in list_models():
-        x, n_feat, args = model_input(name)
-        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
-        spec = MODEL_INFO[name]["input"]
-        shown = f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = {tuple(x.shape[1:])}"
-        lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
-                     f"{MODEL_INFO[name]['paper']}")
-    return lines
+# init name -> function(model) -> model: PyTorch's own initialisation, or orthogonal_init
+INITS = {"default": lambda model: model, "orthogonal": orthogonal_init}
 
 
 def model_input(name, batch_size=1, *, tiny=False, seed=0):
     """A batch of model `name`'s default input (MODEL_INFO[name]["input"]; tiny: its "test_input"):
     standard-normal "normalised images" turned into that sequence. Returns (x, in_features,
-    model_args), ready for create_model(name, in_features=in_features, num_classes=K, **model_args)."""
+    model_args), ready for
+    create_model(name, in_features=in_features, num_classes=K, **model_args)."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': valid names are {list_models()}")
     spec = MODEL_INFO[name]["test_input" if tiny else "input"]
@@ -2123,20 +2260,41 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def describe_models():
+    """One line per model: its parameters at its default input, that input, its input form and
+    paper."""
+    lines = []
+    for name in list_models():
+        x, n_feat, args = model_input(name)
+        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
+        spec = MODEL_INFO[name]["input"]
+        shown = (f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = "
+                 f"{tuple(x.shape[1:])}")
+        lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
+                     f"{MODEL_INFO[name]['paper']}")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------
 # Distillation: the loss, and the teacher as a student's training step reads it
 
 def distillation_loss(student_logits, teacher_logits, labels, *, alpha, temperature, hard=False):
-    """Hinton et al. (2015): (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T),
-    batch means; with `hard`, DeiT's hard-label variant (Touvron et al. 2021): (1 - alpha) * CE(student,
-    labels) + alpha * CE(student, teacher's argmax), where the temperature plays no part.
+    """Hinton et al. (2015), batch means:
+
+        (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T);
+
+    with `hard`, DeiT's hard-label variant (Touvron et al. 2021), where the temperature plays no
+    part:
+
+        (1 - alpha) * CE(student, labels) + alpha * CE(student, teacher's argmax).
 
     Run the teacher under torch.no_grad(); its logits are detached here all the same."""
     teacher_logits = teacher_logits.detach()
     ce = F.cross_entropy(student_logits, labels)
     if hard:
         return (1 - alpha) * ce + alpha * F.cross_entropy(student_logits, teacher_logits.argmax(-1))
-    kl = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, -1),
+                  F.log_softmax(teacher_logits / temperature, -1),
                   reduction="batchmean", log_target=True)
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
@@ -2155,23 +2313,28 @@ def build_teacher(name, args, image_shape, num_classes):
         to_input, defaults, n_feat = as_is, {"channels": C}, W * C
     else:
         spec = MODEL_INFO[name]["input"]
-        to_input, defaults = make_sequence(spec["transform"], **spec["transform_args"]), spec["model_args"]
+        to_input, defaults = (make_sequence(spec["transform"], **spec["transform_args"]),
+                              spec["model_args"])
         n_feat = to_input(torch.zeros(1, *image_shape)).shape[-1]
-    return create_model(name, in_features=n_feat, num_classes=num_classes, **{**defaults, **args}), to_input
+    return create_model(name, in_features=n_feat, num_classes=num_classes,
+                        **{**defaults, **args}), to_input
 
 
 def _moved(z, start):
-    """The batch z (B, C, H, W) moved one pixel sideways, reflect-padded: start 0 moves it right, 2 left."""
+    """The batch z (B, C, H, W) moved one pixel sideways, reflect-padded: start 0 moves it right,
+    2 left."""
     return F.pad(z, (1, 1, 0, 0), mode="reflect")[..., start:start + z.shape[-1]]
 
 
-TEST_VIEWS = {  # a teacher's test-time augmentation: normalised batch -> [(weight, view)], weights summing to 1
+# a teacher's test-time augmentation: normalised batch -> [(weight, view)], weights summing to 1
+TEST_VIEWS = {
     "none": lambda z: [(1.0, z)],
     "flip": lambda z: [(0.5, z), (0.5, z.flip(3))],
-    # airbench's: the image and its mirror, each as is (1/4) and moved a pixel left and right (1/8 each);
-    # closed under mirroring (the mirror of a view is a view), so an image and its mirror get one answer
-    "flip_shift": lambda z: [(w, v) for u in (z, z.flip(3)) for w, v in ((0.25, u), (0.125, _moved(u, 0)),
-                                                                         (0.125, _moved(u, 2)))],
+    # airbench's: the image and its mirror, each as is (1/4) and moved a pixel left and right (1/8
+    # each); closed under mirroring (the mirror of a view is a view), so an image and its mirror
+    # get one answer
+    "flip_shift": lambda z: [(w, v) for u in (z, z.flip(3))
+                             for w, v in ((0.25, u), (0.125, _moved(u, 0)), (0.125, _moved(u, 2)))],
 }
 
 
@@ -2215,10 +2378,9 @@ def logits_table(teacher: Teacher, x_uint8, batch=512):
     test-time views include the mirror gives both one answer: computed once."""
     def both(xb):
         logits = teacher.live(xb)
-        return torch.stack([logits, logits if teacher.tta != "none" else teacher.live(xb.flip(3))], 1).half()
+        return torch.stack([logits, logits if teacher.tta != "none" else teacher.live(xb.flip(3))],
+                           1).half()
     return torch.cat([both(xb) for xb in x_uint8.split(batch)])
-
-
 
 
 if __name__ == "__main__":  # the command line lives in the package: a hand-off, not an import
