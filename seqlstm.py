@@ -10,12 +10,12 @@ package seqlab beside it, which imports this module.
 
 Contents, in reading order (each section uses only what comes before it):
   Data                 ImageData, DATASETS, load_dataset: every dataset as in-memory uint8 tensors,
-                       decoded once and cached; dataset_overview
+                       decoded once and cached
   Sequence transforms  SEQUENCES, make_sequence, STEP_LAYOUT; the batched fast path (normalize,
                        AUGMENTS, augment_batch, Batches); the per-sample path (per_sample_pipeline,
                        TensorImages)
   Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel
-                       models, S4D; MODEL_INFO, model_input, describe_models
+                       models, S4D; MODEL_INFO, model_input
   Distillation         distillation_loss, build_teacher, TEST_VIEWS, Teacher (its logits from a
                        table or live), logits_table
 """
@@ -466,23 +466,6 @@ def dataset_options(name):
             for p in list(inspect.signature(DATASETS[name]).parameters.values())[3:]}
 
 
-def describe_datasets():
-    """One line per registered dataset: its name, what it is and its dataset_args."""
-    lines = []
-    for name in list_datasets():
-        loader = DATASETS[name]
-        if isinstance(loader, partial):
-            base = next(k for k, v in DATASETS.items() if v is loader.func)
-            text = f"{base} with dataset_args {loader.keywords}"
-        else:
-            # its docstring's first paragraph, on one line
-            text = " ".join((loader.__doc__ or "").strip().split("\n\n")[0].split())
-            options = ", ".join(f"{k}={v!r}" for k, v in dataset_options(name).items())
-            text += f"  [dataset_args: {options}]" if options else ""
-        lines.append(f"{name:<16} {text}")
-    return lines
-
-
 def _load_splits(name, data_dir, download, image_size, options=None):
     """(train_x, train_y, test_x, test_y, classes), source."""
     folder, options = Path(name), dict(options or {})
@@ -590,40 +573,6 @@ def load_dataset(name: str, *, data_dir=None, val_fraction=0.1, seed=0, limit_tr
     mean, std = _channel_stats(train_x)
     return ImageData(str(name), list(classes), train_x, train_y, val_x, val_y, test_x, test_y,
                      mean, std, source)
-
-
-def dataset_overview(data: ImageData, per_class=8, max_classes=20):
-    """(counts, figure) for a report: a DataFrame of images per class (index: class names) and split
-    (columns train, val, test), and a grid of the first `per_class` train images of each class, one
-    row per class labelled with its name; at most `max_classes` rows, evenly spread over the labels,
-    with a note in the title when classes are left out."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    k = len(data.classes)
-    counts = pd.DataFrame({split: torch.bincount(getattr(data, f"{split}_y"), minlength=k).tolist()
-                           for split in ("train", "val", "test")},
-                          index=pd.Index(data.classes, name="class"))
-    shown = sorted(set(torch.linspace(0, k - 1, min(k, max_classes)).round().long().tolist()))
-    fig, axes = plt.subplots(len(shown), per_class,
-                             figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
-                             squeeze=False)
-    gray = data.train_x.shape[1] == 1
-    for row, label in zip(axes, shown):
-        idx = (data.train_y == label).nonzero().flatten()[:per_class].tolist()
-        for j, ax in enumerate(row):
-            ax.set_xticks([]), ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if j < len(idx):
-                img = data.train_x[idx[j]]
-                ax.imshow(img[0].numpy() if gray else img.permute(1, 2, 0).numpy(),
-                          cmap="gray" if gray else None, vmin=0, vmax=255,
-                          interpolation="nearest")
-        row[0].set_ylabel(data.classes[label], rotation=0, ha="right", va="center", fontsize=8)
-    note = f" ({len(shown)} of {k} classes shown)" if len(shown) < k else ""
-    fig.suptitle(f"{data.name}: train images, {per_class} per class{note}", fontsize=10)
-    fig.tight_layout()
-    return counts, fig
 
 
 # ----------------------------------------------------------------------------------------
@@ -885,24 +834,6 @@ STEP_LAYOUT = {"rows": "sequence", "columns": "sequence", "pixels": "sequence", 
 
 
 ARG_CHOICES = {"order": PIXEL_ORDERS}  # transform arguments with a fixed set of values
-
-
-def describe_sequences(shape, seq_len):
-    """Per transform: (T, F) for one image of `shape`, then each argument with its default (and
-    valid values where they are a fixed set)."""
-    import inspect
-    lines = []
-    for name in list_sequences():
-        try:
-            T, n = sequence_shape(name, shape, seq_len=seq_len)
-            lines.append(f"{name:<12} {'x'.join(map(str, shape))} -> T={T}, F={n}")
-        except ValueError as e:  # e.g. a default patch or crop that does not fit this size
-            lines.append(f"{name:<12} {'x'.join(map(str, shape))} -> needs other arguments: {e}")
-        for arg in list(inspect.signature(SEQUENCES[name]).parameters.values())[1:]:
-            valid = f"  one of {list(ARG_CHOICES[arg.name])}" if arg.name in ARG_CHOICES else ""
-            default = "report parameter seq_len" if arg.name == "seq_len" else repr(arg.default)
-            lines.append(f"{'':<14}{arg.name} = {default}{valid}")
-    return lines
 
 
 # The fast path: whole batches of uint8 tensors, normalised and augmented at once.
@@ -2258,21 +2189,6 @@ def model_input(name, batch_size=1, *, tiny=False, seed=0):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def describe_models():
-    """One line per model: its parameters at its default input, that input, its input form and
-    paper."""
-    lines = []
-    for name in list_models():
-        x, n_feat, args = model_input(name)
-        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
-        spec = MODEL_INFO[name]["input"]
-        shown = (f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = "
-                 f"{tuple(x.shape[1:])}")
-        lines.append(f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
-                     f"{MODEL_INFO[name]['paper']}")
-    return lines
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,7 +8,22 @@ import argparse
 import signal
 import sys
 
-from seqlstm import describe_datasets, describe_models, describe_sequences
+from functools import partial
+
+from seqlstm import (
+    ARG_CHOICES,
+    DATASETS,
+    MODEL_INFO,
+    SEQUENCES,
+    count_params,
+    create_model,
+    dataset_options,
+    list_datasets,
+    list_models,
+    list_sequences,
+    model_input,
+    sequence_shape,
+)
 from seqlab import files, render, report, runner, schema
 
 BAD_INPUT = (ValueError, files.SetupError, FileNotFoundError)
@@ -31,6 +46,64 @@ def _interrupt_kernel_on_signals():
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+
+
+# ---- what the registries hold: datasets, transforms, models
+
+
+def describe_datasets():
+    """One line per registered dataset: its name, what it is and its dataset_args."""
+    lines = []
+    for name in list_datasets():
+        loader = DATASETS[name]
+        if isinstance(loader, partial):
+            base = next(k for k, v in DATASETS.items() if v is loader.func)
+            text = f"{base} with dataset_args {loader.keywords}"
+        else:
+            # its docstring's first paragraph, on one line
+            text = " ".join((loader.__doc__ or "").strip().split("\n\n")[0].split())
+            options = ", ".join(f"{k}={v!r}" for k, v in dataset_options(name).items())
+            text += f"  [dataset_args: {options}]" if options else ""
+        lines.append(f"{name:<16} {text}")
+    return lines
+
+
+def describe_sequences(shape, seq_len):
+    """Per transform: (T, F) for one image of `shape`, then each argument with its default (and
+    valid values where they are a fixed set)."""
+    import inspect
+
+    lines = []
+    for name in list_sequences():
+        try:
+            T, n = sequence_shape(name, shape, seq_len=seq_len)
+            lines.append(f"{name:<12} {'x'.join(map(str, shape))} -> T={T}, F={n}")
+        except ValueError as e:  # e.g. a default patch or crop that does not fit this size
+            lines.append(f"{name:<12} {'x'.join(map(str, shape))} -> needs other arguments: {e}")
+        for arg in list(inspect.signature(SEQUENCES[name]).parameters.values())[1:]:
+            valid = f"  one of {list(ARG_CHOICES[arg.name])}" if arg.name in ARG_CHOICES else ""
+            default = "report parameter seq_len" if arg.name == "seq_len" else repr(arg.default)
+            lines.append(f"{'':<14}{arg.name} = {default}{valid}")
+    return lines
+
+
+def describe_models():
+    """One line per model: its parameters at its default input, that input, its input form and
+    paper."""
+    lines = []
+    for name in list_models():
+        x, n_feat, args = model_input(name)
+        n = count_params(create_model(name, in_features=n_feat, num_classes=10, **args))
+        spec = MODEL_INFO[name]["input"]
+        shown = (
+            f"{spec['transform']} of {'x'.join(map(str, spec['image']))} -> (T, F) = "
+            f"{tuple(x.shape[1:])}"
+        )
+        lines.append(
+            f"{name:<18} {n:>10,} params  {MODEL_INFO[name]['input_form']:<8} {shown:<38} "
+            f"{MODEL_INFO[name]['paper']}"
+        )
+    return lines
 
 
 def report_command(args):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
-from seqlstm import STEP_LAYOUT
+import torch
+
+from seqlstm import STEP_LAYOUT, ImageData
 
 
 def close(*figs):
@@ -202,3 +204,49 @@ def plot_summary(summary, chance=0.0):
     ax.invert_yaxis()
     fig.tight_layout()
     return fig, "test accuracy per run; the dashed line is chance"
+
+
+def dataset_overview(data: ImageData, per_class=8, max_classes=20):
+    """(counts, figure) for a report: a DataFrame of images per class (index: class names) and split
+    (columns train, val, test), and a grid of the first `per_class` train images of each class, one
+    row per class labelled with its name; at most `max_classes` rows, evenly spread over the labels,
+    with a note in the title when classes are left out."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    k = len(data.classes)
+    counts = pd.DataFrame(
+        {
+            split: torch.bincount(getattr(data, f"{split}_y"), minlength=k).tolist()
+            for split in ("train", "val", "test")
+        },
+        index=pd.Index(data.classes, name="class"),
+    )
+    shown = sorted(set(torch.linspace(0, k - 1, min(k, max_classes)).round().long().tolist()))
+    fig, axes = plt.subplots(
+        len(shown),
+        per_class,
+        figsize=(1.6 + 0.8 * per_class, 0.6 + 0.8 * len(shown)),
+        squeeze=False,
+    )
+    gray = data.train_x.shape[1] == 1
+    for row, label in zip(axes, shown):
+        idx = (data.train_y == label).nonzero().flatten()[:per_class].tolist()
+        for j, ax in enumerate(row):
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(idx):
+                img = data.train_x[idx[j]]
+                ax.imshow(
+                    img[0].numpy() if gray else img.permute(1, 2, 0).numpy(),
+                    cmap="gray" if gray else None,
+                    vmin=0,
+                    vmax=255,
+                    interpolation="nearest",
+                )
+        row[0].set_ylabel(data.classes[label], rotation=0, ha="right", va="center", fontsize=8)
+    note = f" ({len(shown)} of {k} classes shown)" if len(shown) < k else ""
+    fig.suptitle(f"{data.name}: train images, {per_class} per class{note}", fontsize=10)
+    fig.tight_layout()
+    return counts, fig

@@ -208,7 +208,6 @@ def show_tuning(study, storage):
 
 def show_data(datasets, per_class):
     """## Data: each dataset's splits, images per class and sample images."""
-    from seqlstm import dataset_overview
 
     if not per_class:
         return
@@ -217,7 +216,7 @@ def show_data(datasets, per_class):
         "and sample training images per class."
     )
     for data in datasets.values():
-        counts, fig = dataset_overview(data, per_class=per_class)
+        counts, fig = figures.dataset_overview(data, per_class=per_class)
         n = data.counts()
         show(
             f"### {data.name}: {len(data.classes)} classes, images "

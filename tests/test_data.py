@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
 import seqlstm
+from seqlab import figures
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -927,7 +928,7 @@ def test_chunked_policy_and_statistics_match_the_whole_set_computation():
 def test_dataset_overview_counts_and_grid(digits):
     import matplotlib.pyplot as plt
 
-    counts, fig = seqlstm.dataset_overview(digits, per_class=3)
+    counts, fig = figures.dataset_overview(digits, per_class=3)
     try:
         assert (
             list(counts.columns) == ["train", "val", "test"]
@@ -966,7 +967,7 @@ def test_dataset_overview_caps_the_classes_shown():
         torch.zeros(3),
         torch.ones(3),
     )
-    counts, fig = seqlstm.dataset_overview(data, per_class=2)
+    counts, fig = figures.dataset_overview(data, per_class=2)
     try:
         assert len(counts) == k and counts.sum().to_dict() == {"train": len(y), "val": 0, "test": 5}
         rows = [fig.axes[2 * r].get_ylabel() for r in range(len(fig.axes) // 2)]

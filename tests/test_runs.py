@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import seqlstm
-from seqlab import cores, files, lightning, plan, render, report, runner, schema, tracking
+from seqlab import cli, cores, files, lightning, plan, render, report, runner, schema, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_ARGS = {
@@ -404,7 +404,7 @@ def test_sigterm_marks_the_run_killed_and_keeps_the_notebook(tmp_path):
 
 
 def test_transforms_command_shows_arguments_and_valid_values():
-    lines = seqlstm.describe_sequences((3, 32, 32), 10)
+    lines = cli.describe_sequences((3, 32, 32), 10)
     assert "              order = 'raster'  one of ['raster', 'snake', 'permuted']" in lines
     assert (
         "              patch = 4" in lines
