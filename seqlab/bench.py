@@ -34,7 +34,8 @@ from seqlstm import (
     per_sample_pipeline,
     sequence_transform,
 )
-from seqlab import cores, lightning, teacher
+from seqlab import cores, lightning
+from seqlab.teacher import TEACHER_RECIPE
 
 
 def measure(fn, min_run_time):
@@ -287,7 +288,7 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
     labels = torch.randint(0, 10, (n,))
     mean, std = torch.full((3,), 0.47, device=device), torch.full((3,), 0.25, device=device)
     model, to_input = build_teacher(teacher, {}, (3, 32, 32), 10)
-    live = Teacher(model.to(device), to_input, mean, std, tta=teacher.TEACHER_RECIPE["tta"])
+    live = Teacher(model.to(device), to_input, mean, std, tta=TEACHER_RECIPE["tta"])
     cached = Teacher(model, to_input, mean, std, table=logits_table(live, images.to(device)))
     result = {}
     for name, t in (("none", None), ("cached", cached), ("live", live)):
@@ -307,7 +308,7 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
         )
         step = _train_step(module, lambda: next(batches), device, loss=module.train_loss)
         result[name] = _rate(256, measure(step, min_run_time))
-    r = teacher.TEACHER_RECIPE
+    r = TEACHER_RECIPE
     net = lightning.SeqClassifier(
         model.train().requires_grad_(True),
         to_seq=to_input,
@@ -328,7 +329,7 @@ def bench_distill(device, min_run_time, seq_len=10, teacher="fast_cnn", n=2048):
 
 
 def format_distill(t):
-    r = teacher.TEACHER_RECIPE
+    r = TEACHER_RECIPE
     return [
         f"distillation: the test-task student (identity L={t['seq_len']}, flips, batch 256), "
         "training images/s",
