@@ -167,7 +167,7 @@ step data "$DATA_S" "$PY" -c "$LOAD_PY" "${DATASETS[@]}"
 results data ' from '
 
 step tests "$TESTS_S" "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
-results tests '(passed|failed|skipped|error)'
+results tests '^(FAILED|ERROR) |(passed|failed|skipped|error)'
 
 step bench "$BENCH_S" "$PY" seqlstm.py bench "${BENCH[@]}" --json "$OUT/bench.json"
 results bench '^device|^tiny|^ +L +naive|^ +(5|10|20) |^one Lightning epoch'
