@@ -1,7 +1,8 @@
 """`python seqlstm.py bench`: speed as ratios and fractions of the matmul peak, measured in one
 run. Every figure is the median of repeated timings by torch.utils.benchmark (adaptive_autorange:
 a warm-up, then at least 4 timed blocks, until the interquartile range is within 10% of the median
-or the time is up), printed with its spread. `--quick` only measures for less time."""
+or the time is up), printed with its spread. `--quick` only measures for less time; `--tiny` runs
+every figure at toy sizes for a moment, a dry run of the command whose numbers mean nothing."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from seqlstm import (
     per_sample_pipeline,
     sequence_transform,
 )
-from seqlab import cores, lightning, teacher
+from seqlab import cores, lightning
+from seqlab.teacher import TEACHER_RECIPE
 
 
 def measure(fn, min_run_time):
@@ -222,10 +224,10 @@ def bench_identity(device, min_run_time, B=256):
     return out
 
 
-def bench_data(min_run_time, B=256):
+def bench_data(min_run_time, B=256, n=2048):
     """Images/s of the torchvision per-sample pipeline and of the batched fast path (flip, crop,
-    L=20)."""
-    images, labels, _ = _cifar_batches("cpu", B)
+    L=20) over n images."""
+    images, labels, _ = _cifar_batches("cpu", B, n)
     mean, std = torch.full((3,), 0.47), torch.full((3,), 0.25)
     per_sample = TensorImages(
         images,
@@ -250,18 +252,19 @@ def bench_data(min_run_time, B=256):
     return {"torchvision": tv, "fast": fast, "ratio": fast["per_s"] / tv["per_s"]}
 
 
-def bench_models(device, min_run_time, peak_gflops, B=64, K=10):
-    """Every registered model at its default input, batch B: training images/s, training FLOPs per
-    image and the GFLOP/s they make, in % of the matmul peak of the same run."""
+def bench_models(device, min_run_time, peak_gflops, B=64, K=10, tiny=False):
+    """Every registered model at its default input (tiny: its test input), batch B: training
+    images/s, training FLOPs per image and the GFLOP/s they make, in % of the matmul peak of the
+    same run."""
     out = {}
     for name in list_models():
-        x, n_in, args = model_input(name, B)
+        x, n_in, args = model_input(name, B, tiny=tiny)
         x, y = x.to(device), torch.randint(0, K, (B,), device=device)
         model = create_model(name, in_features=n_in, num_classes=K, **args).to(device)
         flops = train_flops(model, x, y)
         rate = _rate(B, measure(_train_step(model, lambda: (x, y), device), min_run_time))
         gflops = rate["per_s"] * flops / 1e9
-        info = MODEL_INFO[name]["input"]
+        info = MODEL_INFO[name]["test_input" if tiny else "input"]
         out[name] = {
             "params": count_params(model),
             "train": rate,
@@ -279,7 +282,8 @@ def _endless(batches):
 
 
 def _student_rate(device, images, labels, mean, std, seq_len, taught, min_run_time):
-    """Training images/s of the test-task student (batch 256, flips), taught by `taught`."""
+    """Training images/s of the test-task student (batch 256, or all images if fewer; flips),
+    taught by `taught`."""
     module = lightning.SeqClassifier(
         BiLSTMFC(in_features=3 * 32 * 32, num_classes=10),
         to_seq=make_sequence("identity", seq_len=seq_len),
@@ -290,14 +294,15 @@ def _student_rate(device, images, labels, mean, std, seq_len, taught, min_run_ti
         distill_alpha=0.9,
         distill_T=4.0,
     ).to(device)
-    batches = _endless(Batches(images, labels, 256, shuffle=True, with_index=True))
+    B = min(256, len(labels))
+    batches = _endless(Batches(images, labels, B, shuffle=True, with_index=True))
     step = _train_step(module, lambda: next(batches), device, loss=module.train_loss)
-    return _rate(256, measure(step, min_run_time))
+    return _rate(B, measure(step, min_run_time))
 
 
 def _teacher_rate(device, model, to_input, images, labels, mean, std, min_run_time):
-    """The teacher's own training images/s by TEACHER_RECIPE."""
-    r = teacher.TEACHER_RECIPE
+    """The teacher's own training images/s by TEACHER_RECIPE (its batch, or all images)."""
+    r = TEACHER_RECIPE
     net = lightning.SeqClassifier(
         model.train().requires_grad_(True),
         to_seq=to_input,
@@ -306,21 +311,22 @@ def _teacher_rate(device, model, to_input, images, labels, mean, std, min_run_ti
         augment=r["augment"],
         label_smoothing=r["label_smoothing"],
     ).to(device)
-    batches = _endless(Batches(images, labels, r["batch_size"], shuffle=True, with_index=True))
+    B = min(r["batch_size"], len(labels))
+    batches = _endless(Batches(images, labels, B, shuffle=True, with_index=True))
     step = _train_step(net, lambda: next(batches), device, loss=net.train_loss)
-    return _rate(r["batch_size"], measure(step, min_run_time))
+    return _rate(B, measure(step, min_run_time))
 
 
 def bench_distill(device, min_run_time, seq_len=10, teacher_name="fast_cnn", n=2048):
     """Training images/s of the test-task student (BiLSTM + FC, identity L = seq_len, flips, batch
-    256) without a teacher, with a cached logits table and with the teacher run live; and the
-    teacher's own training images/s (TEACHER_RECIPE). The teacher is untrained: speed does not
-    depend on its weights."""
+    256, or n if fewer) without a teacher, with a cached logits table and with the teacher run
+    live; and the teacher's own training images/s (TEACHER_RECIPE). The teacher is untrained: speed
+    does not depend on its weights."""
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8).to(device)
     labels = torch.randint(0, 10, (n,)).to(device)
     mean, std = torch.full((3,), 0.47, device=device), torch.full((3,), 0.25, device=device)
     model, to_input = build_teacher(teacher_name, {}, (3, 32, 32), 10)
-    live = Teacher(model.to(device), to_input, mean, std, tta=teacher.TEACHER_RECIPE["tta"])
+    live = Teacher(model.to(device), to_input, mean, std, tta=TEACHER_RECIPE["tta"])
     cached = Teacher(model, to_input, mean, std, table=logits_table(live, images))
     result = {
         name: _student_rate(device, images, labels, mean, std, seq_len, t, min_run_time)
@@ -330,51 +336,66 @@ def bench_distill(device, min_run_time, seq_len=10, teacher_name="fast_cnn", n=2
         device, model, to_input, images, labels, mean, std, min_run_time
     )
     ratio = result["cached"]["per_s"] / result["none"]["per_s"]
-    return {**result, "cached_ratio": round(ratio, 2), "seq_len": seq_len, "teacher": teacher_name}
+    return {**result, "cached_ratio": round(ratio, 2), "seq_len": seq_len, "teacher": teacher_name,
+            "batch": min(256, n), "teacher_batch": min(TEACHER_RECIPE["batch_size"], n)}
 
 
 def format_distill(t):
-    r = teacher.TEACHER_RECIPE
+    r = TEACHER_RECIPE
     return [
-        f"distillation: the test-task student (identity L={t['seq_len']}, flips, batch 256), "
+        f"distillation: the test-task student (identity L={t['seq_len']}, flips, "
+        f"batch {t.get('batch', 256)}), "
         "training images/s",
         f"{'no teacher':>24} {_cell(t['none'])}",
         f"{'cached teacher logits':>24} {_cell(t['cached'])}   "
         f"({t['cached_ratio']:.2f}x of no teacher)",
         f"{'live teacher ' + t['teacher']:>24} {_cell(t['live'])}   (test-time views: {r['tta']})",
         f"{'teacher training':>24} {_cell(t['teacher_train'])}   (TEACHER_RECIPE: batch "
-        f"{r['batch_size']}, {r['augment']})",
+        f"{t.get('teacher_batch', r['batch_size'])}, {r['augment']})",
         "",
     ]
 
 
-def bench(quick=False, json_path=None, device=None, threads=0):
+# Of the figures: the matmul's side, the batch, the images of the data and distillation figures,
+# the training and validation images of the epoch, the batch of every model's figure.
+SIZES = {
+    "full": dict(matmul=2048, batch=256, images=2048, train=45_000, val=5_000, model_batch=64),
+    "tiny": dict(matmul=256, batch=16, images=64, train=256, val=64, model_batch=4),  # a dry run
+}
+
+
+def bench(quick=False, json_path=None, device=None, threads=0, tiny=False):
     """Training throughput of the fast path against the naive one, of the data paths and of every
-    model, each as the median of repeated timings with its spread, against the matmul peak."""
+    model, each as the median of repeated timings with its spread, against the matmul peak.
+    `tiny`: SIZES["tiny"], the models' test inputs and 0.01 s per figure, a dry run of every figure
+    (the numbers mean nothing)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = cores.set_threads(threads)
     torch.manual_seed(0)
-    t = 1.0 if quick else 3.0  # seconds of measurement per figure (at least one run each)
-    peak = matmul_gflops(min_run_time=t, device=device)
+    size = SIZES["tiny" if tiny else "full"]
+    t = 0.01 if tiny else 1.0 if quick else 3.0  # seconds of measuring per figure (1 run at least)
+    peak = matmul_gflops(size["matmul"], min_run_time=t, device=device)
     result = {
         "threads": threads,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "quick": quick,
+        "tiny": tiny,
+        "sizes": size,
         "matmul_gflops": peak,
-        "identity": bench_identity(device, t),
-        "data": bench_data(t),
+        "identity": bench_identity(device, t, size["batch"]),
+        "data": bench_data(t, size["batch"], size["images"]),
     }
-    epoch = measure(lightning_epoch(device), 2 * t)
+    epoch = measure(lightning_epoch(device, size["train"], size["val"]), 2 * t)
     result["epoch"] = {
         "seconds": epoch.median,
         "iqr_pct": round(100 * epoch.iqr / epoch.median, 1),
         "runs": len(epoch.times),
-        "train_images": 45_000,
-        "val_images": 5_000,
+        "train_images": size["train"],
+        "val_images": size["val"],
         "seq_len": 20,
     }
-    result["distill"] = bench_distill(device, t)
-    result["models"] = bench_models(device, 2 * t, peak)
+    result["distill"] = bench_distill(device, t, n=size["images"])
+    result["models"] = bench_models(device, 2 * t, peak, size["model_batch"], tiny=tiny)
     print(format_bench(result))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -389,12 +410,15 @@ def _cell(rate, width=12, digits=0):
 
 
 def format_bench(r):
+    size = r.get("sizes", SIZES["full"])
     lines = [
         f"device {r['device']}, {r['threads']} threads, float32 matmul peak "
         f"{r['matmul_gflops']:.0f} GFLOP/s; medians of repeated timings, ± half the "
         "interquartile range",
+        *["tiny sizes: a dry run of every figure, the numbers mean nothing"] * bool(r.get("tiny")),
         "",
-        "identity sequence, BiLSTM(32)+FC(100), CIFAR-10 shapes, batch 256, training images/s",
+        f"identity sequence, BiLSTM(32)+FC(100), CIFAR-10 shapes, batch {size['batch']}, "
+        "training images/s",
         f"{'L':>4} {'naive nn.LSTM':>18} {'fast (loop)':>18} {'ratio':>6} {'GFLOP/s':>8} "
         f"{'hoisted+fused':>18}",
     ]
@@ -416,16 +440,18 @@ def format_bench(r):
         f"({e['runs']} runs)",
         "",
     ]
-    return "\n".join(lines + format_distill(r["distill"]) + format_models(r["models"]))
+    models = format_models(r["models"], size["model_batch"], r.get("tiny", False))
+    return "\n".join(lines + format_distill(r["distill"]) + models)
 
 
-def format_models(models):
+def format_models(models, batch=64, tiny=False):
     lines = [
-        "every model at its default input, batch 64: training images/s; training GFLOP per image",
+        f"every model at its {'test' if tiny else 'default'} input, batch {batch}: training "
+        "images/s; training GFLOP per image",
         "(FlopCounterMode: products, convolutions, attention, FFTs), achieved GFLOP/s, "
         "% of the peak",
         f"{'model':<18} {'params':>10} {'train img/s':>16} {'GFLOP/img':>10} {'GFLOP/s':>8} "
-        f"{'% peak':>7}   default input",
+        f"{'% peak':>7}   {'test' if tiny else 'default'} input",
     ]
     for k, v in models.items():
         lines.append(

@@ -170,7 +170,7 @@ def tune_command(args):
 def bench_command(args):
     from seqlab import bench
 
-    bench.bench(quick=args.quick, json_path=args.json, threads=args.threads)
+    bench.bench(quick=args.quick, json_path=args.json, threads=args.threads, tiny=args.tiny)
 
 
 def transforms_command(args):
@@ -239,6 +239,11 @@ def parser():
     _tune_arguments(sub.add_parser("tune", help="Optuna search over a tune file's space"))
     b = sub.add_parser("bench", help="training and data throughput, fast path against naive")
     b.add_argument("--quick", action="store_true", help="shorter timings (each still a median)")
+    b.add_argument(
+        "--tiny",
+        action="store_true",
+        help="toy sizes, 0.01 s per figure: a dry run of every figure (the numbers mean nothing)",
+    )
     b.add_argument("--json", help="also write the results as JSON to this path")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
     sub.add_parser("datasets", help="list datasets")

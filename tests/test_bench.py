@@ -1,13 +1,15 @@
-"""The benchmark's FLOP counting and timing helpers."""
+"""The benchmark's FLOP counting and timing helpers, and its dry run."""
 
+import json
 import math
 import time
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import seqlstm
-from seqlab import bench
+from seqlab import bench, cli
 
 
 def test_flop_counting_agrees_with_the_analytical_count_for_bilstm_fc():
@@ -65,3 +67,24 @@ def test_the_distillation_bench_measures_each_way_and_formats_a_table():
     assert all(t[k]["per_s"] > 0 for k in ("none", "cached", "live", "teacher_train"))
     lines = bench.format_distill(t)
     assert f"(test-time views: {teacher.TEACHER_RECIPE['tta']})" in lines[3]
+
+
+@pytest.mark.slow
+def test_the_tiny_bench_runs_every_figure_and_saves_what_it_prints(tmp_path, capsys):
+    """`bench --tiny`, the dry run of the command: every model and every figure measured (finite,
+    positive rates) at the toy sizes, and the JSON holds what the table printed."""
+    threads = torch.get_num_threads()
+    try:
+        cli.main(["bench", "--tiny", "--threads", "1", "--json", str(tmp_path / "bench.json")])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["tiny"] and saved["sizes"] == bench.SIZES["tiny"]
+    assert sorted(saved["models"]) == seqlstm.list_models()
+    rates = [v["train"]["per_s"] for v in saved["models"].values()]
+    rates += [v[k]["per_s"] for v in saved["identity"].values() for k in ("naive", "fast", "fused")]
+    rates += [saved["data"][k]["per_s"] for k in ("torchvision", "fast")]
+    rates += [saved["distill"][k]["per_s"] for k in ("none", "cached", "live", "teacher_train")]
+    assert all(math.isfinite(r) and r > 0 for r in rates)
+    assert (saved["epoch"]["train_images"], saved["epoch"]["val_images"]) == (256, 64)
+    assert capsys.readouterr().out.strip() == bench.format_bench(saved)
