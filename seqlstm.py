@@ -192,7 +192,7 @@ def _cached_decode(root: Path, train_files, test_files, classes, image_size=None
     for cache in [entry(None)] + [entry(image_size)] * (image_size is not None):
         if cache.exists():
             try:
-                return torch.load(cache)
+                return torch.load(cache, weights_only=True)  # tensors and names: nothing runs
             except Exception as e:  # a truncated or foreign file: decode again and replace it
                 warnings.warn(f"ignoring the unreadable decoded-image cache {cache}: {e}")
     size = None
@@ -2121,6 +2121,18 @@ def model_options(name):
             if p.name not in ("in_features", "num_classes") and p.kind == p.KEYWORD_ONLY]
 
 
+def _check_flags(name, overrides):
+    """A switch (a keyword whose default is True or False) takes True or False only: "no" is an
+    error, not a true value."""
+    import inspect
+    defaults = {p.name: p.default for p in
+                inspect.signature(MODELS[name].factory).parameters.values()}
+    for key, value in overrides.items():
+        if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+            raise ValueError(f"{key} must be True or False, got {value!r} (model_args of "
+                             f"'{name}')")
+
+
 def create_model(name: str, *, in_features: int, num_classes: int, **overrides) -> nn.Module:
     """Build model `name` for (B, T, in_features) inputs (see MODEL_INFO[name] for the form it
     reads) and num_classes outputs: the registry's config for `name`, updated by `overrides`."""
@@ -2129,6 +2141,7 @@ def create_model(name: str, *, in_features: int, num_classes: int, **overrides) 
     if bad:
         raise ValueError(f"bad model_args {overrides} for '{name}': unknown key(s) {bad}; "
                          f"valid keys are {valid}")
+    _check_flags(name, overrides)
     model = MODELS[name].factory(in_features=in_features, num_classes=num_classes,
                                  **{**MODELS[name].cfg, **overrides})
     if not hasattr(model, "input_form"):

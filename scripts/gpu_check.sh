@@ -143,9 +143,9 @@ for name in sys.argv[1:]:
 EOF
 )
 TEACHER_PY=$(cat <<'EOF'
-import glob, os, torch
+import glob, json, os, torch
 for path in sorted(glob.glob(os.path.join(os.environ["SEQLSTM_CACHE"], "teachers", "*.pt"))):
-    i = torch.load(path, weights_only=False)["info"]
+    i = json.loads(torch.load(path, weights_only=True)["info_json"])  # tensors and JSON only
     args = f" {i['args']}" if i["args"] else ""
     print(f"teacher {i['name']}{args} on {i['dataset']}: test_acc {i['test_acc']:.4f}"
           f" with test-time views ({i['test_acc_one_view']:.4f} one view), {i['epochs']} epochs"

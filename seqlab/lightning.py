@@ -374,7 +374,7 @@ def predict_best(trainer, module, batches):
     """Class predictions of the best-validation checkpoint, in this process alone: after a DDP fit,
     rank 0 tests once instead of every rank predicting the whole test split."""
     state = torch.load(
-        trainer.checkpoint_callback.best_model_path, map_location=module.device, weights_only=False
+        trainer.checkpoint_callback.best_model_path, map_location=module.device, weights_only=True
     )
     module.load_state_dict(state["state_dict"])
     module.eval()

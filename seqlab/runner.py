@@ -160,7 +160,7 @@ def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, c
         with_index=taught is not None and taught.table is not None,
     )
     val = Batches(data.val_x, data.val_y, eval_batch, rank=rank, world=world)
-    trainer.fit(module, train, val, ckpt_path=resume_from)
+    trainer.fit(module, train, val, ckpt_path=resume_from, weights_only=True)
     return Fitted(
         trainer, timer, module, example, {**facts, "world_size": world}, taught, eval_batch
     )

@@ -54,13 +54,43 @@ def teacher_key(run: plan.Run, data: ImageData) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _save_teacher(saved: dict, path: Path):
+    """{"state_dict", "table"} as tensors and its info as JSON text, so that reading it needs no
+    pickle (torch.load with weights_only=True); written under a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(
+        {
+            "state_dict": saved["state_dict"],
+            "table": saved["table"],
+            "info_json": json.dumps(saved["info"]),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def _set_aside(path: Path, why: str):
+    broken = path.with_name(path.name + ".broken")
+    os.replace(path, broken)
+    print(
+        f"note: the cached teacher {path} {why}: set aside as {broken.name}; fetching or "
+        f"training it again",
+        flush=True,
+    )
+
+
 def _read_teacher(path: Path, data: ImageData):
-    """A cached teacher ({"state_dict", "info", "table"}) if `path` holds one made for these
-    classes and image shape; a mismatch is said, and the teacher trained again."""
+    """A cached teacher ({"state_dict", "info", "table"}) if `path` holds a readable one made for
+    these classes and image shape. Nothing in it runs (weights_only); a file that cannot be read
+    (truncated, or not tensors and JSON) is named, set aside and rebuilt; a mismatch is said."""
     if not path.exists():
         return None
-    saved = torch.load(path, weights_only=False)
-    info = saved["info"]
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        info = json.loads(saved.pop("info_json"))
+    except Exception as e:  # noqa: BLE001 (any unreadable file: the teacher is rebuilt)
+        return _set_aside(path, f"cannot be read ({type(e).__name__}: {str(e)[:200]})")
     if info["classes"] != data.classes or tuple(info["image_shape"]) != data.image_shape:
         print(
             f"note: the cached teacher {path} was trained on {len(info['classes'])} classes of "
@@ -69,7 +99,7 @@ def _read_teacher(path: Path, data: ImageData):
             flush=True,
         )
         return None
-    return saved
+    return {**saved, "info": info}
 
 
 def _download_teacher(key: str, path: Path, data: ImageData):
@@ -78,8 +108,8 @@ def _download_teacher(key: str, path: Path, data: ImageData):
     run_id = tracker.finished("seqlstm.teacher_key", key)
     if run_id is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the same filesystem: a rename
         os.replace(tracker.download(run_id, "teacher.pt", tmp), path)
     print(f"teacher {key} fetched from MLflow run {run_id}", flush=True)
     return _read_teacher(path, data)
@@ -183,11 +213,9 @@ def train_teacher(run: plan.Run, data: ImageData, key: str, path: Path) -> dict:
         tracker.end(run_id, "FAILED")
         raise
     saved["info"]["key"] = key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(saved, Path(tmp) / "teacher.pt")
-        tracker.log_file(run_id, Path(tmp) / "teacher.pt")
-        os.replace(shutil.copy(Path(tmp) / "teacher.pt", path.with_suffix(".tmp")), path)  # atomic
+    _save_teacher(saved, path)
+    with tempfile.TemporaryDirectory() as tmp:  # the cache file, as teacher.pt of its run
+        tracker.log_file(run_id, shutil.copy(path, Path(tmp) / "teacher.pt"))
     tracker.log_metrics(
         run_id, {k: saved["info"][k] for k in ("test_acc", "macro_f1", "train_seconds")}
     )
