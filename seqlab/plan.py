@@ -284,13 +284,13 @@ def _override(p, over, where, fixed, types):
 def _plan_grid(p: dict, types: dict) -> list:
     """The runs of one grid: dataset x model x variant x transform x seq_len x distillation
     settings, with `per_model` overrides and then each `variants` entry's applied and checked."""
-    unknown = sorted(
-        set(p["per_model"]) - set(MODELS)
-    )  # registered models the report does not run may stay
+    unknown = sorted(set(p["per_model"]) - set(MODELS))
     if unknown:
         raise schema.ParamError(
             f"per_model names {unknown}, which are not models: valid names are {list_models()}"
         )
+    for m in set(p["per_model"]) - set(schema.as_list(p["model"])):  # kept for other reports:
+        _override({**p, "model": m}, p["per_model"][m], f"per_model[{m!r}]", PLANNED, types)
     planned = {}  # (model, variant) -> parameters
     for m in schema.as_list(p["model"]):
         base = _override(

@@ -322,10 +322,34 @@ def _check_names(p):
             )
 
 
+PLAIN = (str, bool, int, float, type(None))  # YAML's plain scalars: what a value may hold
+
+
+def check_plain(where: str, value):
+    """`value` holds plain scalars, lists and string-keyed mappings only, at every depth: no bytes
+    (YAML's !!binary), dates or other objects, which papermill would write into the notebook's
+    code as they are."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(f"{where}[{i}]", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ParamError(f"{where}: key {k!r} ({type(k).__name__}): keys must be strings")
+            check_plain(f"{where}[{k!r}]", v)
+    elif not isinstance(value, PLAIN) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ParamError(
+            f"parameter {where} = {value!r} ({type(value).__name__}): only strings, "
+            f"numbers, booleans, null, lists and mappings are allowed"
+        )
+
+
 def check_values(params: dict, types: dict = None) -> dict:
     """The parameters typed as declared (see typed_param), each in its range and each name known;
     returns them typed (1e-3 as a float)."""
     types = types or TYPES
+    for name, value in params.items():
+        check_plain(name, value)
     p = {name: typed_param(name, value, types[name]) for name, value in params.items()}
     for param in PARAMS:
         for value in as_list(p.get(param.name, [])) if param.ok else []:
