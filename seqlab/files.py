@@ -4,6 +4,7 @@ inter-process locks, and whole-file writes (a temporary name, then a rename)."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -55,3 +56,24 @@ def write_text(path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)(?P<password>[^@\s]+)@")
+
+
+def masked(value):
+    """`value` with the password of every URL in it masked (`user:***@host`), at any depth of
+    lists and mappings: what is printed, logged or written down never holds a password."""
+    if isinstance(value, str):
+        return _PASSWORD.sub(lambda m: f"{m['head']}***@", value)
+    if isinstance(value, dict):
+        return {k: masked(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(v) for v in value)
+    return value
+
+
+def without_password(url: str) -> str:
+    """The URL with its password dropped (`user@host`): the driver then reads it from its own
+    store (PostgreSQL: $PGPASSWORD or ~/.pgpass)."""
+    return _PASSWORD.sub(lambda m: m["head"][:-1] + "@", url)

@@ -10,7 +10,7 @@ import base64
 import html
 import io
 
-from seqlab import figures, report, schema
+from seqlab import figures, files, report, schema
 
 NUMBERS = {
     "test acc": "{:.2%}",
@@ -234,7 +234,7 @@ def show_data(datasets, per_class):
 
 def show_parameters(params: dict):
     """## Appendix: the parameters that differ from the defaults, all of them one click away."""
-    defaults = schema.defaults()
+    defaults, params = schema.defaults(), files.masked(params)
     changed = {k: v for k, v in params.items() if v != defaults.get(k)}
     rows = "".join(
         f"<tr><td><code>{html.escape(k)}</code></td><td><code>{html.escape(repr(v))}"

@@ -57,7 +57,8 @@ def study_lock(storage, study_name):
         return
     if _is_url(storage) and not storage.startswith("sqlite:///"):
         raise files.SetupError(
-            f"tune coordinates workers through PostgreSQL, SQLite or a journal file, not {storage}"
+            f"tune coordinates workers through PostgreSQL, SQLite or a journal file, not "
+            f"{files.masked(storage)}"
         )
     from filelock import FileLock
 
@@ -83,7 +84,8 @@ def open_storage(storage):
             )
     except (SQLAlchemyError, ImportError, ValueError) as e:
         raise files.SetupError(
-            f"the study storage {storage} cannot be used: {str(e).splitlines()[0]}"
+            f"the study storage {files.masked(storage)} cannot be used: "
+            f"{files.masked(str(e).splitlines()[0])}"
         ) from None
 
 
@@ -97,5 +99,5 @@ def check_study(name, storage=""):
     if name not in names:
         raise schema.ParamError(
             f"parameter tune_study = {name!r}: no such study in "
-            f"{storage_url(storage)}; the studies there are {names}"
+            f"{files.masked(storage_url(storage))}; the studies there are {names}"
         )

@@ -47,7 +47,8 @@ def check_tracking(uri=None, timeout=5.0):
     if not url.hostname or not port:
         return None
     print(
-        f"MLflow tracking: connecting to {url.hostname}:{port} ({uri}, {timeout:.0f} s "
+        f"MLflow tracking: connecting to {url.hostname}:{port} ({files.masked(uri)}, "
+        f"{timeout:.0f} s "
         "timeout) ...",
         flush=True,
     )
@@ -55,7 +56,7 @@ def check_tracking(uri=None, timeout=5.0):
         socket.create_connection((url.hostname, port), timeout=timeout).close()
     except OSError as e:
         raise files.SetupError(
-            f"MLflow tracking server {uri} does not answer ({e}): start it, or "
+            f"MLflow tracking server {files.masked(uri)} does not answer ({e}): start it, or "
             f"unset MLFLOW_TRACKING_URI to track in outputs/mlflow.db"
         ) from None
 
@@ -261,9 +262,10 @@ class Tracker:
 
     def tag(self, run_id: str, tags: dict):
         for name, value in tags.items():
-            self.client.set_tag(run_id, name, str(value))
+            self.client.set_tag(run_id, name, files.masked(str(value)))
 
     def log_params(self, run_id: str, params: dict):
+        params = files.masked(params)
         self.client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict):
@@ -300,6 +302,7 @@ class Tracker:
     def log_result(self, run_id: str, result: dict, params: dict, figures: dict):
         """A finished run: its result (result.json, read back by `read_result`), its params
         (params.yaml), its classification report, figures (name.png -> figure), status ok."""
+        result, params = files.masked(result), files.masked(params)
         self.client.log_dict(run_id, result["report"], "classification_report.json")
         self.client.log_text(run_id, yaml.safe_dump(params, sort_keys=False), "params.yaml")
         self.client.log_dict(run_id, result, "result.json")

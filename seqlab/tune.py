@@ -342,18 +342,20 @@ def write_best(study, spec: TuneSpec, path, storage):
     for name, value in best.params.items():
         (args if name in spec.model_keys else p)[name] = value
     p.update({"model_args": args} if args else {}, tune_study=study.study_name)
+    note = ""
     if storage != studies.storage_url():
-        p["tune_storage"] = storage
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(
+        p["tune_storage"] = files.without_password(storage)
+        if p["tune_storage"] != storage:
+            note = (
+                "# The storage's password is not written here: the driver reads it from "
+                "$PGPASSWORD or ~/.pgpass.\n"
+            )
+    return files.write_text(
+        path,
         f"# Best trial {best.number} of the Optuna study {study.study_name} (validation accuracy "
         f"{best.value:.4f}), written by `python seqlstm.py tune`.\n# Report it with: "
-        f"python seqlstm.py report {path}\n" + yaml.safe_dump(p, sort_keys=False)
+        f".venv/bin/python seqlstm.py report {path}\n{note}" + yaml.safe_dump(p, sort_keys=False),
     )
-    os.replace(tmp, path)
-    return path
 
 
 def spawn_workers(path, n_trials, workers, storage, name, best):
@@ -401,7 +403,8 @@ def tune(path, n_trials=20, workers=1, storage="", study_name=None, best=None):
         load_if_exists=True,
     )
     print(
-        f"study {name} in {storage}: {len(study.trials)} trial(s) so far, {n_trials} wanted, "
+        f"study {name} in {files.masked(storage)}: {len(study.trials)} trial(s) so far, "
+        f"{n_trials} wanted, "
         f"{workers} worker(s); search {sorted(spec.space)}",
         flush=True,
     )
