@@ -51,9 +51,9 @@ def fold_logs(nb):
         rest = [o for o in cell.get("outputs", []) if o.output_type != "stream"]
         if text:
             lines = text.count("\n")
-            title = cell.metadata.get("summary", "Log")
+            title = f"{cell.metadata.get('summary', 'Log')} ({lines:,} line{'s' * (lines != 1)})"
             folded = (
-                f"<details><summary>{html.escape(title)} ({lines:,} lines)</summary>"
+                f"<details><summary>{html.escape(title)}</summary>"
                 f"<pre>{html.escape(text)}</pre></details>"
             )
             rest.insert(0, nbformat.v4.new_output("display_data", data={"text/html": folded}))
