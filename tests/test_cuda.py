@@ -1,6 +1,7 @@
 """On a CUDA device: every registered model computes what it computes on the CPU (outputs and
 gradients), the batched data path gives the CPU's batches, and a bf16-mixed run trains. Each test
 is skipped without a device; `pytest -m cuda` runs these alone (scripts/gpu_check.sh does)."""
+
 import math
 
 import pytest
@@ -34,8 +35,12 @@ def assert_near(device_tensor, cpu_tensor, what):
     """Equal within RTOL of the CPU tensor's largest magnitude (and RTOL of each element)."""
     scale = cpu_tensor.abs().max().item()
     torch.testing.assert_close(
-        device_tensor.cpu(), cpu_tensor, rtol=RTOL, atol=RTOL * scale + 1e-7,
-        msg=lambda m: f"{what}: {m}")
+        device_tensor.cpu(),
+        cpu_tensor,
+        rtol=RTOL,
+        atol=RTOL * scale + 1e-7,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def forward_backward(model, x, y):
@@ -46,6 +51,7 @@ def forward_backward(model, x, y):
 
 # ----------------------------------------------------------------------------------------
 # every model: the device computes what the CPU computes
+
 
 @pytest.mark.parametrize("name", seqlstm.list_models())
 def test_forward_and_gradients_on_cuda_match_the_cpu(name, full_float32):
@@ -74,6 +80,7 @@ def test_forward_and_gradients_on_cuda_match_the_cpu(name, full_float32):
 # ----------------------------------------------------------------------------------------
 # the batched data path on the device
 
+
 def _images(n=50, shape=(3, 8, 8), seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g), torch.arange(n) % K
@@ -91,8 +98,9 @@ def _data_path(device, augment, transform):
     fill = (mean * 255).round().to(torch.uint8)  # SeqClassifier's cutout fill
     gen, to_seq = torch.Generator().manual_seed(1), seqlstm.make_sequence(transform, seq_len=3)
     out = []
-    for xb, yb, idx in seqlstm.Batches(x.to(device), y.to(device), 16, shuffle=True, seed=3,
-                                       with_index=True):
+    for xb, yb, idx in seqlstm.Batches(
+        x.to(device), y.to(device), 16, shuffle=True, seed=3, with_index=True
+    ):
         xa, flip = seqlstm.augment_with_flips(xb, augment, gen, fill)
         out.append((xa, yb, idx, flip, to_seq(seqlstm.normalize(xa, mean, std))))
     return out
@@ -122,8 +130,13 @@ def test_a_training_loss_on_cuda_matches_the_cpu(full_float32):
         torch.manual_seed(0)
         model = seqlstm.BiLSTMFC(in_features=3 * 8 * 8, num_classes=K, hidden=8, fc=16)
         return lightning.SeqClassifier(
-            model, to_seq=seqlstm.make_sequence("identity", seq_len=4), mean=MEAN, std=STD,
-            augment="flip_crop_cutout", seed=0)
+            model,
+            to_seq=seqlstm.make_sequence("identity", seq_len=4),
+            mean=MEAN,
+            std=STD,
+            augment="flip_crop_cutout",
+            seed=0,
+        )
 
     loss_cpu, logits_cpu = module().train_loss(x, y)
     loss_dev, logits_dev = module().cuda().train_loss(x.cuda(), y.cuda())
@@ -135,6 +148,7 @@ def test_a_training_loss_on_cuda_matches_the_cpu(full_float32):
 # ----------------------------------------------------------------------------------------
 # bf16-mixed
 
+
 class OutputDtypes(pl.Callback):
     """The dtype and device of every output of the module's network while it trains."""
 
@@ -143,7 +157,8 @@ class OutputDtypes(pl.Callback):
 
     def on_train_start(self, trainer, module):
         module.model.register_forward_hook(
-            lambda m, inputs, out: self.seen.add((out.dtype, out.device.type)))
+            lambda m, inputs, out: self.seen.add((out.dtype, out.device.type))
+        )
 
 
 def test_a_bf16_mixed_run_trains_on_cuda(quick_report, outputs):

@@ -18,23 +18,13 @@ from seqlab import lightning, plan, report, runner, schema, teacher, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
-QUICK = {
-    "dataset": "digits",
-    "seq_len": 4,
-    "epochs": 1,
-    "batch_size": 64,
-    "lr": 0.01,
-    "threads": 1,
-    "overview_per_class": 0,
-    "experiment": "distill",
-    "teacher": "fast_cnn",
-    "teacher_epochs": 1,
-}
+TEACHER = {"experiment": "distill", "teacher": "fast_cnn", "teacher_epochs": 1}  # over QUICK
 
 
-def planned(**overrides):
-    params = {**schema.defaults(), **QUICK, **overrides}
-    return report.prepare_report(params, schema.types())
+@pytest.fixture
+def planned(quick_report):
+    """plan(**overrides): the quick report of conftest, distilled from a one-epoch teacher."""
+    return lambda **overrides: quick_report(**{**TEACHER, **overrides})
 
 
 def images(n=24, shape=(3, 8, 8), seed=0):
@@ -172,11 +162,12 @@ def test_a_student_step_leaves_the_teacher_untouched():
 # ---- planning: the undistilled twin, the sweep, bad input
 
 
-def test_each_student_is_planned_beside_its_undistilled_twin_once():
+def test_each_student_is_planned_beside_its_undistilled_twin_once(quick_report):
     types = schema.types()
     params = {
         **schema.defaults(),
-        **QUICK,
+        **quick_report.params,
+        **TEACHER,
         "seq_len": [4, 8],
         "distill_T": [2, 4],
         "extra_runs": [{"seq_len": 8, "distill_hard": True, "distill_T": [2, 4]}],
@@ -226,7 +217,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[str(b[0]) for b in BAD])
-def test_bad_distillation_input_fails_before_any_run(outputs, monkeypatch, overrides, message):
+def test_bad_distillation_input_fails_before_any_run(
+    outputs, monkeypatch, planned, overrides, message
+):
     monkeypatch.setattr(teacher, "train_teacher", lambda *a, **k: pytest.fail("a teacher trained"))
     monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(ValueError, match=message):
@@ -236,7 +229,7 @@ def test_bad_distillation_input_fails_before_any_run(outputs, monkeypatch, overr
 # ---- the teacher: trained once, cached, found again
 
 
-def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys):
+def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys, planned):
     runs, loaded = planned()
     data = loaded[runs[1].data.key]
     fits = []
@@ -269,7 +262,7 @@ def test_the_cached_teacher_is_reused_not_retrained(outputs, monkeypatch, capsys
     assert len(fits) == 2 and "training it again" in capsys.readouterr().out
 
 
-def test_distilled_run_tags_its_teachers_key_and_differs_from_its_twin(outputs):
+def test_distilled_run_tags_its_teachers_key_and_differs_from_its_twin(outputs, planned):
     runs, loaded = planned(augment="flip_crop")  # crops: the teacher runs live
     results = [runner.run_experiment(r, loaded[r.data.key]) for r in runs]
     assert [r.status for r in results] == ["ok", "ok"]

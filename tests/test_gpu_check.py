@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh's dry run (GPU_CHECK_DRY=1: the CPU, digits, 1 epoch, bench --tiny): every
 step runs, exits 0 and leaves its log and results, so that on a GPU the only unknown is speed."""
+
 import json
 import os
 import re
@@ -17,10 +18,20 @@ STEPS = ["data", "tests", "bench", "teacher", "scifar_s4d", "lra_s4d", "sequence
 @pytest.mark.slow
 def test_the_dry_run_of_the_gpu_check_runs_every_step(tmp_path):
     """About 1.5 min on 2 CPU cores."""
-    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path),
-           "GPU_CHECK_PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "GPU_CHECK_DRY": "1",
+        "OUT": str(tmp_path),
+        "GPU_CHECK_PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     header, *rows = [line.split() for line in (tmp_path / "summary.txt").read_text().splitlines()]
     assert header == ["step", "exit", "seconds", "limit_s", "status"]

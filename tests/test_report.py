@@ -34,6 +34,21 @@ def outputs_of(nb, kind):
     ]
 
 
+def smoke_report(tmp_path, **params):
+    """`seqlstm.py report params/smoke.yaml -p KEY VALUE ...`: (its summary.csv rows, the Markdown
+    its notebook displayed)."""
+    cmd = [PYTHON, "seqlstm.py", "report", "params/smoke.yaml"]
+    for key, value in params.items():
+        cmd += ["-p", key, str(value)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
+    nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
+    return rows, "".join(o["data"]["text/markdown"] for o in outputs_of(nb, "text/markdown"))
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
@@ -206,43 +221,21 @@ def test_params_files_only_override_known_parameters():
 def test_report_runs_across_datasets_and_transforms(tmp_path):
     if not (ROOT / "data" / "MNIST" / "raw").is_dir() and "SEQLSTM_DATA" not in os.environ:
         pytest.skip("MNIST copy missing: unpack ../shared/data/mnist.tar.gz into data/")
-    cmd = [
-        PYTHON,
-        "seqlstm.py",
-        "report",
-        "params/smoke.yaml",
-        "-p",
-        "dataset",
-        "[digits, mnist]",
-        "-p",
-        "transform",
-        "[identity, rows]",
-        "-p",
-        "seq_len",
-        "[2]",
-        "-p",
-        "epochs",
-        "1",
-        "-p",
-        "limit_train",
-        "300",
-        "-p",
-        "overview_per_class",
-        "2",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600
+    rows, markdown = smoke_report(
+        tmp_path,
+        dataset="[digits, mnist]",
+        transform="[identity, rows]",
+        seq_len="[2]",
+        epochs=1,
+        limit_train=300,
+        overview_per_class=2,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
     assert [(r["dataset"], r["transform"], r["seq_len"]) for r in rows] == [
         ("digits", "identity", "2"),
         ("digits", "rows", "8"),
         ("mnist", "identity", "2"),
         ("mnist", "rows", "28"),
     ]
-    nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
-    markdown = "".join(o["data"]["text/markdown"] for o in outputs_of(nb, "text/markdown"))
     assert (
         "### digits: 10 classes" in markdown and "### mnist: 10 classes" in markdown
     )  # data overviews
@@ -250,39 +243,17 @@ def test_report_runs_across_datasets_and_transforms(tmp_path):
 
 
 def test_report_compares_models_with_per_model_overrides(tmp_path):
-    cmd = [
-        PYTHON,
-        "seqlstm.py",
-        "report",
-        "params/smoke.yaml",
-        "-p",
-        "model",
-        "[lstm, gru]",
-        "-p",
-        "transform",
-        "rows",
-        "-p",
-        "per_model",
-        "{gru: {epochs: 2, grad_clip: 1.0, model_args: {hidden: 8}}}",
-        "-p",
-        "epochs",
-        "1",
-        "-p",
-        "limit_train",
-        "300",
-        "-p",
-        "overview_per_class",
-        "0",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600
+    rows, markdown = smoke_report(
+        tmp_path,
+        model="[lstm, gru]",
+        transform="rows",
+        epochs=1,
+        limit_train=300,
+        per_model="{gru: {epochs: 2, grad_clip: 1.0, model_args: {hidden: 8}}}",
+        overview_per_class=0,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "outputs" / "summary.csv")))
     assert [(r["model"], r["epochs"]) for r in rows] == [("lstm", "1"), ("gru", "2")]
     assert int(rows[1]["n_params"]) < int(rows[0]["n_params"])  # gru's hidden 8 applied to gru only
-    nb = nbformat.read(tmp_path / "outputs" / "smoke.ipynb", as_version=4)
-    markdown = "".join(o["data"]["text/markdown"] for o in outputs_of(nb, "text/markdown"))
     assert "### digits, gru, rows" in markdown and "Across models" in markdown
 
 

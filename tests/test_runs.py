@@ -16,16 +16,6 @@ import seqlstm
 from seqlab import cli, cores, files, lightning, plan, render, report, runner, schema, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_ARGS = {
-    "dataset": "digits",
-    "seq_len": 4,
-    "epochs": 1,
-    "batch_size": 64,
-    "lr": 0.01,
-    "threads": 1,
-    "overview_per_class": 0,
-    "experiment": "runs",
-}  # on the command line
 PYTHON = sys.executable
 
 
@@ -106,9 +96,9 @@ BAD = [  # (overrides, what the message must say)
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[str(b[0]) for b in BAD])
-def test_bad_input_fails_before_any_run(outputs, monkeypatch, overrides, message):
+def test_bad_input_fails_before_any_run(outputs, monkeypatch, quick_report, overrides, message):
     monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("a run started"))
-    args = [(k, json.dumps(v)) for k, v in {**QUICK_ARGS, **overrides}.items()]
+    args = [(k, json.dumps(v)) for k, v in {**quick_report.params, **overrides}.items()]
     with pytest.raises(ValueError, match=message):
         render.render_report(None, args, out_dir=outputs)
     assert not (outputs / "mlflow.db").exists() and not (outputs / "summary.csv").exists()
@@ -191,10 +181,16 @@ def result_of(proc):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, quick_report):
     from mlflow.tracking import MlflowClient
 
-    params = {**QUICK_ARGS, "seq_len": 16, "epochs": 5, "batch_size": 16, "experiment": "resume"}
+    params = {
+        **quick_report.params,
+        "seq_len": 16,
+        "epochs": 5,
+        "batch_size": 16,
+        "experiment": "resume",
+    }
     whole = result_of(run_script(tmp_path / "a", params))
 
     out = tmp_path / "b"
