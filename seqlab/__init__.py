@@ -11,6 +11,7 @@ runs and reports. It imports seqlstm; seqlstm never imports it. One module per c
   teacher   a distilled run's teacher: trained once, cached, shared through MLflow
   runner    one run: reuse | resume | new -> fit -> evaluate -> track, failures contained
   report    what a report shows: checks before the first run, the tables, the last word
+  sections  the report's sections as the notebook draws them (results first, figures with alt text)
   render    report.ipynb executed by papermill into outputs/NAME.ipynb and NAME.html
   studies   where Optuna studies live and how workers share one
   tune      the Optuna search
