@@ -338,19 +338,21 @@ def make_trainer(train, compute, *, checkpoints, steps_per_epoch, logger=False, 
     timer)."""
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoints,
-        filename="best",
-        monitor="val_acc",
-        mode="max",
-        save_top_k=1,
-        save_last=True,
+    best = ModelCheckpoint(
+        dirpath=checkpoints, filename="best", monitor="val_acc", mode="max", save_top_k=1
     )  # DDP: rank 0's dirpath is broadcast
+    # last.ckpt after every epoch: Lightning's save_last writes it only when the best changes, and
+    # a run killed after epochs that did not improve would resume before them and log them again
+    last = ModelCheckpoint(
+        dirpath=checkpoints,
+        filename="last",
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )  # no monitor: the latest epoch's
     timer = TrainTimer()
-    on_terminal = (
-        sys.stderr.isatty()
-    )  # a per-step bar in a terminal; in a notebook, a line per epoch
-    callbacks = [checkpoint, timer, *callbacks, EpochLog()] + [TQDMProgressBar()] * on_terminal
+    on_terminal = sys.stderr.isatty()  # a per-step bar in a terminal; in a notebook, epoch lines
+    callbacks = [best, last, timer, *callbacks, EpochLog()] + [TQDMProgressBar()] * on_terminal
     trainer = pl.Trainer(
         max_epochs=train.epochs,
         gradient_clip_val=train.grad_clip or None,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import seqlstm
 from seqlab import cli, cores, files, lightning, plan, render, report, runner, schema, tracking
@@ -480,3 +481,20 @@ def test_a_fresh_and_a_reused_run_leave_no_figure_open(outputs, quick_report):
     again = runner.run_experiment(runs[0], loaded[runs[0].data.key])
     assert again.status == "reused" and plt.get_fignums() == []  # shown once, where displayed
     assert again.sequence_fig is not None
+
+
+def test_last_ckpt_follows_every_epoch_not_only_the_improving_ones(outputs, quick_report):
+    import seqlstm
+
+    runs, loaded = quick_report(epochs=3, lr=1e-12)  # weights all but frozen: no epoch improves
+    run, data = runs[0], loaded[runs[0].data.key]
+    _, module = runner.build_run(run, data)
+    trainer, _ = lightning.make_trainer(
+        run.train, run.compute, checkpoints=outputs / "ck", steps_per_epoch=1
+    )
+    train = seqlstm.Batches(data.train_x, data.train_y, 64, shuffle=True)
+    trainer.fit(module, train, seqlstm.Batches(data.val_x, data.val_y, 256))
+    assert len({h["val_acc"] for h in module.history}) == 1  # the best is still epoch 1's
+    best = torch.load(outputs / "ck" / "best.ckpt", weights_only=True)
+    last = torch.load(outputs / "ck" / "last.ckpt", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 2)  # last.ckpt: the third epoch's
