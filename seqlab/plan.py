@@ -145,7 +145,6 @@ class Run:
     flat for its identity and its log, and the typed objects read from them."""
 
     params: dict
-    variant: str = ""  # the name of its entry in `variants`, if any
 
     dataset = property(lambda self: self.params["dataset"])
     model = property(lambda self: self.params["model"])
@@ -153,6 +152,7 @@ class Run:
     seq_len = property(lambda self: self.params["seq_len"])
     experiment = property(lambda self: self.params["experiment"])
     resume = property(lambda self: self.params["resume"])
+    variant = property(lambda self: self.params.get("variant", ""))  # its `variants` entry's name
 
     @cached_property
     def data(self) -> DataSpec:
@@ -299,7 +299,7 @@ def _plan_grid(p: dict, types: dict) -> list:
         for v, over in (p["variants"] or {"": {}}).items():
             planned[m, v] = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
     return [
-        Run(q, v)
+        Run(q)
         for ds in schema.as_list(p["dataset"])
         for (m, v), base in planned.items()
         for _, _, tr, L in plan_runs(

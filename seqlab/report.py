@@ -84,7 +84,7 @@ def distillation_table(results):
         up, down = _class_gains(r.report, base.report, r.classes) if base else ("", "")
         rows.append(
             {
-                "student": plan.Run({**r.params, "teacher": ""}).title(),
+                "student": plan.Run({**r.params, "teacher": "", "variant": ""}).title(),
                 "distillation": plan.Run(r.params).distill.title(),
                 "epochs": r.params["epochs"],
                 "test_acc": r.row["test_acc"],
@@ -219,9 +219,9 @@ def summary_frame(results, with_model=True):
 
     rows = [
         {
-            "run": plan.Run({**r.params, "seq_len": None}, r.row.get("variant", "")).title(
-                with_model
-            ),
+            "run": plan.Run(
+                {**r.params, "seq_len": None, "variant": r.row.get("variant", "")}
+            ).title(with_model),
             "L": int(r.row["seq_len"]),
             "test acc": float(r.row["test_acc"]),
             "macro-F1": float(r.row["macro_f1"]),
