@@ -164,16 +164,28 @@ def _accuracy_axis(ax, values, chance, axis="y"):
         (ax.axhline if axis == "y" else ax.axvline)(100 * chance, ls="--", lw=0.8, color="grey")
 
 
+def _ci_bars(frame):
+    """The 95% intervals of a summary with several seeds (ci_low, ci_high) as error bars in
+    points; None without them."""
+    if "ci_low" not in frame or frame["ci_low"].isna().all():
+        return None
+    mean = frame["test acc"]
+    return [100 * (mean - frame["ci_low"]).fillna(0), 100 * (frame["ci_high"] - mean).fillna(0)]
+
+
 def plot_summary(summary, chance=0.0):
     """(figure, alt text) of a report's results: test accuracy against L for the runs whose L
-    varied, else per run as bars; (None, None) for a single run. A dashed line marks chance."""
+    varied, else per run as bars; (None, None) for a single run. A dashed line marks chance;
+    with several seeds, the points are means and the bars their 95% intervals."""
     import matplotlib.pyplot as plt
 
     groups = summary.groupby("run", sort=False)
     if groups["L"].nunique().max() > 1:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for name, g in groups:
-            ax.plot(g["L"], 100 * g["test acc"], marker="o", label=name)
+            ax.errorbar(
+                g["L"], 100 * g["test acc"], yerr=_ci_bars(g), marker="o", capsize=3, label=name
+            )
             for L, acc in zip(g["L"], g["test acc"]):
                 ax.annotate(
                     f"{acc:.1%}",
@@ -196,7 +208,7 @@ def plot_summary(summary, chance=0.0):
         return None, None
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(summary) + 1.2))
     labels = [f"{r}, L = {L}" for r, L in zip(summary["run"], summary["L"])]
-    ax.barh(labels, 100 * summary["test acc"])
+    ax.barh(labels, 100 * summary["test acc"], xerr=_ci_bars(summary), capsize=3)
     for y, acc in enumerate(summary["test acc"]):
         ax.text(100 * acc, y, f" {acc:.1%}", va="center", fontsize=7)
     _accuracy_axis(ax, summary["test acc"], chance, axis="x")
@@ -204,6 +216,34 @@ def plot_summary(summary, chance=0.0):
     ax.invert_yaxis()
     fig.tight_layout()
     return fig, "test accuracy per run; the dashed line is chance"
+
+
+def plot_ladder(steps):
+    """Each configuration's test accuracy over its seeds, one row per step in planned order: the
+    seeds as dots, their mean as a diamond with its 95% interval; the first step's mean as a
+    dotted line. `steps`: [(label, stats.Spread, [accuracy per seed])]."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(steps) + 1.3))
+    for y, (label, s, values) in enumerate(steps):
+        err = None if s.n < 2 else [[100 * (s.mean - s.low)], [100 * (s.high - s.mean)]]
+        ax.errorbar(100 * s.mean, y, xerr=err, fmt="D", ms=5, capsize=3, color="#3182bd")
+        ax.plot([100 * v for v in values], [y] * len(values), "k.", ms=4, alpha=0.6)
+        ax.annotate(
+            f"{s.mean:.1%}",
+            (100 * s.mean, y),
+            xytext=(0, 7),
+            textcoords="offset points",
+            ha="center",
+            fontsize=7,
+        )
+    ax.axvline(100 * steps[0][1].mean, ls=":", lw=0.9, color="grey")
+    ax.set_yticks(range(len(steps)), [label for label, _, _ in steps], fontsize=8)
+    ax.set_ylim(len(steps) - 0.5, -0.7)  # the first step on top
+    ax.set(xlabel="test accuracy % (dots: seeds; diamonds: mean with its 95% interval)")
+    ax.grid(axis="x", lw=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def dataset_overview(data: ImageData, per_class=8, max_classes=20):

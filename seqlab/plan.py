@@ -35,14 +35,14 @@ class DataSpec:
     channels: int
     val_fraction: float
     limit_train: int
-    seed: int  # of the train/validation split
+    split_seed: int  # of the train/validation split, whatever the training seed
 
     def load_args(self) -> dict:
         """load_dataset's keyword arguments."""
         return dict(
             data_dir=self.data_dir or None,
             val_fraction=self.val_fraction,
-            seed=self.seed,
+            seed=self.split_seed,
             limit_train=self.limit_train or None,
             image_size=self.image_size or None,
             grayscale=bool(self.grayscale),
@@ -178,7 +178,7 @@ class Run:
     def compute(self) -> ComputeSpec:
         return _view(ComputeSpec, self.params)
 
-    def title(self, with_model=True):
+    def title(self, with_model=True, with_seed=False):
         distilled = [self.distill.title()] if self.distill.teacher else []
         return ", ".join(
             [self.dataset]
@@ -187,6 +187,16 @@ class Run:
             + [f"L = {self.seq_len}"] * bool(self.seq_len)
             + [self.variant] * bool(self.variant)
             + distilled
+            + [f"seed {self.train.seed}"] * with_seed
+        )
+
+    @property
+    def config(self) -> str:
+        """What the run is apart from its training seed: runs with the same config are repeats."""
+        return json.dumps(
+            {**run_identity(self.params), "seed": None, "variant": self.variant},
+            sort_keys=True,
+            default=str,
         )
 
 
@@ -221,7 +231,8 @@ PLANNED = (
 PER_RUN = (
     "transform",
     "seq_len",
-)  # per_model may set them; a variant may not (it compares at equal input)
+    "seed",
+)  # per_model may set them; a variant may not (it compares at equal input and seeds)
 DISTILL = ("distill_alpha", "distill_T", "distill_hard")  # one run per combination of their values
 TEACHER_PARAMS = ("teacher_args", "teacher_epochs", *DISTILL)  # meaningless without a teacher
 NOT_IN_KEY = (
@@ -235,6 +246,7 @@ NOT_IN_KEY = (
     "extra_runs",
     "tune_study",
     "tune_storage",
+    "baseline",
 )  # how a run is reported, not what it is
 
 
@@ -311,6 +323,14 @@ def _plan_grid(p: dict, types: dict) -> list:
     ]
 
 
+def with_seeds(runs) -> list:
+    """One run per training seed of each run, seed-major: the first seed of every configuration
+    comes before the second of any, so a report stopped early holds whole seeds."""
+    per = [[Run({**r.params, "seed": s}) for s in schema.as_list(r.params["seed"])] for r in runs]
+    depth = max(map(len, per), default=0)
+    return [seeds[i] for i in range(depth) for seeds in per if i < len(seeds)]
+
+
 def plan_report(params: dict, types: dict = None) -> list:
     """Every run of a report, each with its parameters checked, `per_model` overrides (e.g.
     {"pit": {"epochs": 1}}), `variants` and `extra_runs` grids included, so that a bad value in
@@ -334,7 +354,7 @@ def plan_report(params: dict, types: dict = None) -> list:
         except schema.ParamError as e:
             raise schema.ParamError(f"{where}{e}") from None
     unique = {}
-    for r in runs:
+    for r in with_seeds(runs):
         unique.setdefault(json.dumps(run_identity(r.params), sort_keys=True, default=str), r)
     return list(unique.values())
 

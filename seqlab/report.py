@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
-from seqlab import files, plan, studies, tracking
+from seqlab import files, plan, stats, studies, tracking
 
 
 class RunsFailed(RuntimeError):
@@ -20,6 +20,7 @@ def prepare_report(params: dict, types: dict = None):
     dataset loaded once and the transform and model arguments tried on its images.
     Returns (runs, loaded data by data_key)."""
     runs = plan.plan_report(params, types)
+    check_baseline(runs, runs[0].params["baseline"])
     files.check_outputs()
     tracking.check_tracking()
     studies.check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
@@ -201,13 +202,17 @@ def outcome_line(r) -> str:
     )
 
 
+def several_seeds(runs) -> bool:
+    return len({run.train.seed for run in runs}) > 1
+
+
 def train_all(runs, datasets, with_model=True) -> list:
     """Every run of the report, in turn, each headed and ended by a line of text."""
     from seqlab import runner
 
-    results = []
+    results, with_seed = [], several_seeds(runs)
     for i, run in enumerate(runs, 1):
-        print(f"\n== run {i}/{len(runs)}: {run.title(with_model)}", flush=True)
+        print(f"\n== run {i}/{len(runs)}: {run.title(with_model, with_seed)}", flush=True)
         results.append(runner.run_experiment(run, datasets[run.data.key]))
         print(outcome_line(results[-1]), flush=True)
     return results
@@ -248,14 +253,26 @@ def conditions(results) -> str:
     done = [r for r in results if r.status != "failed"]
 
     def values(key):
-        return ", ".join(sorted({str(r.params.get(key, "?")) for r in done}))
+        return ", ".join(sorted({str(r.params.get(key, "?")) for r in done}, key=_natural))
 
+    seeds = {r.params.get("seed") for r in done}
+    repeats = (
+        f"{len(seeds)} training seeds per configuration ({values('seed')}; split seed "
+        f"{values('split_seed')}): tables give the mean ± standard deviation and the 95% "
+        f"interval of the mean (Student's t), comparisons pair the runs of each seed."
+        if len(seeds) > 1
+        else f"seed {values('seed')}, one run per configuration, so differences of about a "
+        f"point are within seed noise."
+    )
     return (
         f"Trained on {values('device')} with {values('threads')} thread(s), "
-        f"{values('epochs')} epochs, seed {values('seed')}; data: {values('data_source')}. Test "
-        f"metrics are those of the best-validation checkpoint; one seed per run, so differences "
-        f"of about a point are within seed noise."
+        f"{values('epochs')} epochs; data: {values('data_source')}. Test metrics are those of "
+        f"the best-validation checkpoint; {repeats}"
     )
+
+
+def _natural(text):
+    return (0, int(text)) if text.isdigit() else (1, text)
 
 
 def _group_line(name, g):
@@ -315,3 +332,128 @@ def result_line(r) -> str:
         f"training images/s on {p.get('device')}, {p.get('threads')} threads); data: "
         f"{p.get('data_source')}; MLflow run `{m['mlflow_run_id']}`{reused}"
     )
+
+
+# ---- repeated runs: one configuration over several training seeds, and comparisons by seed
+
+
+def repeats(runs, results) -> dict:
+    """The finished runs by configuration (plan.Run.config) in planned order:
+    {config: (its first run, {seed: result})}."""
+    groups = {}
+    for run, r in zip(runs, results):
+        if r.status != "failed":
+            groups.setdefault(run.config, (run, {}))[1][run.train.seed] = r
+    return groups
+
+
+def accuracies(by_seed: dict) -> dict:
+    return {seed: float(r.row["test_acc"]) for seed, r in by_seed.items()}
+
+
+def _label(run, with_model=True) -> str:
+    return plan.Run({**run.params, "seq_len": None}).title(with_model)
+
+
+def seeds_frame(runs, results, with_model=True):
+    """One row per configuration: its seeds, test accuracy as mean, sd and 95% interval (ci_low,
+    ci_high; nan for one seed), mean macro-F1, epochs and mean training time."""
+    import pandas as pd
+
+    rows = []
+    for run, by_seed in repeats(runs, results).values():
+        acc = stats.spread(accuracies(by_seed).values())
+        mean = lambda key: sum(float(r.row[key]) for r in by_seed.values()) / len(by_seed)  # noqa: E731
+        rows.append(
+            {
+                "run": _label(run, with_model),
+                "L": int(next(iter(by_seed.values())).row["seq_len"]),
+                "seeds": acc.n,
+                "test acc": acc.mean,
+                "sd": acc.sd,
+                "ci_low": acc.low,
+                "ci_high": acc.high,
+                "macro-F1": mean("macro_f1"),
+                "epochs": int(run.train.epochs),
+                "train s": mean("train_seconds"),
+                "images/s": mean("train_images_per_s"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _same_input(a, b) -> bool:
+    return all(a.params[k] == b.params[k] for k in ("dataset", "model", "transform", "seq_len"))
+
+
+def _twin(run, groups):
+    """The undistilled twin of a distilled run's configuration, if it ran."""
+    ident = plan.run_identity({**run.params, "teacher": "", "seed": None})
+    for other, by_seed in groups:
+        if plan.run_identity({**other.params, "seed": None}) == ident:
+            return other, by_seed
+    return None
+
+
+def comparisons(runs, results, baseline="") -> list:
+    """(configuration, its seeds' results, baseline configuration, its seeds' results) for every
+    configuration compared: with `baseline` a variant, each other variant against it at the same
+    input (dataset, model, transform, L); with `baseline` a run's title, every configuration of
+    its dataset against it; and each distilled configuration against its undistilled twin."""
+    groups = list(repeats(runs, results).values())
+    found = []
+    for run, by_seed in groups:
+        for base, base_seeds in groups:
+            if base is not run and _is_baseline(base, run, baseline):
+                found.append((run, by_seed, base, base_seeds))
+        twin = _twin(run, groups) if run.distill.teacher else None
+        if twin and not any(f[0] is run and f[2] is twin[0] for f in found):
+            found.append((run, by_seed, *twin))
+    return found
+
+
+def _is_baseline(base, run, baseline) -> bool:
+    if not baseline or base.dataset != run.dataset:
+        return False
+    if base.variant == baseline:
+        return run.variant != baseline and _same_input(base, run)
+    return _label(base) + _at(base) == baseline
+
+
+def _at(run) -> str:
+    return f", L = {run.seq_len}" if run.seq_len else ""
+
+
+def findings_frame(runs, results, baseline="", with_model=True):
+    """One row per comparison: the difference in test accuracy paired by seed (points), its 95%
+    interval, the paired t-test's p-value and the verdict."""
+    import pandas as pd
+
+    rows = []
+    for run, by_seed, base, base_seeds in comparisons(runs, results, baseline):
+        d = stats.paired(accuracies(by_seed), accuracies(base_seeds))
+        rows.append(
+            {
+                "comparison": _label(run, with_model) + _at(run),
+                "against": _label(base, with_model) + _at(base),
+                "seeds": d.n,
+                "difference (points)": 100 * d.diff,
+                "95% CI (points)": f"{100 * d.low:+.1f} to {100 * d.high:+.1f}" if d.n > 1 else "",
+                "p": d.p,
+                "verdict": d.verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def check_baseline(runs, baseline):
+    """`baseline` names a variant of the report or a run's title (as the summary shows it)."""
+    if not baseline:
+        return
+    names = list(dict.fromkeys([r.variant for r in runs if r.variant]))
+    titles = list(dict.fromkeys(_label(r) + _at(r) for r in runs))
+    if baseline not in names + titles:
+        raise plan.schema.ParamError(
+            f"parameter baseline = {baseline!r}: not a variant or run of this report; valid "
+            f"values are the variants {names} or the runs {titles}"
+        )

@@ -116,6 +116,7 @@ def summary_row(run: plan.Run, status, run_id="", **values):
         "variant": run.variant,
         "transform": run.transform,
         "seq_len": values.pop("seq_len", run.seq_len),
+        "seed": run.train.seed,
         "epochs": run.train.epochs,
         "teacher": teacher,
         "mlflow_run_id": run_id,

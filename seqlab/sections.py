@@ -10,7 +10,7 @@ import base64
 import html
 import io
 
-from seqlab import figures, files, report, schema
+from seqlab import figures, files, report, schema, stats
 
 NUMBERS = {
     "test acc": "{:.2%}",
@@ -88,18 +88,68 @@ def show_models(models, per_model):
     )
 
 
-def show_results(results, models):
-    """## Results: the summary table, accuracy against L (or per model and transform), a reading."""
-    summary = report.summary_frame(results, len(models) > 1)
+SEEDS = {**NUMBERS, "sd": "{:.2%}", "macro-F1": "{:.3f}"}
+FINDINGS = {"difference (points)": "{:+.2f}", "p": "{:.3g}"}
+
+
+def show_results(runs, results, models, baseline=""):
+    """## Results: with several seeds the findings (each comparison paired by seed, and the ladder
+    of its configurations), then the summary table (one row per run, or per configuration over
+    its seeds), accuracy against L (or per run), a reading of the numbers."""
+    with_model = len(models) > 1
+    summary = report.summary_frame(results, with_model)
     show("## Results")
     if summary.empty:
         return show("No run of this report finished.")
     show(report.conditions(results))
-    table(summary)
+    if report.several_seeds(runs):
+        show_findings(runs, results, baseline, with_model)
+        summary = report.seeds_frame(runs, results, with_model)
+        shown = summary.drop(columns=["ci_low", "ci_high"])
+        shown.insert(
+            5, "95% CI", [_interval(lo, hi) for lo, hi in zip(summary.ci_low, summary.ci_high)]
+        )
+        table(shown, SEEDS)
+    else:
+        table(summary)
     fig, alt = figures.plot_summary(summary, report.chance_level(results))
     if fig is not None:
         figure(fig, alt)
     show("\n".join(report.reading(summary, report.compared(results))))
+
+
+def _interval(low, high) -> str:
+    return "" if low != low else f"{low:.2%} to {high:.2%}"  # nan: one seed
+
+
+def show_findings(runs, results, baseline, with_model):
+    """### Findings: each comparison's paired difference, interval, p-value and verdict, and the
+    compared configurations as a ladder (seeds as dots, mean with its interval)."""
+    found = report.findings_frame(runs, results, baseline, with_model)
+    if found.empty:
+        return
+    show(
+        "### Findings\n\nEach comparison pairs the runs of the same training seed: the mean "
+        "difference in test accuracy, its 95% interval and the paired t-test's p-value; "
+        "*better* or *worse* where p < 0.05, else *no detectable difference*."
+    )
+    table(found, FINDINGS)
+    steps = {}
+    for run, by_seed, base, base_seeds in report.comparisons(runs, results, baseline):
+        for r, seeds in ((base, base_seeds), (run, by_seed)):
+            acc = report.accuracies(seeds)
+            steps.setdefault(
+                r.config,
+                (
+                    report._label(r, with_model) + report._at(r),
+                    stats.spread(acc.values()),
+                    list(acc.values()),
+                ),
+            )
+    figure(
+        figures.plot_ladder(list(steps.values())),
+        "test accuracy of each compared configuration over its seeds, mean with 95% interval",
+    )
 
 
 def _run_section(r, name):
@@ -124,14 +174,21 @@ def _run_section(r, name):
 
 
 def show_runs(runs, results, models):
-    """## Runs: per run what the model sees, learning curves, per-class report, confusion."""
+    """## Runs: per run what the model sees, learning curves, per-class report, confusion; with
+    several seeds, the first seed's run of each configuration (the others are in MLflow)."""
+    several = report.several_seeds(runs)
     show(
         "## Runs\n\nOne training per (dataset, model, transform, L): one test image's sequence as "
         "the model reads it, the learning curves, the per-class report on the test split and the "
         "confusion matrix."
+        + (" With several seeds, the first seed's run of each configuration." if several else "")
     )
+    shown = set()
     for run, r in zip(runs, results):
-        _run_section(r, run.title(len(models) > 1))
+        if several and run.config in shown:
+            continue
+        shown.add(run.config)
+        _run_section(r, run.title(len(models) > 1, several))
 
 
 def show_distillation(results):
@@ -212,7 +269,7 @@ def show_data(datasets, per_class):
     if not per_class:
         return
     show(
-        "## Data\n\nImages per class and split (validation is carved from train with the seed), "
+        "## Data\n\nImages per class and split (validation is carved from train with split_seed), "
         "and sample training images per class."
     )
     for data in datasets.values():

@@ -49,7 +49,7 @@ def teacher_key(run: plan.Run, data: ImageData) -> str:
         "args": d.teacher_args,
         "epochs": d.teacher_epochs,
         "recipe": TEACHER_RECIPE,
-        "seed": run.train.seed,
+        "seed": run.data.split_seed,  # one teacher per split, whatever the students' seeds
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -129,7 +129,7 @@ def _teacher_module(run: plan.Run, data: ImageData):
         weight_decay=r["weight_decay"],
         optimizer=r["optimizer"],
         schedule=r["schedule"],
-        seed=run.train.seed,
+        seed=run.data.split_seed,
         label_smoothing=r["label_smoothing"],
     )
     return model, to_input, module
@@ -161,7 +161,7 @@ def _teacher_info(run, data, module, timer, one_view, scores, run_id):
 def _fit_teacher(run: plan.Run, data: ImageData, tracker, run_id) -> dict:
     """Train the teacher by TEACHER_RECIPE; its best-validation weights, info and logits table."""
     r, d = TEACHER_RECIPE, run.distill
-    pl.seed_everything(run.train.seed, workers=True, verbose=False)
+    pl.seed_everything(run.data.split_seed, workers=True, verbose=False)
     model, to_input, module = _teacher_module(run, data)
     tracker.log_params(
         run_id,
@@ -175,7 +175,9 @@ def _fit_teacher(run: plan.Run, data: ImageData, tracker, run_id) -> dict:
             "n_params": count_params(model),
         },
     )
-    train = Batches(data.train_x, data.train_y, r["batch_size"], shuffle=True, seed=run.train.seed)
+    train = Batches(
+        data.train_x, data.train_y, r["batch_size"], shuffle=True, seed=run.data.split_seed
+    )
     recipe = dataclasses.replace(run.train, epochs=d.teacher_epochs, grad_clip=0.0)
     trainer, timer = lightning.make_trainer(
         recipe,

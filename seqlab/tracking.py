@@ -148,6 +148,7 @@ SUMMARY_FIELDS = [
     "variant",
     "transform",
     "seq_len",
+    "seed",
     "epochs",
     "teacher",
     "test_acc",

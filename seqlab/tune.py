@@ -137,6 +137,8 @@ def read_tune_file(path) -> TuneSpec:
             f"model, transform and seq_len, and no variants"
         )
     fixed = {k: v for k, v in runs[0].params.items() if k != "variant"}  # the run's, as parameters
+    if fixed["seq_len"] is None:  # a transform whose length the image fixes: seq_len as given
+        fixed["seq_len"] = p["seq_len"]
     spec = TuneSpec(
         fixed,
         given,
