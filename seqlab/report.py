@@ -278,7 +278,10 @@ def _natural(text):
 def _group_line(name, g):
     best, worst = g.loc[g["test acc"].idxmax()], g.loc[g["test acc"].idxmin()]
     spread = 100 * (best["test acc"] - worst["test acc"])
-    line = f"- **{name}**: best test accuracy {best['test acc']:.2%} at L = {best['L']}"
+    of = (
+        f" (mean of {int(g['seeds'].min())} seeds)" if "seeds" in g and g["seeds"].min() > 1 else ""
+    )
+    line = f"- **{name}**: best test accuracy{of} {best['test acc']:.2%} at L = {best['L']}"
     if len(g) > 1:
         line += (
             f", worst {worst['test acc']:.2%} at L = {worst['L']} (a spread of {spread:.1f} "

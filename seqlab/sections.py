@@ -102,8 +102,9 @@ def show_results(runs, results, models, baseline=""):
     if summary.empty:
         return show("No run of this report finished.")
     show(report.conditions(results))
+    laddered = False
     if report.several_seeds(runs):
-        show_findings(runs, results, baseline, with_model)
+        laddered = show_findings(runs, results, baseline, with_model)
         summary = report.seeds_frame(runs, results, with_model)
         shown = summary.drop(columns=["ci_low", "ci_high"])
         shown.insert(
@@ -113,8 +114,10 @@ def show_results(runs, results, models, baseline=""):
     else:
         table(summary)
     fig, alt = figures.plot_summary(summary, report.chance_level(results))
-    if fig is not None:
-        figure(fig, alt)
+    if fig is not None and (summary.groupby("run")["L"].nunique().max() > 1 or not laddered):
+        figure(fig, alt)  # bars per run would repeat the ladder
+    elif fig is not None:
+        figures.close(fig)
     show("\n".join(report.reading(summary, report.compared(results))))
 
 
@@ -124,10 +127,11 @@ def _interval(low, high) -> str:
 
 def show_findings(runs, results, baseline, with_model):
     """### Findings: each comparison's paired difference, interval, p-value and verdict, and the
-    compared configurations as a ladder (seeds as dots, mean with its interval)."""
+    compared configurations as a ladder (seeds as dots, mean with its interval). Whether it
+    showed anything."""
     found = report.findings_frame(runs, results, baseline, with_model)
     if found.empty:
-        return
+        return False
     show(
         "### Findings\n\nEach comparison pairs the runs of the same training seed: the mean "
         "difference in test accuracy, its 95% interval and the paired t-test's p-value; "
@@ -150,6 +154,7 @@ def show_findings(runs, results, baseline, with_model):
         figures.plot_ladder(list(steps.values())),
         "test accuracy of each compared configuration over its seeds, mean with 95% interval",
     )
+    return True
 
 
 def _run_section(r, name):
