@@ -119,7 +119,9 @@ def plot_variants(table):
 
     labels = [f"{m}: {v}" for m, v in zip(table["model"], table["variant"])]
     fig, axes = plt.subplots(1, 4, figsize=(14, 0.32 * len(table) + 1.4), sharey=True)
-    axes[0].barh(labels, 100 * table["test_acc"]), axes[0].set(xlabel="test accuracy %")
+    sd = 100 * table["test_acc sd"] if "test_acc sd" in table else None  # over seeds
+    axes[0].barh(labels, 100 * table["test_acc"], xerr=sd, capsize=2)
+    axes[0].set(xlabel="test accuracy %" + (" (mean ± sd over seeds)" if sd is not None else ""))
     axes[1].barh(labels, table["final_train_loss"]), axes[1].set(xlabel="final training loss")
     axes[2].barh(
         labels, table["grad_norm_max"] - table["grad_norm_min"], left=table["grad_norm_min"]

@@ -449,6 +449,20 @@ def findings_frame(runs, results, baseline="", with_model=True):
     return pd.DataFrame(rows)
 
 
+def seeds_of(results) -> list:
+    return sorted({r.params.get("seed") for r in results if r.status != "failed"}, key=str)
+
+
+def over_seeds(frame, keys, value="test_acc"):
+    """A table of runs averaged over their seeds: one row per `keys`, each numeric column's mean,
+    the number of seeds and the standard deviation of `value` beside it."""
+    groups = frame.groupby(keys, sort=False)
+    out = groups.mean(numeric_only=True)
+    out.insert(0, "seeds", groups.size())
+    out.insert(out.columns.get_loc(value) + 1, f"{value} sd", groups[value].std())
+    return out.reset_index()
+
+
 def check_baseline(runs, baseline):
     """`baseline` names a variant of the report or a run's title (as the summary shows it)."""
     if not baseline:

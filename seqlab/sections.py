@@ -214,9 +214,13 @@ def show_distillation(results):
             _class_table(t["report"]),
             image(confusion, f"teacher {t['name']}: confusion matrix, test split"),
         )
+    students = report.distillation_table(results)
+    if len(report.seeds_of(results)) > 1:
+        students = report.over_seeds(students, ["student", "distillation"])
     table(
-        report.distillation_table(results),
+        students,
         {
+            "test_acc sd": "{:.2%}",
             "test_acc": "{:.2%}",
             "without": "{:.2%}",
             "gain (points)": "{:+.1f}",
@@ -235,11 +239,15 @@ def show_variants(results, variants):
         "accuracy, final training loss, the gradient norm's range before clipping (the lowest "
         "epoch mean to the largest step) and the training time."
     )
-    strategies = report.variant_table(results)
+    strategies, seeds = report.variant_table(results), report.seeds_of(results)
+    if len(seeds) > 1:  # the means over seeds; the curves of the first seed
+        strategies = report.over_seeds(strategies, ["model", "variant"])
+        results = [r for r in results if r.params.get("seed") == seeds[0]]
     table(
         strategies,
         {
             "test_acc": "{:.2%}",
+            "test_acc sd": "{:.2%}",
             "final_train_loss": "{:.3f}",
             "grad_norm_min": "{:.3g}",
             "grad_norm_max": "{:.3g}",

@@ -980,3 +980,33 @@ def test_dataset_overview_caps_the_classes_shown():
         ]  # fewer images than per_class: a blank cell
     finally:
         plt.close(fig)
+
+
+@pytest.mark.slow
+def test_the_datasets_params_run_on_cifar100_and_svhn_files(
+    tmp_path, outputs, no_cifar_checksums, no_svhn_checksums
+):
+    """params/datasets.yaml for the two datasets of the task with no offline copy here: every
+    configuration (baseline, improved and distilled student, rows LSTM, vanilla Sequencer) trains
+    three epochs on small files written in torchvision's layouts."""
+    from pathlib import Path
+
+    from seqlab import report, schema
+
+    write_cifar100(tmp_path / "data", n_train=40, n_test=20)
+    write_svhn(tmp_path / "data" / "SVHN", {"train": 40, "test": 20})
+    given = schema.read_params_file(Path(__file__).parents[1] / "params" / "datasets.yaml")
+    short = dict(seed=[0], epochs=3, teacher_epochs=1, batch_size=16, threads=1)
+    params = {**schema.defaults(), **given, **short, "overview_per_class": 0}
+    params.update(dataset=["cifar100", "svhn"], data_dir=str(tmp_path / "data"))
+    params["extra_runs"] = [{**extra, "epochs": 3} for extra in params["extra_runs"]]
+    runs, loaded = report.prepare_report(params)
+    assert sorted((r.dataset, r.model, r.variant, bool(r.distill.teacher)) for r in runs) == [
+        (ds, m, v, t)
+        for ds in ("cifar100", "svhn")
+        for m, v, t in [("bilstm_fc", "default", False), ("bilstm_fc", "improved", False),
+                        ("bilstm_fc", "improved", True), ("lstm", "", False),
+                        ("vanilla_sequencer", "", False)]
+    ]  # fmt: skip
+    results = report.train_all(runs, loaded)
+    assert [r.status for r in results] == ["ok"] * len(runs), [r.error for r in results]

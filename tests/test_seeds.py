@@ -202,3 +202,21 @@ def test_a_smoke_report_with_two_seeds_shows_findings_and_the_ladder(tmp_path):
     html = (tmp_path / "outputs" / "smoke.html").read_text()
     assert "95% CI" in html and "no detectable difference" in html or "better" in html
     assert 'alt="test accuracy of each compared configuration over its seeds' in html
+
+
+def test_variant_and_distillation_tables_average_over_seeds():
+    import pandas as pd
+
+    runs = pd.DataFrame(
+        {
+            "model": ["m"] * 4,
+            "variant": ["a", "b", "a", "b"],
+            "test_acc": [0.50, 0.60, 0.52, 0.64],
+            "train_seconds": [10.0, 20.0, 12.0, 22.0],
+        }
+    )
+    table = report.over_seeds(runs, ["model", "variant"])
+    assert list(table.variant) == ["a", "b"] and list(table.seeds) == [2, 2]
+    assert table.test_acc.tolist() == pytest.approx([0.51, 0.62])
+    assert table["test_acc sd"].tolist() == pytest.approx([0.02 / 2**0.5, 0.04 / 2**0.5])
+    assert table.train_seconds.tolist() == pytest.approx([11.0, 21.0])
