@@ -146,7 +146,8 @@ def test_vim_mixer_reads_both_directions():
     changed = x.clone()
     changed[:, -1] += torch.randn(8, **f64)
     assert (mixer(x)[:, 0] - mixer(changed)[:, 0]).abs().max() > 1e-6
-    branch, branch_changed = mixer.in_proj(x).chunk(2, -1)[0], mixer.in_proj(changed).chunk(2, -1)[0]
+    branch = mixer.in_proj(x).chunk(2, -1)[0]
+    branch_changed = mixer.in_proj(changed).chunk(2, -1)[0]
     forward = mixer.forward_ssm
     assert torch.equal(forward(branch)[:, :-1], forward(branch_changed)[:, :-1])
     own = {id(p) for p in mixer.backward_ssm.parameters()}
