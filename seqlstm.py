@@ -2,7 +2,8 @@
 
 Images (DATASETS) become sequences (SEQUENCES: the identity sequence of Biswas et al., IJCNN 2014,
 rows, pixels, patches, crops, series of transformed views) that sequence models read (MODELS:
-BiLSTM + FC, RNNs, Sequencer2D, ViT, the LRA pixel models, S4D), alone or distilled from a teacher.
+BiLSTM + FC, RNNs, Sequencer2D, ViT, the LRA pixel models, S4D, ViL, Vim), alone or distilled from
+a teacher.
 This file imports torch, torchvision and timm only (scikit-learn, matplotlib and pandas lazily,
 where a function needs them), so it can be dropped into Colab alone. The command line
 (`python seqlstm.py report|train|tune|bench|datasets|transforms|models`) is handed off to the
@@ -15,7 +16,8 @@ Contents, in reading order (each section uses only what comes before it):
                        AUGMENTS, augment_batch, Batches); the per-sample path (per_sample_pipeline,
                        TensorImages)
   Models               MODELS, create_model, INITS: BiLSTM + FC, RNNs, image models, LRA pixel
-                       models, S4D; MODEL_INFO, model_input
+                       models, S4D, ViL (mLSTM) and Vim (Mamba) on patch tokens; MODEL_INFO,
+                       model_input
   Distillation         distillation_loss, build_teacher, TEST_VIEWS, Teacher (its logits from a
                        table or live), logits_table
 """
@@ -1981,6 +1983,402 @@ class S4D(nn.Module):
         return self.head(self.features(x).mean(1))
 
 
+# ---- modern recurrent image models: the image as patch tokens (ViL's mLSTM, Vim's Mamba)
+
+class PatchTokens(nn.Module):
+    """ViT's patch embedding: non-overlapping patch x patch squares of the image, each projected
+    linearly (a convolution of stride patch), plus learned positions on the token grid (truncated
+    normal, std 0.02), resampled bilinearly for other grids (as timm's dynamic image size).
+    (B, C, H, W) -> (B, T, dim), T = (H / patch)(W / patch) tokens in raster order."""
+
+    def __init__(self, channels, dim, patch, image_size):
+        super().__init__()
+        _check_sizes(channels=channels, dim=dim, patch_size=patch, image_size=image_size)
+        side = -(-image_size // patch)  # the grid of a padded image
+        self.proj = nn.Conv2d(channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.zeros(1, dim, side, side))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, x):  # (B, C, H, W)
+        z = self.proj(x)  # (B, D, H/p, W/p)
+        pos = self.pos
+        if pos.shape[-2:] != z.shape[-2:]:
+            pos = F.interpolate(pos, size=z.shape[-2:], mode="bilinear", align_corners=False)
+        return (z + pos).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+def causal_conv1d(x, conv):
+    """A depthwise nn.Conv1d of kernel k over (B, T, D), padded on the left: step t sees steps
+    t-k+1 .. t."""
+    k = conv.kernel_size[0]
+    return conv(F.pad(x.transpose(1, 2), (k - 1, 0))).transpose(1, 2)  # (B, T, D)
+
+
+def mlstm_parallel(q, k, v, i_pre, f_pre, eps=1e-6):
+    """The mLSTM (Beck et al., xLSTM, 2024) in its parallel (quadratic) form: q, k, v
+    (B, NH, T, DH) and the input and forget gates' pre-activations (B, NH, T) -> h (B, NH, T, DH).
+
+        log D[t, s] = sum_{r=s+1..t} log sigmoid(f_r) + i_s   (s <= t; -inf above the diagonal)
+        m_t = max_s log D[t, s]                                (the stabiliser, row by row)
+        S = (q k^T / sqrt(DH)) * exp(log D - m),   h = S v / (max(|sum_s S[t, s]|, exp(-m_t)) + eps)
+
+    the same numbers as mlstm_recurrent (tests/test_modern.py)."""
+    T, DH = q.shape[-2:]
+    log_f = F.logsigmoid(f_pre).cumsum(-1)  # (B, NH, T)
+    log_d = log_f.unsqueeze(-1) - log_f.unsqueeze(-2) + i_pre.unsqueeze(-2)  # (B, NH, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    log_d = log_d.masked_fill(~causal, float("-inf"))
+    m = log_d.amax(-1, keepdim=True)  # (B, NH, T, 1)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(DH) * torch.exp(log_d - m)  # (B, NH, T, T)
+    normaliser = torch.maximum(s.sum(-1, keepdim=True).abs(), torch.exp(-m))
+    return (s / (normaliser + eps)) @ v
+
+
+def mlstm_recurrent(q, k, v, i_pre, f_pre, eps=1e-6):
+    """The mLSTM step by step, in the stabilised state space (C~ = C exp(-m), n~ = n exp(-m)):
+
+        m_t = max(log f_t + m_{t-1}, i_t),   f' = exp(log f_t + m_{t-1} - m_t),  i' = exp(i_t - m_t)
+        C_t = f' C_{t-1} + i' v_t k_t^T,     n_t = f' n_{t-1} + i' k_t   (k scaled by 1/sqrt(DH))
+        h_t = C_t q_t / (max(|n_t^T q_t|, exp(-m_t)) + eps)
+
+    from C = 0, n = 0, m = -inf (so that m_t is the parallel form's row maximum)."""
+    B, NH, T, DH = q.shape
+    k = k / math.sqrt(DH)
+    c, n = q.new_zeros(B, NH, DH, DH), q.new_zeros(B, NH, DH)  # C: (value, key)
+    m = q.new_full((B, NH), float("-inf"))
+    log_f, out = F.logsigmoid(f_pre), []
+    for t in range(T):
+        m_new = torch.maximum(log_f[..., t] + m, i_pre[..., t])  # (B, NH)
+        f = torch.exp(log_f[..., t] + m - m_new).unsqueeze(-1)  # (B, NH, 1)
+        i = torch.exp(i_pre[..., t] - m_new).unsqueeze(-1)
+        q_t, k_t, v_t = q[:, :, t], k[:, :, t], v[:, :, t]  # (B, NH, DH)
+        c = f.unsqueeze(-1) * c + (i * v_t).unsqueeze(-1) * k_t.unsqueeze(-2)  # (B, NH, DH, DH)
+        n = f * n + i * k_t
+        denominator = torch.maximum((n * q_t).sum(-1, keepdim=True).abs(),
+                                    torch.exp(-m_new).unsqueeze(-1))
+        out.append((c @ q_t.unsqueeze(-1)).squeeze(-1) / (denominator + eps))
+        m = m_new
+    return torch.stack(out, 2)  # (B, NH, T, DH)
+
+
+MLSTM_MODES = {"parallel": mlstm_parallel, "recurrent": mlstm_recurrent}
+
+
+class HeadwiseLinear(nn.Module):
+    """xLSTM's headwise projection: a block-diagonal linear map of blocks of `block` features,
+    weights normal with std sqrt(2 / (5 block)) (small init), zero bias."""
+
+    def __init__(self, dim, block):
+        super().__init__()
+        if dim % block:
+            raise ValueError(f"qkv_block={block} does not divide the inner width {dim}")
+        self.weight = nn.Parameter(torch.randn(dim // block, block, block) * math.sqrt(0.4 / block))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):  # (B, T, D)
+        blocks = x.unflatten(-1, (self.weight.shape[0], -1))  # (B, T, D/b, b)
+        return torch.einsum("...hi,hoi->...ho", blocks, self.weight).flatten(-2) + self.bias
+
+
+class MLSTMCell(nn.Module):
+    """The mLSTM cell of xLSTM as ViL uses it: input and forget gates per head from [q, k, v]
+    (weights zero; input-gate biases N(0, 0.1^2), forget-gate biases spaced 3 .. 6, so that
+    sigmoid(f) starts near 1), the matrix memory in its `mode` ("parallel" for training,
+    "recurrent": step by step, the same numbers), then a layer norm per head (a group norm)."""
+
+    def __init__(self, dim, heads, *, mode="parallel"):
+        super().__init__()
+        _check_choice("mode", mode, list(MLSTM_MODES))
+        if dim % heads:
+            raise ValueError(f"heads={heads} does not divide the inner width {dim}")
+        self.heads, self.mode = heads, mode
+        self.igate, self.fgate = nn.Linear(3 * dim, heads), nn.Linear(3 * dim, heads)
+        for gate in (self.igate, self.fgate):
+            nn.init.zeros_(gate.weight)
+        nn.init.normal_(self.igate.bias, std=0.1)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, heads))
+        self.norm = nn.GroupNorm(heads, dim)
+
+    def forward(self, q, k, v):  # (B, T, D) each
+        B, T, D = q.shape
+        gates = torch.cat([q, k, v], -1)  # (B, T, 3D)
+        i_pre, f_pre = self.igate(gates).transpose(1, 2), self.fgate(gates).transpose(1, 2)
+
+        def split(z):
+            return z.reshape(B, T, self.heads, -1).transpose(1, 2)  # (B, NH, T, DH)
+        h = MLSTM_MODES[self.mode](split(q), split(k), split(v), i_pre, f_pre)
+        return self.norm(h.transpose(1, 2).reshape(B * T, D)).reshape(B, T, D)
+
+
+class MLSTMBlock(nn.Module):
+    """ViL's block (Alkin et al., 2024): x + mLSTM layer(LayerNorm(x)). The layer: an up-projection
+    to 2 x expansion x dim, split into the mLSTM branch and the gate z; the mLSTM branch through a
+    causal depthwise conv1d and SiLU (c), headwise projections q(c), k(c), v(branch), the MLSTMCell,
+    a learnable skip of c, the output gate SiLU(z) (the o_t of xLSTM's mLSTM block) and a
+    down-projection. `reverse`: the layer reads the tokens in reverse order and its output is
+    flipped back, so step t sees tokens t .. T-1 (ViL's odd blocks). Init as ViL's: small init
+    (std sqrt(2 / (5 dim))) for the up-projection, Wang's (std 2 / (blocks sqrt(dim))) for the
+    down-projection, skip 1."""
+
+    def __init__(self, dim, *, reverse, expansion, heads, qkv_block, conv_kernel, blocks, mode,
+                 dropout):
+        super().__init__()
+        inner = expansion * dim
+        self.reverse = reverse
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * inner)
+        self.conv = nn.Conv1d(inner, inner, conv_kernel, groups=inner)
+        self.q, self.k, self.v = (HeadwiseLinear(inner, qkv_block) for _ in range(3))
+        self.cell = MLSTMCell(inner, heads, mode=mode)
+        self.skip = nn.Parameter(torch.ones(inner))
+        self.down = nn.Linear(inner, dim)
+        self.drop = nn.Dropout(dropout)
+        nn.init.normal_(self.up.weight, std=math.sqrt(2 / (5 * dim)))
+        nn.init.normal_(self.down.weight, std=2 / (blocks * math.sqrt(dim)))
+        for lin in (self.up, self.down):
+            nn.init.zeros_(lin.bias)
+
+    def layer(self, x):  # (B, T, D), read from the first token to the last
+        branch, z = self.up(x).chunk(2, -1)  # (B, T, inner) each
+        c = F.silu(causal_conv1d(branch, self.conv))
+        h = self.cell(self.q(c), self.k(c), self.v(branch))
+        return self.down((h + self.skip * c) * F.silu(z))
+
+    def forward(self, x):  # (B, T, D)
+        y = self.norm(x)
+        y = self.layer(y.flip(1)).flip(1) if self.reverse else self.layer(y)
+        return x + self.drop(y)
+
+
+class VisionLSTM(ImageInput, nn.Module):
+    """Vision-LSTM, ViL (Alkin, Beck, Poeppel, Hochreiter & Brandstetter, "Vision-LSTM: xLSTM as
+    Generic Vision Backbone", 2024; the mLSTM of Beck et al., "xLSTM: Extended Long Short-Term
+    Memory", NeurIPS 2024): patch tokens (PatchTokens: 4x4 patches, an 8x8 grid of 64 tokens on
+    32x32 images) and learned positions, a stack of MLSTMBlocks whose direction alternates (even
+    blocks read the tokens from the top left, odd blocks from the bottom right), a final layer norm
+    and a linear head. readout "bilateral" (ViL's default pooling, "bilateral_avg"): the mean of the
+    first and the last token, the two that have seen every token in one direction; "mean": the mean
+    over tokens. ViL's settings otherwise: expansion 2, 4 heads, headwise q/k/v blocks of 4, conv
+    kernel 4, biases on. `mode`: "parallel" (the quadratic form, for training) or "recurrent" (step
+    by step, the same numbers).
+
+    Adapted for a CPU: dim 96 and 6 blocks (ViL-T: 192 and 24), no drop path."""
+
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=4,
+                 dim=96, layers=6, expansion=2, heads=4, qkv_block=4, conv_kernel=4,
+                 readout="bilateral", mode="parallel", dropout=0.0):
+        super().__init__()
+        channels, image_size = _image_geometry(in_features, channels, image_size)
+        _check_choice("readout", readout, ["bilateral", "mean"])
+        _check_sizes(layers=layers, expansion=expansion, heads=heads, qkv_block=qkv_block,
+                     conv_kernel=conv_kernel)
+        self.channels, self.image_size, self.pad_multiple = channels, image_size, patch_size
+        self.readout = readout
+        self.embed = PatchTokens(channels, dim, patch_size, image_size)
+        block = partial(MLSTMBlock, dim, expansion=expansion, heads=heads, qkv_block=qkv_block,
+                        conv_kernel=conv_kernel, blocks=layers, mode=mode, dropout=dropout)
+        self.blocks = nn.ModuleList(block(reverse=i % 2 == 1) for i in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def set_mode(self, mode):
+        """Every cell's form: "parallel" or "recurrent"."""
+        _check_choice("mode", mode, list(MLSTM_MODES))
+        for b in self.blocks:
+            b.cell.mode = mode
+        return self
+
+    def features(self, x):
+        """Image (or its rows) -> the tokens after the last block and the norm, (B, T, dim)."""
+        z = self.embed(self.as_image(x))
+        for b in self.blocks:
+            z = b(z)
+        return self.norm(z)
+
+    def forward(self, x):
+        z = self.features(x)
+        return self.head((z[:, 0] + z[:, -1]) / 2 if self.readout == "bilateral" else z.mean(1))
+
+
+LOG_DECAY_MIN = -20.0  # a step's decay exp(dt A) is clamped at exp(-20) = 2e-9 (see selective_scan)
+SCAN_CHUNK = 8
+
+
+def _scan_sequential(log_a, u, c):
+    h, ys = torch.zeros_like(u[:, 0]), []
+    for a_t, u_t, c_t in zip(torch.exp(log_a).unbind(1), u.unbind(1), c.unbind(1)):
+        h = torch.addcmul(u_t, a_t, h)  # (B, D, N): a_t h + u_t, one op the bench counts
+        ys.append((h @ c_t.unsqueeze(-1)).squeeze(-1))  # (B, D)
+    return torch.stack(ys, 1)
+
+
+def _scan_chunked(log_a, u, c, chunk=SCAN_CHUNK):
+    """Chunks of `chunk` steps, each by a log-space cumulative sum from the state h0 before it:
+
+        h_t = exp(L_t) h0 + sum_{s<=t} exp(L_t - L_s) u_s
+            = exp(L_t - R) (cumsum_s(exp(R - L_s) u_s) + exp(R) h0),
+
+    L the cumulative log decay within the chunk and R its value in the chunk's middle, so that
+    no factor exceeds exp(chunk / 2 x 20) = exp(80) (float32 holds exp(88)); the states h0 are
+    passed on from chunk to chunk, one small (B, D, N) step per chunk."""
+    L = u.shape[1]
+    pad = -L % chunk  # steps after the end: they change no earlier state
+    log_a, u = F.pad(log_a, (0, 0, 0, 0, 0, pad)), F.pad(u, (0, 0, 0, 0, 0, pad))
+    cum = log_a.unflatten(1, (-1, chunk)).cumsum(2)  # (B, L/c, c, D, N): L_t
+    ref = cum[:, :, chunk // 2 - 1]  # (B, L/c, D, N): R
+    grow = torch.exp(cum - ref.unsqueeze(2))  # exp(L_t - R)
+    # exp(R - L_s), not 1 / exp(L_t - R): the gradient of a division would square exp(80)
+    sums = (u.unflatten(1, (-1, chunk)) * torch.exp(ref.unsqueeze(2) - cum)).cumsum(2)
+    h0, starts = torch.zeros_like(u[:, 0]), []
+    # the chunks' last steps, sliced once (a slice's gradient is a full-size tensor)
+    ends = zip(torch.exp(ref).unbind(1), grow[:, :, -1].unbind(1), sums[:, :, -1].unbind(1))
+    for scale, grow_end, sums_end in ends:  # (B, D, N) each
+        starts.append(scale * h0)  # exp(R) h0
+        h0 = grow_end * (sums_end + starts[-1])
+    h = grow * (sums + torch.stack(starts, 1).unsqueeze(2))  # (B, L/c, c, D, N)
+    y = torch.einsum("bkcdn,bkcn->bkcd", h, F.pad(c, (0, 0, 0, pad)).unflatten(1, (-1, chunk)))
+    return y.flatten(1, 2)[:, :L]
+
+
+SCANS = {"chunked": _scan_chunked, "sequential": _scan_sequential}
+
+
+def selective_scan(log_a, u, c, *, mode="chunked"):
+    """The linear recurrence of Mamba's selective state-space model and its readout,
+    h_t = a_t h_{t-1} + u_t from h_{-1} = 0 and y_t = h_t c_t, along dim 1: log a_t and u_t
+    (B, L, D, N), c_t (B, L, N) -> y (B, L, D). "chunked" (L / 8 steps of whole chunks, the form
+    for parallel hardware) and "sequential" (L small steps) give the same numbers
+    (tests/test_modern.py); on a CPU core the sequential loop is the faster (docs/usage.md). The
+    caller clamps
+    log a_t at LOG_DECAY_MIN: a decay below 2e-9 per step is a state reset at float32 precision
+    either way."""
+    _check_choice("scan", mode, list(SCANS))
+    return SCANS[mode](log_a, u, c)
+
+
+class SelectiveSSM(nn.Module):
+    """One direction of Mamba's mixer (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with
+    Selective State Spaces", 2023) after its input projection: a causal depthwise conv1d and SiLU
+    (u), then the selective state-space model with input-dependent step, input and output,
+
+        dt, B, C = split(x_proj(u)),   Delta = softplus(dt_proj(dt))    (dt of rank dt_rank)
+        h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t u_t,   y_t = C_t h_t + D u_t,
+
+    A = -exp(A_log) diagonal (D x N), S4D-real init A_n = -(n + 1); D = 1; dt_proj's bias such that
+    softplus(bias) is log-uniform in [dt_min, dt_max], its weight uniform in +-dt_rank^-0.5, as in
+    Mamba. A_log and D carry `_optim` without weight decay (Mamba's _no_weight_decay)."""
+
+    def __init__(self, dim, *, state, conv_kernel, dt_rank, dt_min, dt_max, scan):
+        super().__init__()
+        _check_choice("scan", scan, list(SCANS))
+        self.state, self.dt_rank, self.scan = state, dt_rank, scan
+        self.conv = nn.Conv1d(dim, dim, conv_kernel, groups=dim)
+        self.x_proj = nn.Linear(dim, dt_rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, dim)
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
+        dt = torch.exp(torch.rand(dim) * math.log(dt_max / dt_min) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, state + 1.0)).repeat(dim, 1))
+        self.D = nn.Parameter(torch.ones(dim))
+        for p in (self.A_log, self.D):
+            p._optim = {"weight_decay": 0.0}
+
+    def forward(self, x):  # (B, L, D)
+        u = F.silu(causal_conv1d(x, self.conv))
+        dt, b, c = self.x_proj(u).split([self.dt_rank, self.state, self.state], -1)
+        delta = F.softplus(self.dt_proj(dt))  # (B, L, D)
+        log_a = (delta.unsqueeze(-1) * -torch.exp(self.A_log)).clamp(min=LOG_DECAY_MIN)
+        y = selective_scan(log_a, (delta * u).unsqueeze(-1) * b.unsqueeze(2), c, mode=self.scan)
+        return y + u * self.D  # (B, L, D)
+
+
+class BiMamba(nn.Module):
+    """Vim's bidirectional Mamba mixer (Zhu et al., 2024, "bimamba v2"): one input projection to
+    the branch x and the gate z (2 x expand x dim, no bias); a forward SelectiveSSM on x and a
+    backward one, with its own conv and SSM parameters, on x reversed (its output flipped back);
+    the two averaged, gated by SiLU(z) and projected back to dim (no bias)."""
+
+    def __init__(self, dim, *, expand, **ssm):
+        super().__init__()
+        inner = expand * dim
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.forward_ssm, self.backward_ssm = SelectiveSSM(inner, **ssm), SelectiveSSM(inner, **ssm)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x):  # (B, L, D)
+        branch, z = self.in_proj(x).chunk(2, -1)  # (B, L, inner) each
+        y = (self.forward_ssm(branch) + self.backward_ssm(branch.flip(1)).flip(1)) / 2
+        return self.out_proj(y * F.silu(z))
+
+
+class VisionMamba(ImageInput, nn.Module):
+    """Vision Mamba, Vim (Zhu, Liao, Zhang, Wang, Liu & Wang, "Vision Mamba: Efficient Visual
+    Representation Learning with Bidirectional State Space Model", ICML 2024): patch tokens
+    (PatchTokens: 4x4 patches, an 8x8 grid of 64 tokens on 32x32 images) and learned positions,
+    residual pre-norm blocks x + BiMamba(RMSNorm(x)), a final RMSNorm and a linear head. readout
+    "middle_cls" (Vim's): a learned class token inserted in the middle of the token sequence
+    (position T // 2, where both directions have read half the image) and read by the head; "mean":
+    the mean of the tokens, no class token. Vim's (and Mamba's) settings otherwise: state 16,
+    expand 2, conv kernel 4, dt_rank ceil(dim / 16), dt in [0.001, 0.1], the two directions
+    averaged, out_proj's default init scaled by 1 / sqrt(layers). `scan`: "sequential" (step by
+    step, the faster on a CPU) or "chunked" (the parallel form, the same numbers).
+
+    Adapted for a CPU: dim 96 and 4 blocks (Vim-Ti: 192 and 24), no drop path, no position of its
+    own for the class token (it is itself learned)."""
+
+    def __init__(self, *, in_features, num_classes, channels=3, image_size=None, patch_size=4,
+                 dim=96, layers=4, state=16, expand=2, conv_kernel=4, dt_rank=None, dt_min=1e-3,
+                 dt_max=1e-1, readout="middle_cls", scan="sequential", dropout=0.0):
+        super().__init__()
+        channels, image_size = _image_geometry(in_features, channels, image_size)
+        _check_choice("readout", readout, ["middle_cls", "mean"])
+        dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
+        _check_sizes(layers=layers, state=state, expand=expand, conv_kernel=conv_kernel,
+                     dt_rank=dt_rank)
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
+        self.channels, self.image_size, self.pad_multiple = channels, image_size, patch_size
+        self.readout = readout
+        self.embed = PatchTokens(channels, dim, patch_size, image_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if readout == "middle_cls" else None
+        if self.cls is not None:
+            nn.init.trunc_normal_(self.cls, std=0.02)
+        mixer = partial(BiMamba, dim, expand=expand, state=state, conv_kernel=conv_kernel,
+                        dt_rank=dt_rank, dt_min=dt_min, dt_max=dt_max, scan=scan)
+        self.mixers = nn.ModuleList(mixer() for _ in range(layers))
+        self.norms = nn.ModuleList(nn.RMSNorm(dim) for _ in range(layers))
+        with torch.no_grad():
+            for m in self.mixers:
+                m.out_proj.weight /= math.sqrt(layers)
+        self.norm, self.drop = nn.RMSNorm(dim), nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def set_scan(self, scan):
+        """Every SSM's scan: "chunked" or "sequential"."""
+        _check_choice("scan", scan, list(SCANS))
+        for m in self.mixers:
+            m.forward_ssm.scan = m.backward_ssm.scan = scan
+        return self
+
+    def features(self, x):
+        """Image (or its rows) -> the tokens after the last block and the norm, (B, T(+1), dim),
+        the class token at index T // 2."""
+        z = self.embed(self.as_image(x))  # (B, T, D)
+        if self.cls is not None:
+            mid = z.shape[1] // 2
+            z = torch.cat([z[:, :mid], self.cls.expand(len(z), -1, -1), z[:, mid:]], 1)
+        for norm, mixer in zip(self.norms, self.mixers):
+            z = z + self.drop(mixer(norm(z)))
+        return self.norm(z)
+
+    def forward(self, x):
+        z = self.features(x)
+        pooled = z[:, (z.shape[1] - 1) // 2] if self.cls is not None else z.mean(1)
+        return self.head(pooled)
+
+
 # ---- the registry
 
 @dataclass(frozen=True)
@@ -2100,6 +2498,17 @@ MODELS = {
                           dt_max=1.6),
         paper="Gu, Gupta, Goel & Re, On the Parameterization and Initialization of Diagonal State "
               "Space Models, NeurIPS 2022 (S4D)"),
+    "vil": ModelEntry(
+        factory=VisionLSTM, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Alkin et al., Vision-LSTM: xLSTM as Generic Vision Backbone, 2024; Beck et al., "
+              "xLSTM: Extended Long Short-Term Memory, NeurIPS 2024 (mLSTM)"),
+    "vim": ModelEntry(
+        factory=VisionMamba, cfg={}, input_form="image", sequence=_IMAGE,
+        input=_input(_CIFAR, "rows"), test_input=_input((3, 8, 8), "rows"),
+        paper="Zhu et al., Vision Mamba: Efficient Visual Representation Learning with "
+              "Bidirectional State Space Model, ICML 2024; Gu & Dao, Mamba: Linear-Time Sequence "
+              "Modeling with Selective State Spaces, 2023"),
 }
 
 MODEL_INFO = {name: {"input_form": e.input_form, "sequence": e.sequence, "input": e.input,

@@ -106,9 +106,24 @@ def _lstm_layer_flops(x_shape, w_ih_shape, w_hh_shape, *args, **kwargs):
     return 2 * x_shape[0] * x_shape[1] * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
 
 
-# What FlopCounterMode does not count by itself: FFTs (S4D, FNet) and nn.LSTM's CPU kernel
-# (its backward: the input and the weight gradients, two products per forward one).
+def _cumsum_flops(x_shape, *args, **kwargs):
+    """One add per element: Vim's chunked scan (seqlstm._scan_chunked) is two cumulative sums over
+    its (B, L, D, N) states, the log decays' and the inputs', so 2 FLOPs per state element and
+    step, the multiply-add of h_t = a_t h_{t-1} + u_t that its sequential scan does by addcmul."""
+    return math.prod(x_shape)
+
+
+def _addcmul_flops(x_shape, *args, out_shape=None, **kwargs):
+    """A multiply-add per output element (Vim's sequential scan step a_t h + u_t)."""
+    return 2 * math.prod(out_shape)
+
+
+# What FlopCounterMode does not count by itself: FFTs (S4D, FNet), nn.LSTM's CPU kernel (its
+# backward: the input and the weight gradients, two products per forward one), cumulative sums and
+# multiply-adds (the scans of Vim and of ViL's forget gates).
 EXTRA_FLOPS = {
+    torch.ops.aten.cumsum: _cumsum_flops,
+    torch.ops.aten.addcmul: _addcmul_flops,
     torch.ops.aten._fft_c2c: _fft_flops,
     torch.ops.aten._fft_r2c: lambda *a, **k: _fft_flops(*a, **k) / 2,
     torch.ops.aten._fft_c2r: lambda *a, **k: _fft_flops(*a, **k) / 2,
@@ -119,8 +134,8 @@ EXTRA_FLOPS = {
 
 def train_flops(model, x, y):
     """Training FLOPs per image: forward + backward of one batch as FlopCounterMode counts them
-    (matrix products, convolutions, attention; FFTs and nn.LSTM by EXTRA_FLOPS; no element-wise
-    work) / batch size."""
+    (matrix products, convolutions, attention; FFTs, nn.LSTM and the scans by EXTRA_FLOPS; no other
+    element-wise work) / batch size."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
