@@ -126,6 +126,7 @@ def summary_row(run: plan.Run, status, run_id="", **values):
 def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, callbacks=()):
     """Build (with the run's teacher, trained first if need be) and fit one run (from
     `resume_from` if given): a Fitted. Every DDP rank runs this; rank 0 alone has a tracker."""
+    cores.keep_freed_memory()  # a caller that skipped prepare_report trains with it all the same
     threads = cores.set_threads(run.compute.threads)
     if tracker:
         cores.note_shared_cores(threads)
