@@ -33,7 +33,8 @@ glibc_only = pytest.mark.skipif(cores._glibc() is None, reason="mallopt is glibc
 def _in_subprocess(setup):
     code = f"import json\nfrom seqlab import cores\n{setup}\n{MMAPPED}"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
