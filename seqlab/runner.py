@@ -59,6 +59,7 @@ def build_run(run: plan.Run, data: ImageData, teacher=None):
     """(one test image's sequence, Lightning module), distilling from `teacher` if given."""
     to_seq, example = example_sequence(run, data)
     model = run.network.build(example.shape[1], len(data.classes))
+    model = lightning.compiled(model, run.compute.compile)
     t, d = run.train, run.distill
     module = lightning.SeqClassifier(
         model,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.nn.functional as F
 
 from seqlab import cores
 
@@ -90,3 +91,59 @@ class _Stop(Exception):
 
 def _stop(*args, **kwargs):
     raise _Stop
+
+
+@pytest.mark.parametrize(
+    "model, why", [("lipschitz_rnn", "RecursionError"), ("lstm", "fused kernel")]
+)
+def test_compile_is_refused_before_training_for_models_it_does_not_help(model, why):
+    from seqlab import plan, schema
+
+    params = {**schema.defaults(), "model": ["trellisnet", model], "transform": "pixels"}
+    params["compile"] = True
+    with pytest.raises(schema.ParamError) as e:
+        plan.plan_report(params)
+    message = str(e.value)
+    assert "parameter compile = True" in message and repr(model) in message and why in message
+    assert "\n" not in message
+    # per_model can keep it for the models it helps
+    params["per_model"] = {model: {"compile": False}}
+    runs = plan.plan_report(params)
+    assert [(r.model, r.compute.compile) for r in runs] == [("trellisnet", True), (model, False)]
+
+
+def test_the_runner_compiles_the_model_when_asked(quick_report, outputs):
+    from seqlab import runner
+
+    for flag in (False, True):
+        runs, loaded = quick_report(model="trellisnet", transform="pixels", compile=flag,
+                                    model_args={"layers": 3})
+        _, module = runner.build_run(runs[0], loaded[runs[0].data.key])
+        assert (module.model._compiled_call_impl is not None) == flag
+
+
+@pytest.mark.slow
+def test_compiled_trellisnet_equals_eager_on_one_batch():
+    """torch.compile (inductor's C++ kernels) against eager: logits and gradients on one batch of
+    the test input (about 100 s to compile on one busy core)."""
+    import copy
+
+    import torch
+
+    import seqlstm
+    from seqlab import lightning
+
+    x, n_in, args = seqlstm.model_input("trellisnet", 8, tiny=True)
+    torch.manual_seed(0)
+    eager = seqlstm.create_model("trellisnet", in_features=n_in, num_classes=10, **args)
+    fast = lightning.compiled(copy.deepcopy(eager), True)
+    y = torch.randint(0, 10, (8,))
+    results = []
+    for model in (eager, fast):
+        logits = model(x)
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), list(model.parameters()))
+        results.append((logits, grads))
+    (logits, grads), (ref, ref_grads) = results[1], results[0]
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
