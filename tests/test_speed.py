@@ -34,7 +34,11 @@ glibc_only = pytest.mark.skipif(cores._glibc() is None, reason="mallopt is glibc
 def _in_subprocess(setup):
     code = f"import json\nfrom seqlab import cores\n{setup}\n{MMAPPED}"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -116,8 +120,9 @@ def test_the_runner_compiles_the_model_when_asked(quick_report, outputs):
     from seqlab import runner
 
     for flag in (False, True):
-        runs, loaded = quick_report(model="trellisnet", transform="pixels", compile=flag,
-                                    model_args={"layers": 3})
+        runs, loaded = quick_report(
+            model="trellisnet", transform="pixels", compile=flag, model_args={"layers": 3}
+        )
         _, module = runner.build_run(runs[0], loaded[runs[0].data.key])
         assert (module.model._compiled_call_impl is not None) == flag
 
