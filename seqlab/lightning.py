@@ -65,10 +65,11 @@ STRATEGIES = ("auto", "ddp")  # Lightning's; ddp: one process per device (a scri
 # speed-up on 2 CPU cores (docs/speed.md); a cold compile costs about a minute per run.
 COMPILED = {
     "trellisnet": "11 levels of element-wise gates fused into a few C++ loops",
-    "s4d": "its element-wise work around the FFTs fused",
     "bilstm_fc": "the per-step gate arithmetic of its recurrence loop fused",
 }
 NOT_COMPILED = {  # why compile is refused for a model
+    "s4d": "0.99x since its kernel is factorised: inductor leaves complex products and FFTs to "
+    "eager kernels",
     "lipschitz_rnn": "compiling its 1,024-step Python loop fails (RecursionError)",
     "lstm": "nn.LSTM's fused kernel leaves nothing to fuse (0.98x on rows)",
     "gru": "nn.GRU's fused kernel leaves nothing to fuse",
