@@ -142,6 +142,7 @@ def test_compiled_trellisnet_equals_eager_on_one_batch():
     torch.manual_seed(0)
     eager = seqlstm.create_model("trellisnet", in_features=n_in, num_classes=10, **args)
     fast = lightning.compiled(copy.deepcopy(eager), True)
+    assert fast._compiled_call_impl is not None
     y = torch.randint(0, 10, (8,))
     results = []
     for model in (eager, fast):
