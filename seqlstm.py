@@ -1865,7 +1865,8 @@ def s4d_kernel(dt, A, C, L):
     c = math.isqrt(L - 1) + 1  # steps per chunk
     steps = torch.arange(c, device=A.device, dtype=dt.dtype)
     within = torch.exp(dtA.unsqueeze(-1) * steps)  # (..., H, N/2, c): A_bar^k
-    chunks = torch.exp(dtA.unsqueeze(-2) * (c * steps[: -(-L // c)]).unsqueeze(-1))
+    starts = (c * steps[: -(-L // c)]).unsqueeze(-1)  # (L/c, 1): each chunk's first step, c j
+    chunks = torch.exp(dtA.unsqueeze(-2) * starts)  # (..., H, L/c, N/2): A_bar^(c j)
     coef = (C * torch.expm1(dtA) / A).unsqueeze(-2)  # (..., H, 1, N/2): C B_bar
     K = (chunks * coef) @ within  # (..., H, L/c, c): chunk j, step k within it
     return 2 * K.real.flatten(-2)[..., :L]  # (..., H, L)
