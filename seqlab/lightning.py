@@ -61,6 +61,30 @@ PRECISIONS = ("32", "bf16-mixed")  # Lightning's precision
 STRATEGIES = ("auto", "ddp")  # Lightning's; ddp: one process per device (a script, not a notebook)
 
 
+# compile: true (torch.compile, inductor) for these models only, each for its measured training
+# speed-up on 2 CPU cores (docs/speed.md); a cold compile costs about a minute per run.
+COMPILED = {
+    "trellisnet": "11 levels of element-wise gates fused into a few C++ loops",
+    "bilstm_fc": "the per-step gate arithmetic of its recurrence loop fused",
+}
+NOT_COMPILED = {  # why compile is refused for a model
+    "s4d": "0.99x since its kernel is factorised: inductor leaves complex products and FFTs to "
+    "eager kernels",
+    "lipschitz_rnn": "compiling its 1,024-step Python loop fails (RecursionError)",
+    "lstm": "nn.LSTM's fused kernel leaves nothing to fuse (0.98x on rows)",
+    "gru": "nn.GRU's fused kernel leaves nothing to fuse",
+    "rnn": "nn.RNN's fused kernel leaves nothing to fuse",
+}
+
+
+def compiled(model, compile=False):
+    """The model with its forward compiled in place (nn.Module.compile: parameter names, and so
+    checkpoints, stay those of the eager model), if `compile`."""
+    if compile:
+        model.compile()
+    return model
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient: the run stops at once (going on only spreads NaN)."""
 

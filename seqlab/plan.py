@@ -20,7 +20,7 @@ from seqlstm import (
     make_sequence,
     sequence_shape,
 )
-from seqlab import schema
+from seqlab import lightning, schema
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class ComputeSpec:
     devices: int
     num_nodes: int
     strategy: str
+    compile: bool  # torch.compile the model (lightning.COMPILED: where it was measured to help)
 
     @property
     def world_size(self) -> int:
@@ -293,6 +294,16 @@ def _override(p, over, where, fixed, types):
         raise schema.ParamError(f"{where}: {e}") from None
 
 
+def _check_compile(p):
+    """compile only for the models where it was measured to help (lightning.COMPILED)."""
+    if p["compile"] and p["model"] not in lightning.COMPILED:
+        why = lightning.NOT_COMPILED.get(p["model"], "not measured to help it")
+        raise schema.ParamError(
+            f"parameter compile = True for model {p['model']!r}: {why}; valid for "
+            f"{sorted(lightning.COMPILED)} only"
+        )
+
+
 def _plan_grid(p: dict, types: dict) -> list:
     """The runs of one grid: dataset x model x variant x transform x seq_len x distillation
     settings, with `per_model` overrides and then each `variants` entry's applied and checked."""
@@ -310,6 +321,7 @@ def _plan_grid(p: dict, types: dict) -> list:
         )
         for v, over in (p["variants"] or {"": {}}).items():
             planned[m, v] = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
+            _check_compile(planned[m, v])
     return [
         Run(q)
         for ds in schema.as_list(p["dataset"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
-from seqlab import files, plan, stats, studies, tracking
+from seqlab import cores, files, plan, stats, studies, tracking
 
 
 class RunsFailed(RuntimeError):
@@ -18,7 +18,9 @@ def prepare_report(params: dict, types: dict = None):
     """Everything a report checks before its first run, for the command line and the notebook
     alike: parameters of every planned run, the outputs folder, the tracking store, then each
     dataset loaded once and the transform and model arguments tried on its images.
-    Returns (runs, loaded data by data_key)."""
+    Returns (runs, loaded data by data_key). It is where every process of a report starts (the
+    notebook's kernel, `train` and its DDP ranks, `tune` workers), so it sets the allocator."""
+    cores.keep_freed_memory()
     runs = plan.plan_report(params, types)
     check_baseline(runs, runs[0].params["baseline"])
     files.check_outputs()

@@ -59,6 +59,7 @@ def build_run(run: plan.Run, data: ImageData, teacher=None):
     """(one test image's sequence, Lightning module), distilling from `teacher` if given."""
     to_seq, example = example_sequence(run, data)
     model = run.network.build(example.shape[1], len(data.classes))
+    model = lightning.compiled(model, run.compute.compile)
     t, d = run.train, run.distill
     module = lightning.SeqClassifier(
         model,
@@ -127,6 +128,7 @@ def summary_row(run: plan.Run, status, run_id="", **values):
 def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, callbacks=()):
     """Build (with the run's teacher, trained first if need be) and fit one run (from
     `resume_from` if given): a Fitted. Every DDP rank runs this; rank 0 alone has a tracker."""
+    cores.keep_freed_memory()  # a caller that skipped prepare_report trains with it all the same
     threads = cores.set_threads(run.compute.threads)
     if tracker:
         cores.note_shared_cores(threads)

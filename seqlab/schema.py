@@ -140,6 +140,8 @@ PARAMS = (  # in the order of the notebook's parameters cell: name, type, defaul
     Param("num_nodes", "int", 1, "compute",
           "machines of a DDP run", **_at_least(1)),
     Param("strategy", "str", "auto", "compute", "Lightning strategy: auto or ddp"),
+    Param("compile", "bool", False, "compute",
+          "torch.compile the model: trellisnet or bilstm_fc only (docs/speed.md)"),
     Param("per_model", "dict", {}, "report",
           'per-model overrides of any parameter, e.g. {"pit": {"epochs": 1}}'),
     Param("variants", "dict", {}, "report",

@@ -5,6 +5,7 @@ finite values and a falling loss.)"""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import seqlstm
 from seqlab import lightning
@@ -194,3 +195,55 @@ def test_lightning_trains_a_and_dt_at_their_own_lr(schedule):
         key = "ssm" if id(g["params"][0]) in ssm else "rest"
         settings[key] = (g.get("max_lr", g["lr"]), g["weight_decay"])
     assert settings == {"ssm": (1e-3, 0.0), "rest": (0.01, 0.05)}
+
+
+# The layer as it was before its speed-up (a Vandermonde kernel of L complex exponentials per
+# mode, GELU on a (B, L, H) view of the FFT's (B, H, L) output, D added after the convolution):
+# the reference that the factorised kernel and the channels-first layer must equal.
+def reference_kernel(dt, A, C, L):
+    dtA = dt.unsqueeze(-1) * A  # (..., H, N/2)
+    steps = torch.arange(L, device=A.device, dtype=dt.dtype)
+    powers = torch.exp(dtA.unsqueeze(-1) * steps)  # (..., H, N/2, L): A_bar^l
+    return 2 * torch.einsum("...hn,...hnl->...hl", C * torch.expm1(dtA) / A, powers).real
+
+
+def reference_forward(layer, u):  # (B, L, H)
+    L = u.shape[1]
+    k = reference_kernel(*layer.ssm(), L)  # (c, H, L)
+    if layer.bidirectional:
+        k = F.pad(k[0], (0, L)) + F.pad(k[1].flip(-1), (L, 0))
+    else:
+        k = k[0]
+    k_f = torch.fft.rfft(k, n=2 * L)
+    y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=2 * L) * k_f, n=2 * L)[..., :L]
+    y = F.gelu(y.transpose(1, 2) + u * layer.D).transpose(1, 2)  # (B, H, L)
+    return layer.out(F.dropout1d(y, layer.dropout, layer.training).transpose(1, 2))
+
+
+@pytest.mark.parametrize("L", [1, 7, 64, 784, 1024])
+def test_factorised_kernel_equals_the_vandermonde_product(L):
+    """float32, S4D-Lin's A with the default model's step sizes: every L, square or not."""
+    torch.manual_seed(0)
+    layer = seqlstm.S4DLayer(16, state=64)
+    dt, A, C = layer.ssm()
+    ref = reference_kernel(dt, A, C, L)
+    torch.testing.assert_close(seqlstm.s4d_kernel(dt, A, C, L), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_layer_outputs_and_gradients_equal_the_reference(bidirectional):
+    """Training mode with dropout: the same masks (one dropout1d call on (B, H, L) from the same
+    RNG state), outputs and every parameter's and the input's gradient within 1e-5."""
+    torch.manual_seed(0)
+    layer = seqlstm.S4DLayer(32, state=16, bidirectional=bidirectional, dropout=0.2)
+    u = torch.randn(4, 256, 32, requires_grad=True)
+    results = []
+    for forward in (layer, lambda x: reference_forward(layer, x)):
+        torch.manual_seed(1)
+        out = forward(u)
+        grads = torch.autograd.grad(out.square().sum(), [u, *layer.parameters()])
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())

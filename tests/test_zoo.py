@@ -444,3 +444,24 @@ def test_trellisnet_shares_one_convolution_across_depth():
         len(convs) == 2
     )  # the input injection and the one shared hidden convolution, for all 11 levels
     assert model.levels == 11
+
+
+def test_lipschitz_rnn_is_initialised_as_the_authors_code():
+    """erichson/LipschitzRNN since November 2020: M ~ N(0, (0.1 / hidden)^2), and the input and
+    readout layers at PyTorch's defaults: U(1 -> 128) std 1/sqrt(3) = 0.58 with uniform biases
+    (Xavier-normal gave 0.125 and zero biases), the readout (128 -> 10) 0.051 (Xavier: 0.12)."""
+    torch.manual_seed(0)
+    model = seqlstm.create_model("lipschitz_rnn", in_features=1, num_classes=10)
+    stds = {
+        "M_A": model.M_A[0].std() * 128,
+        "M_W": model.M_W[0].std() * 128,
+        "U": model.U[0].weight.std(),
+        "U bias": model.U[0].bias.std(),
+        "readout": model.head.weight.std(),
+    }
+    uniform = 3**-0.5  # U(-1, 1): fan-in 1
+    readout = (3 * 128) ** -0.5  # U(-1/sqrt(128), 1/sqrt(128))
+    expected = {"M_A": 0.1, "M_W": 0.1, "U": uniform, "U bias": uniform, "readout": readout}
+    for name, std in stds.items():
+        assert abs(std / expected[name] - 1) < 0.25, (name, float(std), expected[name])
+    assert model.head.bias.abs().max() > 0  # PyTorch's uniform biases, not zeros
