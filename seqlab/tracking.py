@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -59,6 +61,63 @@ def check_tracking(uri=None, timeout=5.0):
             f"MLflow tracking server {files.masked(uri)} does not answer ({e}): start it, or "
             f"unset MLFLOW_TRACKING_URI to track in outputs/mlflow.db"
         ) from None
+
+
+def _sqlite_file(uri):
+    """The database file of an `sqlite:///PATH` tracking URI, else None."""
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path else None
+
+
+def _half_made(db: Path) -> bool:
+    """A database whose creation was cut short (a SIGKILL during MLflow's migrations): not an
+    SQLite file, or holding no run and not at MLflow's schema. One with runs is MLflow's to judge
+    (an older MLflow's database asks for `mlflow db upgrade`)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            listed = con.execute("select name from sqlite_master where type='table'")
+            tables = {r[0] for r in listed}
+            if "runs" in tables and con.execute("select count(*) from runs").fetchone()[0]:
+                return False
+            version = (
+                con.execute("select version_num from alembic_version").fetchone()
+                if "alembic_version" in tables
+                else None
+            )
+    except sqlite3.DatabaseError:
+        return True
+    return version is None or version[0] != _get_latest_schema_revision()
+
+
+def ensure_store(uri: str):
+    """An SQLite store is created whole: MLflow's migrations run on `mlflow.db.tmp-PID` beside it,
+    which is then renamed, so a process killed meanwhile leaves no half-made database on which
+    every later start fails (`duplicate column name`). One found half-made is set aside as
+    NAME.broken-TIME and made again. The caller holds the `mlflow` lock."""
+    db = _sqlite_file(uri)
+    if db is None:
+        return
+    for stale in db.parent.glob(f"{db.name}.tmp-*"):  # left by a creation that was killed
+        stale.unlink(missing_ok=True)
+    if db.exists() and not _half_made(db):
+        return
+    if db.exists():
+        broken = db.with_name(f"{db.name}.broken-{int(time.time())}")
+        os.replace(db, broken)
+        print(
+            f"note: {db} was half made (its creation was cut short): set aside as "
+            f"{broken.name}; making it again",
+            flush=True,
+        )
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f"{db.name}.tmp-{os.getpid()}")
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").resolve().as_uri())
+    store.engine.dispose()
+    os.replace(tmp, db)
 
 
 def _quiet_mlflow():
@@ -199,6 +258,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         with files.lock("mlflow"):
+            ensure_store(tracking_uri())
             self.client = MlflowClient(tracking_uri())
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (

@@ -1,6 +1,8 @@
 """Trust: nothing from data or parameters executes, a password is never written down, a broken
 cache file is set aside and rebuilt, a switch is a boolean."""
 
+import os
+
 import pytest
 import torch
 
@@ -90,3 +92,60 @@ def test_the_best_parameters_file_keeps_no_password(tmp_path):
     text = best.read_text()
     assert "s3cret" not in text and "postgresql://bob@db.example/studies" in text
     assert "PGPASSWORD" in text and not list(tmp_path.glob(".*.tmp"))
+
+
+# ---- MLflow's database: made whole, or made again
+
+
+def _make_store(out):
+    """A child process's work: open (and so create) the tracking store, start and end a run."""
+    os.environ["SEQLSTM_OUTPUTS"] = str(out)
+    t = tracking.Tracker("kills")
+    t.end(t.create("r"))
+
+
+@pytest.mark.slow
+def test_killing_the_first_mlflow_db_creation_leaves_a_store_that_works(tmp_path, monkeypatch):
+    import multiprocessing
+    import random
+    import signal
+    import time
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+    tracking._quiet_mlflow()  # imported once here: each child is a fork that creates the db
+    fork = multiprocessing.get_context("fork")
+    out = tmp_path / "outputs"
+    t = time.perf_counter()
+    whole = fork.Process(target=_make_store, args=(tmp_path / "timed",))
+    whole.start(), whole.join()
+    took = time.perf_counter() - t  # how long one creation takes: the kills fall within it
+    random.seed(0)
+    for i in range(12):  # spread over the creation, migrations included
+        child = fork.Process(target=_make_store, args=(out,))
+        child.start()
+        time.sleep((i + random.random()) / 12 * took)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    final = fork.Process(target=_make_store, args=(out,))
+    final.start(), final.join()
+    assert final.exitcode == 0  # the same command, not killed, succeeds
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(out))
+    client, experiment_id = tracking.Tracker("kills").mlflow()
+    assert "FINISHED" in {r.info.status for r in client.search_runs([experiment_id])}
+    assert not list(out.glob("mlflow.db.tmp-*"))
+
+
+def test_a_half_made_mlflow_db_is_set_aside_and_made_again(outputs, capsys):
+    import sqlite3
+
+    outputs.mkdir()
+    with sqlite3.connect(outputs / "mlflow.db") as con:  # tables begun, no schema version yet
+        con.execute("create table experiments (experiment_id integer primary key, name text)")
+        con.execute("create table runs (run_uuid text primary key)")
+    tracker = tracking.Tracker("again")
+    client, experiment_id = tracker.mlflow()
+    assert client.get_experiment(experiment_id).name == "again"
+    assert "was half made" in capsys.readouterr().out
+    assert len(list(outputs.glob("mlflow.db.broken-*"))) == 1
