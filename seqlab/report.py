@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
-from seqlab import files, plan, studies, tracking
+from seqlab import files, fits, plan, studies, tracking
 
 
 class RunsFailed(RuntimeError):
@@ -23,8 +23,10 @@ def prepare_report(params: dict, types: dict = None):
     files.check_outputs()
     tracking.check_tracking()
     studies.check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
+    fits.check_before_loading(runs)
     loaded = plan.load_report_data(runs)
     plan.check_run_inputs(runs, loaded)
+    fits.check_runs(runs, loaded)
     return runs, loaded
 
 

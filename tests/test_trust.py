@@ -2,6 +2,7 @@
 cache file is set aside and rebuilt, a switch is a boolean."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -149,3 +150,52 @@ def test_a_half_made_mlflow_db_is_set_aside_and_made_again(outputs, capsys):
     assert client.get_experiment(experiment_id).name == "again"
     assert "was half made" in capsys.readouterr().out
     assert len(list(outputs.glob("mlflow.db.broken-*"))) == 1
+
+
+# ---- what cannot fit is refused; what nobody foresaw is one line
+
+
+def _cli(out, *args, code=""):
+    """`seqlstm.py ARGS` in a subprocess (after `code`, run first in it): (exit code, stderr)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(out), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = f"import sys; from seqlab import cli\n{code}\ncli.main(sys.argv[1:])"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=files.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [("seq_len", "100000000"), ("image_size", "100000")],
+)
+def test_a_run_that_cannot_fit_is_refused_with_its_numbers(tmp_path, param, value):
+    code, stderr = _cli(tmp_path / "out", "train", "params/smoke.yaml", "-p", param, value)
+    assert code == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: parameter {param} = {value}: ")
+    assert re.search(r"needs at least [\d.,]+ [GTP]B, above the [\d.,]+ [KMGT]B of", last)
+    assert "Traceback" not in stderr
+
+
+def test_an_unforeseen_error_is_one_line_and_its_traceback_a_file(tmp_path):
+    boom = (
+        "from seqlab import report\n"
+        "def boom(*a, **k): raise KeyError('no such thing')\n"
+        "report.prepare_report = boom"
+    )
+    code, stderr = _cli(tmp_path / "out", "train", "params/smoke.yaml", code=boom)
+    assert code == 1 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: train failed: KeyError: 'no such thing' (in <string>:3, boom)")
+    trace = list((tmp_path / "out" / "errors").glob("train-*.txt"))
+    assert len(trace) == 1 and str(trace[0]) in line and "Traceback" in trace[0].read_text()
