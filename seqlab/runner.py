@@ -274,7 +274,7 @@ def fail_run(tracker, run_id, run: plan.Run, error: BaseException) -> RunResult:
     if run_id:
         tracker.fail(run_id, message, "".join(traceback.format_exception(error)))
     row = summary_row(run, "failed", run_id, error=message[:500])
-    tracking.append_summary(row)
+    tracking.attempt("summary.csv's row", tracking.append_summary, row)
     return RunResult(
         row=row,
         history=[],

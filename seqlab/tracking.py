@@ -24,6 +24,7 @@ from seqlstm import ImageData
 from seqlab import files, plan
 
 STATUS, KEY, LAST_EPOCH = "seqlstm.status", "seqlstm.key", "seqlstm.last_epoch"  # tags
+PID, HOST = "seqlstm.pid", "seqlstm.host"  # the process that runs it: a dead one left it RUNNING
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
@@ -301,6 +302,7 @@ class Tracker:
             last = files.checkpoint_dir(r.info.run_id) / "last.ckpt"
             if r.info.status in ("RUNNING", "KILLED") and last.exists():
                 self.client.update_run(r.info.run_id, status="RUNNING")
+                self.tag(r.info.run_id, owner())
                 done = r.data.tags.get(LAST_EPOCH, "?")
                 print(
                     f"resuming MLflow run {r.info.run_id} after epoch {done} from its last "
@@ -313,12 +315,30 @@ class Tracker:
     def create(self, name: str, tags=None) -> str:
         """A new run, tagged with the code version; its id."""
         run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={**code_tags(), **(tags or {})}
+            self.experiment_id, run_name=name, tags={**code_tags(), **owner(), **(tags or {})}
         )
         return run.info.run_id
 
+    def end_dead_runs(self):
+        """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, a lost
+        kernel, a full disk) are marked KILLED, so that no run says it is running when none is."""
+        import psutil
+
+        for r in self._search("attributes.status = 'RUNNING'"):
+            tags = r.data.tags
+            if tags.get(HOST) != socket.gethostname() or not tags.get(PID, "").isdigit():
+                continue
+            if not psutil.pid_exists(int(tags[PID])):
+                self.client.set_terminated(r.info.run_id, "KILLED")
+                print(
+                    f"note: MLflow run {r.info.run_id} ({r.info.run_name}) was left RUNNING by "
+                    f"process {tags[PID]}, which no longer exists: marked KILLED",
+                    flush=True,
+                )
+
     def reopen(self, run_id: str):
         self.client.update_run(run_id, status="RUNNING")
+        self.tag(run_id, owner())
 
     def tag(self, run_id: str, tags: dict):
         for name, value in tags.items():
@@ -376,10 +396,29 @@ class Tracker:
             return json.loads(self.download(run_id, "result.json", tmp).read_text())
 
     def fail(self, run_id: str, message: str, traceback: str):
-        """FAILED, with the reason as a tag and the traceback as failure.txt."""
-        self.tag(run_id, {"seqlstm.failure": message[:5000], STATUS: "failed"})
-        self.client.log_text(run_id, traceback, "failure.txt")
-        self.end(run_id, "FAILED")
+        """FAILED first, then the reason as a tag and the traceback as failure.txt, each on its own:
+        a full disk or a lost server costs what it cannot write, never the status."""
+        for what, write in (
+            ("status FAILED", partial(self.end, run_id, "FAILED")),
+            ("reason", partial(self.tag, run_id, {"seqlstm.failure": message[:5000]})),
+            ("status tag", partial(self.tag, run_id, {STATUS: "failed"})),
+            ("failure.txt", partial(self.client.log_text, run_id, traceback, "failure.txt")),
+        ):
+            attempt(f"MLflow run {run_id}: its {what}", write)
+
+
+def owner() -> dict:
+    """Tags naming the process that runs a run: its pid and host."""
+    return {PID: str(os.getpid()), HOST: socket.gethostname()}
+
+
+def attempt(what: str, write, *args):
+    """`write(*args)`; if it fails (a full disk, a lost server), a note names what was not
+    written and the caller goes on."""
+    try:
+        return write(*args)
+    except Exception as e:  # noqa: BLE001 (what cannot be written is said, not raised)
+        print(f"note: {what} could not be written ({type(e).__name__}: {e})", flush=True)
 
 
 class MarkEpoch(pl.Callback):

@@ -199,3 +199,48 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_a_file(tmp_path):
     assert line.startswith("error: train failed: KeyError: 'no such thing' (in <string>:3, boom)")
     trace = list((tmp_path / "out" / "errors").glob("train-*.txt"))
     assert len(trace) == 1 and str(trace[0]) in line and "Traceback" in trace[0].read_text()
+
+
+# ---- no run stays RUNNING when nothing runs it
+
+
+def test_a_run_that_fails_on_a_full_disk_is_still_marked_failed(outputs, quick_report, capsys):
+    from seqlab import runner
+
+    runs, _ = quick_report()
+    tracker = tracking.Tracker("runs")
+    run_id = tracker.create("full disk")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    tracker.client.log_text = full
+    tracker.client.set_tag = full
+    real_summary, tracking.append_summary = tracking.append_summary, full
+    try:
+        result = runner.fail_run(tracker, run_id, runs[0], OSError(28, "No space left on device"))
+    finally:
+        tracking.append_summary = real_summary
+    assert result.status == "failed"
+    client, _ = tracker.mlflow()
+    assert client.get_run(run_id).info.status == "FAILED"
+    out = capsys.readouterr().out
+    assert "failure.txt could not be written (OSError" in out and "summary.csv's row" in out
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed_at_the_next_start(
+    outputs, quick_report, capsys
+):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tracker = tracking.Tracker("runs")
+    dead, alive = tracker.create("dead"), tracker.create("alive")
+    tracker.tag(dead, {tracking.PID: gone.pid})  # as a SIGKILLed report leaves its run
+    quick_report()
+    client, _ = tracker.mlflow()
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"  # this process runs it
+    assert f"left RUNNING by process {gone.pid}, which no longer exists" in capsys.readouterr().out
