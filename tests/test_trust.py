@@ -244,3 +244,47 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed_at_the_next_start
     assert client.get_run(dead).info.status == "KILLED"
     assert client.get_run(alive).info.status == "RUNNING"  # this process runs it
     assert f"left RUNNING by process {gone.pid}, which no longer exists" in capsys.readouterr().out
+
+
+# ---- summary.csv: only ever appended to
+
+
+def _row(**values):
+    return {**dict.fromkeys(tracking.SUMMARY_FIELDS, ""), "report": "r", "status": "ok", **values}
+
+
+def test_summary_csv_is_appended_to_never_rewritten(tmp_path):
+    import csv
+
+    path = tmp_path / "summary.csv"
+    tracking.append_summary(_row(model="a"), path)
+    before = path.read_bytes()
+    path.write_bytes(before + b"r,ok,digits")  # a row cut short by a kill
+    tracking.append_summary(_row(model="b"), path)
+    after = path.read_bytes()
+    assert after.startswith(before + b"r,ok,digits")  # what was there is left byte for byte
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert [r["model"] for r in rows if r["status"] == "ok" and r["model"]] == ["a", "b"]
+    bom = tmp_path / "bom.csv"  # today's columns after a BOM (a spreadsheet saved it)
+    bom.write_bytes(b"\xef\xbb\xbf" + before)
+    tracking.append_summary(_row(model="c"), bom)
+    assert bom.read_bytes() == b"\xef\xbb\xbf" + before + before.split(b"\n", 1)[1].replace(
+        b",a,", b",c,"
+    )
+
+
+def test_a_summary_csv_with_other_columns_is_left_alone(tmp_path, capsys):
+    import csv
+
+    path = tmp_path / "summary.csv"
+    old = b"report,status,test_acc\r\nold,ok,0.5\r\n"  # an older version's columns
+    path.write_bytes(old)
+    tracking.append_summary(_row(model="new"), path)
+    assert path.read_bytes() == old
+    moved = tmp_path / "summary-2.csv"
+    assert [r["model"] for r in csv.DictReader(open(moved, newline=""))] == ["new"]
+    assert "has other columns than today's: left as it is; this row goes to summary-2.csv" in (
+        capsys.readouterr().out
+    )
+    tracking.append_summary(_row(model="next"), path)
+    assert len(list(csv.DictReader(open(moved, newline="")))) == 2 and path.read_bytes() == old
