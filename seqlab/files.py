@@ -26,6 +26,25 @@ def checkpoint_dir(run_id: str) -> Path:
     return outputs() / "checkpoints" / run_id
 
 
+def readable_checkpoint(path: Path, whose: str) -> bool:
+    """Whether a checkpoint loads (as tensors: weights_only); one that does not (truncated by a
+    kill, a full disk) is named, set aside as NAME.broken and its run starts afresh."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception as e:  # noqa: BLE001 (any unreadable file: the run starts afresh)
+        broken = path.with_name(path.name + ".broken")
+        os.replace(path, broken)
+        print(
+            f"note: the last checkpoint {path} of {whose} cannot be read ({type(e).__name__}: "
+            f"{str(e)[:200]}): set aside as {broken.name}; the run starts afresh",
+            flush=True,
+        )
+        return False
+
+
 def lock(name):
     """An inter-process lock under outputs/.locks (released by the OS if its holder dies)."""
     from filelock import FileLock

@@ -327,7 +327,12 @@ class Tracker:
                 self.client.set_terminated(r.info.run_id, "KILLED")
         for r in previous if resume else []:
             last = files.checkpoint_dir(r.info.run_id) / "last.ckpt"
-            if r.info.status in ("RUNNING", "KILLED") and last.exists():
+            whose = f"MLflow run {r.info.run_id}"
+            if (
+                r.info.status in ("RUNNING", "KILLED")
+                and last.exists()
+                and files.readable_checkpoint(last, whose)  # else set aside: a fresh run
+            ):
                 self.client.update_run(r.info.run_id, status="RUNNING")
                 self.tag(r.info.run_id, owner())
                 done = r.data.tags.get(LAST_EPOCH, "?")

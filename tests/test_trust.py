@@ -288,3 +288,23 @@ def test_a_summary_csv_with_other_columns_is_left_alone(tmp_path, capsys):
     )
     tracking.append_summary(_row(model="next"), path)
     assert len(list(csv.DictReader(open(moved, newline="")))) == 2 and path.read_bytes() == old
+
+
+def test_a_truncated_last_checkpoint_starts_that_run_afresh(outputs, quick_report, capsys):
+    from seqlab import runner
+
+    runs, loaded = quick_report()
+    data = loaded[runs[0].data.key]
+    client, experiment_id = tracking.Tracker("runs").mlflow()
+    key = tracking.run_key(runs[0].params, data)
+    dead = client.create_run(experiment_id, tags={tracking.KEY: key}).info.run_id  # as killed
+    last = files.checkpoint_dir(dead) / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(1000)}, "epoch": 1}, last)
+    last.write_bytes(last.read_bytes()[:300])  # the kill came during its write
+    result = runner.run_experiment(runs[0], data)
+    assert result.status == "ok" and result.row["mlflow_run_id"] != dead
+    assert f"note: the last checkpoint {last} of MLflow run {dead} cannot be read" in (
+        capsys.readouterr().out
+    )
+    assert (last.parent / "last.ckpt.broken").exists()
