@@ -311,7 +311,14 @@ def run_experiment(run: plan.Run, data: ImageData = None, *, callbacks=(), tags=
     with files.lock(f"run-{key}"):  # the same run started twice at once: the second waits, reuses
         found = tracker.finished(tracking.KEY, key) if run.resume else None
         if found is not None:
-            return reuse_run(tracker, found, run, data)
+            try:
+                return reuse_run(tracker, found, run, data)
+            except Exception as e:  # noqa: BLE001 (one unreadable run costs that run alone)
+                print(
+                    f"note: the finished MLflow run {found} cannot be read back "
+                    f"({type(e).__name__}: {str(e)[:200]}): training it again",
+                    flush=True,
+                )
         resume = run.resume and run.compute.world_size == 1  # a DDP run starts afresh
         run_id, resume_from = tracker.open(key, run.title(), resume, tags)
         try:

@@ -93,6 +93,34 @@ def _half_made(db: Path) -> bool:
     return version is None or version[0] != _get_latest_schema_revision()
 
 
+def _relocate(db: Path):
+    """Artifacts follow a moved outputs folder: experiments whose artifacts were in the
+    `mlartifacts` folder beside the database where it was before (and their runs) point to the
+    one beside it now, so that finished runs are reused, not retrained."""
+    root = (db.parent / "mlartifacts").resolve().as_uri()
+    with sqlite3.connect(db) as con:
+        moved = con.execute(
+            "select experiment_id, artifact_location from experiments where artifact_location "
+            "like 'file://%/mlartifacts' and artifact_location != ?",
+            (root,),
+        ).fetchall()
+        for experiment_id, old in moved:
+            con.execute(
+                "update runs set artifact_uri = ? || substr(artifact_uri, ?) where "
+                "experiment_id = ? and substr(artifact_uri, 1, ?) = ?",
+                (root, len(old) + 1, experiment_id, len(old), old),
+            )
+            con.execute(
+                "update experiments set artifact_location = ? where experiment_id = ?",
+                (root, experiment_id),
+            )
+    if moved:
+        print(
+            f"note: the outputs folder moved: its MLflow artifacts are read from {root}",
+            flush=True,
+        )
+
+
 def ensure_store(uri: str):
     """An SQLite store is created whole: MLflow's migrations run on `mlflow.db.tmp-PID` beside it,
     which is then renamed, so a process killed meanwhile leaves no half-made database on which
@@ -104,7 +132,7 @@ def ensure_store(uri: str):
     for stale in db.parent.glob(f"{db.name}.tmp-*"):  # left by a creation that was killed
         stale.unlink(missing_ok=True)
     if db.exists() and not _half_made(db):
-        return
+        return _relocate(db)
     if db.exists():
         broken = db.with_name(f"{db.name}.broken-{int(time.time())}")
         os.replace(db, broken)

@@ -308,3 +308,41 @@ def test_a_truncated_last_checkpoint_starts_that_run_afresh(outputs, quick_repor
         capsys.readouterr().out
     )
     assert (last.parent / "last.ckpt.broken").exists()
+
+
+# ---- a moved outputs folder, an unreadable finished run
+
+
+def test_a_moved_outputs_folder_reuses_its_runs(tmp_path, monkeypatch, quick_report, capsys):
+    from seqlab import runner
+
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(tmp_path / "before"))
+    runs, loaded = quick_report()
+    first = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    (tmp_path / "before").rename(tmp_path / "after")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # Lightning's logger set it
+    monkeypatch.setenv("SEQLSTM_OUTPUTS", str(tmp_path / "after"))
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("retrained"))
+    runs, loaded = quick_report()
+    again = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    assert (first.status, again.status) == ("ok", "reused")
+    assert again.row["mlflow_run_id"] == first.row["mlflow_run_id"]
+    assert "note: the outputs folder moved" in capsys.readouterr().out
+    client, experiment_id = tracking.Tracker("runs").mlflow()
+    where = client.get_run(first.row["mlflow_run_id"]).info.artifact_uri
+    assert where.startswith((tmp_path / "after").as_uri())
+
+
+def test_a_finished_run_that_cannot_be_read_back_is_trained_again(outputs, quick_report, capsys):
+    from seqlab import runner
+
+    runs, loaded = quick_report()
+    first = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    client, _ = tracking.Tracker("runs").mlflow()
+    artifacts = client.get_run(first.row["mlflow_run_id"]).info.artifact_uri
+    (files.Path(artifacts.removeprefix("file://")) / "result.json").write_text("{cut")
+    again = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    assert again.status == "ok" and again.row["mlflow_run_id"] != first.row["mlflow_run_id"]
+    assert f"the finished MLflow run {first.row['mlflow_run_id']} cannot be read back" in (
+        capsys.readouterr().out
+    )
