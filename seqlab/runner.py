@@ -188,7 +188,15 @@ def train_run(
             / max(timer.seconds, 1e-9)
         ),
     )
-    fig = figures.plot_sequence(fit.example, data.image_shape, data.mean, data.std, run.transform)
+    fig = figures.drawn(
+        "the sequence figure",
+        figures.plot_sequence,
+        fit.example,
+        data.image_shape,
+        data.mean,
+        data.std,
+        run.transform,
+    )
     result = RunResult(
         row=row,
         history=fit.module.history,
@@ -217,7 +225,9 @@ def track_run(tracker, run_id, run: plan.Run, result: RunResult, metrics: dict):
         },
     )
     title = f"{run.dataset}-{run.model}-{run.transform}-T{m['seq_len']}"
-    confusion = figures.plot_confusion(result.confusion, result.classes, title)
+    confusion = figures.drawn(
+        "the confusion matrix", figures.plot_confusion, result.confusion, result.classes, title
+    )
     saved = {
         "row": m,
         "history": result.history,
@@ -250,7 +260,15 @@ def reuse_run(tracker, run_id, run: plan.Run, data: ImageData) -> RunResult:
     row = {**saved["row"], "status": "reused", "report": run.experiment, "variant": run.variant}
     tracking.append_summary(row)
     _, example = example_sequence(run, data)
-    fig = figures.plot_sequence(example, data.image_shape, data.mean, data.std, run.transform)
+    fig = figures.drawn(
+        "the sequence figure",
+        figures.plot_sequence,
+        example,
+        data.image_shape,
+        data.mean,
+        data.std,
+        run.transform,
+    )
     figures.close(fig)  # as a fresh run's: shown once, where the report displays it
     return RunResult(
         row=row,

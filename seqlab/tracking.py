@@ -446,8 +446,9 @@ class Tracker:
         self.client.log_dict(run_id, result["report"], "classification_report.json")
         self.client.log_text(run_id, yaml.safe_dump(params, sort_keys=False), "params.yaml")
         self.client.log_dict(run_id, result, "result.json")
-        for name, fig in figures.items():
-            self.client.log_figure(run_id, fig, name)
+        for name, fig in figures.items():  # one that cannot be drawn costs that figure alone
+            if fig is not None:
+                attempt(f"figure {name}", self.client.log_figure, run_id, fig, name)
         self.tag(run_id, {STATUS: "ok"})
         self.end(run_id)
 

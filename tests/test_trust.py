@@ -346,3 +346,51 @@ def test_a_finished_run_that_cannot_be_read_back_is_trained_again(outputs, quick
     assert f"the finished MLflow run {first.row['mlflow_run_id']} cannot be read back" in (
         capsys.readouterr().out
     )
+
+
+# ---- names are text: in figures, Markdown and HTML; a figure that fails costs that figure
+
+
+def test_a_class_name_with_mathtext_is_drawn_as_written(tmp_path):
+    import numpy as np
+
+    from seqlab import figures
+
+    classes = ["$\\frac{$", "a_b", "$x$"]
+    fig = figures.plot_confusion(np.eye(3, dtype=int), classes, "data $\\frac{$")
+    fig.savefig(tmp_path / "cm.png")  # mathtext would fail here: "$\frac{$" does not parse
+    shown = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert [t.replace("\\$", "$") for t in shown] == classes
+    figures.close(fig)
+
+
+def test_names_are_escaped_in_markdown_and_html():
+    import pandas as pd
+
+    from seqlab import report, sections
+
+    line = report.md("<script>alert(1)</script> *x* $y$")
+    assert "<script>" not in line and "\\*x\\*" in line and "\\$y\\$" in line
+    page = sections.table_html(pd.DataFrame({"class": ["<b>bold</b>"]}))
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page
+
+
+def test_a_figure_that_cannot_be_drawn_costs_no_training(
+    outputs, quick_report, monkeypatch, capsys
+):
+    from seqlab import figures, runner, sections
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw this")
+
+    monkeypatch.setattr(figures, "plot_confusion", broken)
+    monkeypatch.setattr(figures, "plot_sequence", broken)
+    runs, loaded = quick_report()
+    result = runner.run_experiment(runs[0], loaded[runs[0].data.key])
+    assert result.status == "ok" and result.sequence_fig is None
+    client, _ = tracking.Tracker("runs").mlflow()
+    run = client.get_run(result.row["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
+    out = capsys.readouterr().out
+    assert "warning: the confusion matrix could not be drawn (ValueError: cannot draw this)" in out
+    assert "(not drawn: the sequence)" in sections.image(result.sequence_fig, "the sequence")
