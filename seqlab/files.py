@@ -96,3 +96,23 @@ def without_password(url: str) -> str:
     """The URL with its password dropped (`user@host`): the driver then reads it from its own
     store (PostgreSQL: $PGPASSWORD or ~/.pgpass)."""
     return _PASSWORD.sub(lambda m: m["head"][:-1] + "@", url)
+
+
+SECRET = "SEQLSTM_SECRET_"  # + a parameter's name: its value as given, password and all
+
+
+def secrets_apart(params: dict) -> tuple[dict, dict]:
+    """(the parameters with every URL's password dropped, {environment variable: the value as
+    given}): papermill writes the first into the notebook's injected cell, so no executed notebook
+    or HTML holds a password; the kernel gets the second through its environment (with_secret)."""
+    shown, env = dict(params), {}
+    for name, value in params.items():
+        if isinstance(value, str) and masked(value) != value:
+            shown[name], env[SECRET + name.upper()] = without_password(value), value
+    return shown, env
+
+
+def with_secret(name: str, value: str) -> str:
+    """`value` of parameter `name` with the password secrets_apart took out, if it took one."""
+    given = os.environ.get(SECRET + name.upper(), "")
+    return given if given and without_password(given) == value else value

@@ -394,3 +394,21 @@ def test_a_figure_that_cannot_be_drawn_costs_no_training(
     out = capsys.readouterr().out
     assert "warning: the confusion matrix could not be drawn (ValueError: cannot draw this)" in out
     assert "(not drawn: the sequence)" in sections.image(result.sequence_fig, "the sequence")
+
+
+@pytest.mark.slow
+def test_no_output_of_a_report_holds_a_storage_password(tmp_path, outputs, capfd):
+    url = "postgresql://user:SECRET@127.0.0.1:1/db"  # never connected to: no tune_study
+    try:
+        executed, page = render.render_report(
+            "params/smoke.yaml", [("seq_len", "2"), ("tune_storage", url)], out_dir=outputs
+        )
+    finally:
+        os.environ.pop("SEQLSTM_SECRET_TUNE_STORAGE", None)
+    assert "postgresql://user@127.0.0.1:1/db" in executed.read_text()  # the cell, without it
+    written = [p for p in outputs.rglob("*") if p.is_file()]
+    assert executed in written and page in written and (outputs / "summary.csv") in written
+    assert any(p.name == "params.yaml" for p in written)  # MLflow's artifacts are in the search
+    assert [str(p) for p in written if b"SECRET" in p.read_bytes()] == []  # mlflow.db included
+    printed = capfd.readouterr()
+    assert "SECRET" not in printed.out + printed.err
