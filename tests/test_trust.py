@@ -412,3 +412,55 @@ def test_no_output_of_a_report_holds_a_storage_password(tmp_path, outputs, capfd
     assert [str(p) for p in written if b"SECRET" in p.read_bytes()] == []  # mlflow.db included
     printed = capfd.readouterr()
     assert "SECRET" not in printed.out + printed.err
+
+
+def test_a_broken_decoded_image_cache_is_named_set_aside_and_rebuilt(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    import seqlstm
+
+    monkeypatch.setenv("SEQLSTM_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        for name in ("ant", "bee"):
+            (tmp_path / "tiny" / split / name).mkdir(parents=True)
+            for i in range(3):
+                pixels = np.full((4, 4, 3), 40 * i, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "tiny" / split / name / f"{i}.png")
+    first = seqlstm.load_dataset(str(tmp_path / "tiny"), data_dir=tmp_path)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    cache.write_bytes(cache.read_bytes()[:200])  # cut short (a kill, a full disk)
+    again = seqlstm.load_dataset(str(tmp_path / "tiny"), data_dir=tmp_path)
+    assert torch.equal(again.test_x, first.test_x) and again.classes == first.classes
+    out = capsys.readouterr().out
+    assert f"note: the decoded-image cache {cache} cannot be read" in out
+    assert (cache.parent / (cache.name + ".broken")).exists() and cache.exists()  # rebuilt
+    torch.save({"not": "splits"}, cache)  # readable, but not a decoded folder
+    assert seqlstm.load_dataset(str(tmp_path / "tiny"), data_dir=tmp_path).classes == ["ant", "bee"]
+
+
+def test_a_teacher_fetched_from_mlflow_is_moved_within_the_cache_filesystem(outputs, monkeypatch):
+    import errno
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    tracker = tracking.Tracker(teacher.TEACHER_EXPERIMENT)
+    run_id = tracker.create("teacher", {"seqlstm.teacher_key": "k"})
+    info = {"classes": ["a", "b"], "image_shape": [1, 4, 4], "recipe": {}}
+    made = outputs / "made" / "teacher.pt"
+    teacher._save_teacher({"state_dict": {"w": torch.ones(2)}, "table": None, "info": info}, made)
+    tracker.log_file(run_id, made)
+    tracker.tag(run_id, {tracking.STATUS: "ok"})
+    tracker.end(run_id)
+    replace = os.replace
+
+    def within_one_filesystem(src, dst):  # the cache on a filesystem of its own
+        if not Path(src).resolve().is_relative_to(Path(dst).resolve().parent):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", within_one_filesystem)
+    cached = outputs / "cache" / "teachers" / "t-k.pt"
+    data = SimpleNamespace(classes=["a", "b"], image_shape=(1, 4, 4))
+    saved = teacher._download_teacher("k", cached, data)
+    assert saved["info"]["classes"] == ["a", "b"] and cached.exists()
