@@ -139,13 +139,14 @@ def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, c
         tracker.log_params(run_id, facts)
     eval_batch = run.train.eval_batch_size or eval_batch_size(example.shape[0])
     steps = -(-len(data.train_y) // run.compute.world_size // run.train.batch_size)
-    marks = tracker.epoch_marks(run_id) if tracker else []  # a printed epoch is a recorded one
+    resumed = resume_from is not None
+    marks = tracker.epoch_marks(run_id, resumed) if tracker else []  # printed is recorded
     trainer, timer = lightning.make_trainer(
         run.train,
         run.compute,
         checkpoints=files.checkpoint_dir(run_id or "rank0"),
         steps_per_epoch=steps,
-        logger=tracker.lightning_logger(run_id) if tracker else False,
+        logger=tracker.lightning_logger(run_id, with_metrics=False) if tracker else False,
         callbacks=[*marks, *callbacks],
     )
     rank, world = trainer.global_rank, trainer.world_size  # each rank reads its share (Batches)

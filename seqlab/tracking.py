@@ -408,9 +408,9 @@ class Tracker:
         params = files.masked(params)
         self.client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
 
-    def log_metrics(self, run_id: str, metrics: dict):
+    def log_metrics(self, run_id: str, metrics: dict, step=0):
         for name, value in metrics.items():
-            self.client.log_metric(run_id, name, value)
+            self.client.log_metric(run_id, name, value, step=step)
 
     def log_file(self, run_id: str, path):
         self.client.log_artifact(run_id, str(path))
@@ -422,22 +422,34 @@ class Tracker:
         """FINISHED, FAILED or KILLED."""
         self.client.set_terminated(run_id, status)
 
-    def lightning_logger(self, run_id: str):
-        """Lightning's logger for the run; it leaves the run's status to the runner."""
+    def logged_steps(self, run_id: str) -> dict:
+        """{metric: the steps at which the run logged it}."""
+        history = partial(self.client.get_metric_history, run_id)
+        return {k: {m.step for m in history(k)} for k in self.client.get_run(run_id).data.metrics}
+
+    def lightning_logger(self, run_id: str, with_metrics=True):
+        """Lightning's logger for the run; it leaves the run's status to the runner, and the
+        metrics to epoch_marks unless `with_metrics`."""
         from pytorch_lightning.loggers import MLFlowLogger
 
         class RunLogger(MLFlowLogger):
             def finalize(self, status="success"):
                 pass
 
+            def log_metrics(self, metrics, step=None):
+                if with_metrics:
+                    super().log_metrics(metrics, step)
+
         return RunLogger(
             experiment_name=self.experiment, run_id=run_id, tracking_uri=tracking_uri()
         )
 
-    def epoch_marks(self, run_id: str) -> list:
-        """Callbacks recording the last finished epoch as a tag, so a run killed without warning
-        says how far it got."""
-        return [MarkEpoch(self, run_id)]
+    def epoch_marks(self, run_id: str, resumed=False) -> list:
+        """Callbacks logging each epoch's metrics, then its number as a tag (so a run killed
+        without warning says how far it got), before its checkpoint is written (Lightning runs
+        checkpoints last). A resumed run skips what it logged before its kill: each epoch is
+        logged once, whether the kill fell before or after the epoch's checkpoint."""
+        return [MarkEpoch(self, run_id, self.logged_steps(run_id) if resumed else {})]
 
     def log_result(self, run_id: str, result: dict, params: dict, figures: dict):
         """A finished run: its result (result.json, read back by `read_result`), its params
@@ -483,8 +495,13 @@ def attempt(what: str, write, *args):
 
 
 class MarkEpoch(pl.Callback):
-    def __init__(self, tracker: Tracker, run_id: str):
-        self.tracker, self.run_id = tracker, run_id
+    def __init__(self, tracker: Tracker, run_id: str, logged: dict):
+        self.tracker, self.run_id, self.logged = tracker, run_id, logged
 
     def on_train_epoch_end(self, trainer, module):
-        self.tracker.tag(self.run_id, {LAST_EPOCH: trainer.current_epoch + 1})
+        epoch, step = trainer.current_epoch + 1, trainer.global_step - 1  # Lightning's steps
+        record = module.history[-1] if module.history else {}
+        if record.get("epoch") == epoch:
+            fresh = {k: v for k, v in record.items() if step not in self.logged.get(k, ())}
+            self.tracker.log_metrics(self.run_id, fresh, step)
+        self.tracker.tag(self.run_id, {LAST_EPOCH: epoch})

@@ -464,3 +464,56 @@ def test_a_teacher_fetched_from_mlflow_is_moved_within_the_cache_filesystem(outp
     data = SimpleNamespace(classes=["a", "b"], image_shape=(1, 4, 4))
     saved = teacher._download_teacher("k", cached, data)
     assert saved["info"]["classes"] == ["a", "b"] and cached.exists()
+
+
+# ---- a resumed run logs each epoch once
+
+KILLED_AT = """
+import json, os, signal, sys
+import pytorch_lightning as pl
+from seqlab import report, runner, schema
+
+class Kill(pl.Callback):  # SIGKILL at a chosen point of epoch 2's end
+    def __init__(self, where):
+        self.where = where
+    def on_train_epoch_end(self, trainer, module):  # after the epoch's logging, before its checkpoint
+        if self.where == "before its checkpoint" and trainer.current_epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    def on_train_epoch_start(self, trainer, module):  # after all of epoch 2
+        if self.where == "after its checkpoint" and trainer.current_epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+params = {**schema.defaults(), **json.loads(sys.argv[1])}
+runs, loaded = report.prepare_report(params, schema.types())
+kill = [Kill(sys.argv[2])] if len(sys.argv) > 2 else []
+r = runner.run_experiment(runs[0], loaded[runs[0].data.key], callbacks=kill)
+print("RESULT", json.dumps({"row": r.row}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["before its checkpoint", "after its checkpoint"])
+def test_a_run_killed_after_an_epoch_that_did_not_improve_logs_each_epoch_once(tmp_path, where):
+    import json
+    import subprocess
+    import sys
+    from functools import partial
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import QUICK
+
+    epochs, out = 4, tmp_path / "out"
+    params = {**QUICK, "epochs": epochs, "lr": 1e-12, "experiment": "twice"}  # none improves
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(out)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = partial(subprocess.run, cwd=files.ROOT, env=env, capture_output=True, text=True)
+    killed = run([sys.executable, "-c", KILLED_AT, json.dumps(params), where], timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run([sys.executable, "-c", KILLED_AT, json.dumps(params)], timeout=300)
+    assert resumed.returncode == 0 and "resuming MLflow run" in resumed.stdout, resumed.stderr
+    run_id = json.loads(resumed.stdout.split("RESULT ", 1)[1])["row"]["mlflow_run_id"]
+    history = partial(MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history, run_id)
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm_mean"):
+        steps = [m.step for m in history(name)]
+        assert len(steps) == epochs and len(set(steps)) == epochs, (name, steps)
