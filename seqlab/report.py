@@ -10,7 +10,6 @@ import warnings
 
 from seqlab import files, fits, plan, studies, tracking
 
-
 MARKDOWN = re.compile(r"([\\`*_\[\]<>#|$~&])")
 
 

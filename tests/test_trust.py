@@ -1,6 +1,7 @@
 """Trust: nothing from data or parameters executes, a password is never written down, a broken
 cache file is set aside and rebuilt, a switch is a boolean."""
 
+import io
 import os
 import re
 
@@ -170,6 +171,7 @@ def _cli(out, *args, code=""):
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     return done.returncode, done.stderr
 
@@ -263,7 +265,7 @@ def test_summary_csv_is_appended_to_never_rewritten(tmp_path):
     tracking.append_summary(_row(model="b"), path)
     after = path.read_bytes()
     assert after.startswith(before + b"r,ok,digits")  # what was there is left byte for byte
-    rows = list(csv.DictReader(open(path, newline="")))
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
     assert [r["model"] for r in rows if r["status"] == "ok" and r["model"]] == ["a", "b"]
     bom = tmp_path / "bom.csv"  # today's columns after a BOM (a spreadsheet saved it)
     bom.write_bytes(b"\xef\xbb\xbf" + before)
@@ -282,12 +284,13 @@ def test_a_summary_csv_with_other_columns_is_left_alone(tmp_path, capsys):
     tracking.append_summary(_row(model="new"), path)
     assert path.read_bytes() == old
     moved = tmp_path / "summary-2.csv"
-    assert [r["model"] for r in csv.DictReader(open(moved, newline=""))] == ["new"]
+    assert [r["model"] for r in csv.DictReader(io.StringIO(moved.read_text()))] == ["new"]
     assert "has other columns than today's: left as it is; this row goes to summary-2.csv" in (
         capsys.readouterr().out
     )
     tracking.append_summary(_row(model="next"), path)
-    assert len(list(csv.DictReader(open(moved, newline="")))) == 2 and path.read_bytes() == old
+    assert len(list(csv.DictReader(io.StringIO(moved.read_text())))) == 2
+    assert path.read_bytes() == old
 
 
 def test_a_truncated_last_checkpoint_starts_that_run_afresh(outputs, quick_report, capsys):
@@ -328,7 +331,7 @@ def test_a_moved_outputs_folder_reuses_its_runs(tmp_path, monkeypatch, quick_rep
     assert (first.status, again.status) == ("ok", "reused")
     assert again.row["mlflow_run_id"] == first.row["mlflow_run_id"]
     assert "note: the outputs folder moved" in capsys.readouterr().out
-    client, experiment_id = tracking.Tracker("runs").mlflow()
+    client, _ = tracking.Tracker("runs").mlflow()
     where = client.get_run(first.row["mlflow_run_id"]).info.artifact_uri
     assert where.startswith((tmp_path / "after").as_uri())
 
@@ -476,7 +479,7 @@ from seqlab import report, runner, schema
 class Kill(pl.Callback):  # SIGKILL at a chosen point of epoch 2's end
     def __init__(self, where):
         self.where = where
-    def on_train_epoch_end(self, trainer, module):  # after the epoch's logging, before its checkpoint
+    def on_train_epoch_end(self, trainer, module):  # after the epoch's logging, before its ckpt
         if self.where == "before its checkpoint" and trainer.current_epoch == 1:
             os.kill(os.getpid(), signal.SIGKILL)
     def on_train_epoch_start(self, trainer, module):  # after all of epoch 2
@@ -499,9 +502,8 @@ def test_a_run_killed_after_an_epoch_that_did_not_improve_logs_each_epoch_once(t
     import sys
     from functools import partial
 
-    from mlflow.tracking import MlflowClient
-
     from conftest import QUICK
+    from mlflow.tracking import MlflowClient
 
     epochs, out = 4, tmp_path / "out"
     params = {**QUICK, "epochs": epochs, "lr": 1e-12, "experiment": "twice"}  # none improves
