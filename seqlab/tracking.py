@@ -38,13 +38,38 @@ def tracking_uri():
     )
 
 
+SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def _check_scheme(uri: str, scheme: str):
+    """A tracking URI MLflow can use, with its database driver installed: one line otherwise."""
+    if scheme.split("+")[0] not in SCHEMES:
+        raise files.SetupError(
+            f"MLFLOW_TRACKING_URI {files.masked(uri)}: scheme {scheme!r} is not one MLflow "
+            f"tracks to: use http(s)://HOST:PORT (an MLflow server), "
+            f"postgresql+psycopg2://USER@HOST/DB, sqlite:///PATH, or unset it"
+        )
+    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        import sqlalchemy
+
+        try:
+            sqlalchemy.engine.make_url(uri).get_dialect().import_dbapi()
+        except ImportError as e:
+            raise files.SetupError(
+                f"MLFLOW_TRACKING_URI {files.masked(uri)}: its database driver is not installed "
+                f"({e}): write postgresql+psycopg2:// (psycopg2-binary is in requirements.txt)"
+            ) from None
+
+
 def check_tracking(uri=None, timeout=5.0):
-    """A tracking server that does not answer is found in `timeout` seconds, not after MLflow's
-    retries (minutes); a local SQLite store needs a writable folder."""
+    """A tracking URI that MLflow cannot use (a scheme it does not know, a database driver that
+    is not installed) is one line; a server that does not answer is found in `timeout` seconds,
+    not after MLflow's retries (minutes); a local SQLite store needs a writable folder."""
     from urllib.parse import urlparse
 
     uri = uri or tracking_uri()
     url = urlparse(uri)
+    _check_scheme(uri, url.scheme)
     if url.scheme == "sqlite":
         return files.check_outputs(Path(url.path).parent) if url.path not in ("", "/") else None
     port = url.port or DEFAULT_PORTS.get(url.scheme.split("+")[0])

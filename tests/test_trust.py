@@ -519,3 +519,34 @@ def test_a_run_killed_after_an_epoch_that_did_not_improve_logs_each_epoch_once(t
     for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm_mean"):
         steps = [m.step for m in history(name)]
         assert len(steps) == epochs and len(set(steps)) == epochs, (name, steps)
+
+
+# ---- a tracking URI that cannot work is one line, before anything runs
+
+
+@pytest.mark.parametrize(
+    "uri, said",
+    [
+        ("ftp://host/mlflow", "scheme 'ftp' is not one MLflow tracks to"),
+        ("postgresql://bob:s3cret@127.0.0.1:1/mlflow", "its database driver is not installed"),
+    ],
+)
+def test_a_tracking_uri_mlflow_cannot_use_is_refused_up_front(tmp_path, uri, said):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(tmp_path / "out"), "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run(
+        [sys.executable, "seqlstm.py", "report", "params/smoke.yaml"],
+        cwd=files.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: MLFLOW_TRACKING_URI ") and said in line
+    assert "s3cret" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "out").glob("*.ipynb"))  # no kernel started
