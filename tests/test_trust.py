@@ -320,6 +320,7 @@ def test_a_moved_outputs_folder_reuses_its_runs(tmp_path, monkeypatch, quick_rep
     from seqlab import runner
 
     monkeypatch.setenv("SEQLSTM_OUTPUTS", str(tmp_path / "before"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's logger set it
     runs, loaded = quick_report()
     first = runner.run_experiment(runs[0], loaded[runs[0].data.key])
     (tmp_path / "before").rename(tmp_path / "after")
