@@ -31,13 +31,13 @@ def prepare_report(params: dict, types: dict = None):
     runs = plan.plan_report(params, types)
     files.check_outputs()
     tracking.check_tracking()
-    for experiment in dict.fromkeys(r.experiment for r in runs):
-        tracking.Tracker(experiment).end_dead_runs()
     studies.check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
     fits.check_before_loading(runs)
     loaded = plan.load_report_data(runs)
     plan.check_run_inputs(runs, loaded)
     fits.check_runs(runs, loaded)
+    for experiment in dict.fromkeys(r.experiment for r in runs):  # all checked: MLflow opens
+        tracking.Tracker(experiment).end_dead_runs()
     return runs, loaded
 
 
