@@ -55,6 +55,15 @@ def example_sequence(run: plan.Run, data: ImageData):
     return to_seq, to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]
 
 
+def sequence_figure(example, run: plan.Run, data: ImageData):
+    """One test image's sequence as the model reads it, or None (a warning) if it cannot be
+    drawn: a figure never costs a run."""
+    shape, mean, std = data.image_shape, data.mean, data.std
+    return figures.drawn(
+        "the sequence figure", figures.plot_sequence, example, shape, mean, std, run.transform
+    )
+
+
 def build_run(run: plan.Run, data: ImageData, teacher=None):
     """(one test image's sequence, Lightning module), distilling from `teacher` if given."""
     to_seq, example = example_sequence(run, data)
@@ -189,15 +198,7 @@ def train_run(
             / max(timer.seconds, 1e-9)
         ),
     )
-    fig = figures.drawn(
-        "the sequence figure",
-        figures.plot_sequence,
-        fit.example,
-        data.image_shape,
-        data.mean,
-        data.std,
-        run.transform,
-    )
+    fig = sequence_figure(fit.example, run, data)
     result = RunResult(
         row=row,
         history=fit.module.history,
@@ -261,15 +262,7 @@ def reuse_run(tracker, run_id, run: plan.Run, data: ImageData) -> RunResult:
     row = {**saved["row"], "status": "reused", "report": run.experiment, "variant": run.variant}
     tracking.append_summary(row)
     _, example = example_sequence(run, data)
-    fig = figures.drawn(
-        "the sequence figure",
-        figures.plot_sequence,
-        example,
-        data.image_shape,
-        data.mean,
-        data.std,
-        run.transform,
-    )
+    fig = sequence_figure(example, run, data)
     figures.close(fig)  # as a fresh run's: shown once, where the report displays it
     return RunResult(
         row=row,
