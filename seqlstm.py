@@ -194,9 +194,16 @@ def _cached_decode(root: Path, train_files, test_files, classes, image_size=None
     for cache in [entry(None)] + [entry(image_size)] * (image_size is not None):
         if cache.exists():
             try:
-                return torch.load(cache, weights_only=True)  # tensors and names: nothing runs
-            except Exception as e:  # a truncated or foreign file: decode again and replace it
-                warnings.warn(f"ignoring the unreadable decoded-image cache {cache}: {e}")
+                splits = torch.load(cache, weights_only=True)  # tensors and names: nothing runs
+                if len(splits) == 5 and all(torch.is_tensor(t) for t in splits[:4]):
+                    return splits
+                raise ValueError("not the 4 tensors and class names of a decoded folder")
+            except Exception as e:  # a truncated or foreign file: set aside, decoded again
+                broken = cache.with_name(cache.name + ".broken")
+                os.replace(cache, broken)
+                print(f"note: the decoded-image cache {cache} cannot be read ({type(e).__name__}: "
+                      f"{str(e)[:200]}): set aside as {broken.name}; decoding the images again",
+                      flush=True)
     size = None
     try:
         splits = (*_decode_folder(train_files), *_decode_folder(test_files), list(classes))

@@ -4,6 +4,7 @@ runs and reports. It imports seqlstm; seqlstm never imports it. One module per c
   files     the outputs folder, checkpoints, inter-process locks, whole-file writes
   schema    the report's parameters, defined once (name, type, default, range, help)
   plan      a report's runs as typed objects (Run: DataSpec, SequenceSpec, ModelSpec, ...)
+  fits      whether a run fits in memory, checked before it loads or trains
   lightning the LightningModule, its optimizers, schedules and callbacks; the Trainer
   tracking  every call to MLflow (Tracker), a run's identity, summary.csv
   figures   plots and tables of runs

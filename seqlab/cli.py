@@ -5,10 +5,12 @@ status 2 before anything runs; failed runs exit 1 once everything else is done."
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 from functools import partial
+from pathlib import Path
 
 from seqlstm import (
     ARG_CHOICES,
@@ -267,6 +269,33 @@ COMMANDS = {
 }
 
 
+def _crash(command: str, error: Exception):
+    """An error nobody foresaw: one line naming it and where it was raised, the traceback in a
+    file under outputs/errors/ (or the temporary folder when outputs/ cannot be written)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = files.masked("".join(traceback.format_exception(error)))
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        where = files.write_text(files.outputs() / "errors" / name, text)
+    except OSError:
+        where = files.write_text(Path(tempfile.gettempdir()) / f"seqlstm-{name}", text)
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    said = files.masked(" ".join(str(error).split()))[:300]  # on one line
+    print(
+        f"error: {command} failed: {type(error).__name__}: {said} "
+        f"(in {Path(frame.filename).name}:{frame.lineno}, {frame.name}); the full traceback is "
+        f"in {where}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
-    COMMANDS[args.cmd](args)
+    try:
+        COMMANDS[args.cmd](args)
+    except Exception as e:  # noqa: BLE001 (anything unforeseen: one line, the trace in a file)
+        _crash(args.cmd, e)

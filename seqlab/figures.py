@@ -10,6 +10,22 @@ import torch
 from seqlstm import STEP_LAYOUT, ImageData
 
 
+def plain(text) -> str:
+    """`text` drawn as written: a `$` (a class, dataset or variant name's) starts no mathtext, so
+    `$\\frac{$` is drawn, not parsed (and failed on)."""
+    return str(text).replace("$", r"\$")
+
+
+def drawn(what: str, draw, *args):
+    """`draw(*args)`, or None with a warning if it fails: a figure that cannot be drawn costs
+    that figure, never the run's training or results."""
+    try:
+        return draw(*args)
+    except Exception as e:  # noqa: BLE001 (any drawing error: the figure is left out)
+        print(f"warning: {what} could not be drawn ({type(e).__name__}: {e})", flush=True)
+        return None
+
+
 def close(*figs):
     """Figures drawn for a file or a later display, closed now: a notebook's inline backend would
     otherwise show every open figure again at the end of the cell."""
@@ -31,12 +47,12 @@ def plot_confusion(cm, classes, title=""):
         annot=k <= 20,
         fmt="d",
         cmap="Blues",
-        xticklabels=classes,
-        yticklabels=classes,
+        xticklabels=[plain(c) for c in classes],
+        yticklabels=[plain(c) for c in classes],
         ax=ax,
         cbar=False,
     )
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set(xlabel="predicted", ylabel="true", title=plain(title))
     fig.tight_layout()
     return fig
 
@@ -86,7 +102,7 @@ def plot_sequence(seq, image_shape, mean, std, transform, max_steps=10):
             "all steps, in reading order" if layout == "sequence" else f"step {t}", fontsize=8
         )
     shown = "" if layout == "sequence" or T <= max_steps else f" (first {max_steps} of {T} steps)"
-    fig.suptitle(f"{transform}: T={T}, F={n_feat}{shown}", fontsize=9)
+    fig.suptitle(plain(f"{transform}: T={T}, F={n_feat}{shown}"), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -100,10 +116,10 @@ def plot_history(history, title=""):
     h = pd.DataFrame(history).set_index("epoch")
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8))
     h[[c for c in ("train_loss", "val_loss") if c in h]].plot(
-        ax=a, marker=".", title=f"{title} loss".strip()
+        ax=a, marker=".", title=plain(f"{title} loss".strip())
     )
     h[[c for c in ("train_acc", "val_acc") if c in h]].plot(
-        ax=b, marker=".", title=f"{title} accuracy".strip()
+        ax=b, marker=".", title=plain(f"{title} accuracy".strip())
     )
     for ax in (a, b):
         ax.set_xlabel("epoch")
@@ -117,7 +133,7 @@ def plot_variants(table):
     scale), time."""
     import matplotlib.pyplot as plt
 
-    labels = [f"{m}: {v}" for m, v in zip(table["model"], table["variant"])]
+    labels = [plain(f"{m}: {v}") for m, v in zip(table["model"], table["variant"])]
     fig, axes = plt.subplots(1, 4, figsize=(14, 0.32 * len(table) + 1.4), sharey=True)
     sd = 100 * table["test_acc sd"] if "test_acc sd" in table else None  # over seeds
     axes[0].barh(labels, 100 * table["test_acc"], xerr=sd, capsize=2)
@@ -147,11 +163,11 @@ def plot_curves(results):
             h = pd.DataFrame(r.history).set_index("epoch")
             for ax, col in zip(row, ("val_acc", "train_loss", "grad_norm_mean")):
                 if col in h:
-                    ax.plot(h.index, h[col], label=r.row.get("variant") or m)
+                    ax.plot(h.index, h[col], label=plain(r.row.get("variant") or m))
         for ax, col in zip(
             row, ("validation accuracy", "training loss", "gradient norm (epoch mean)")
         ):
-            ax.set(title=f"{m}: {col}", xlabel="epoch")
+            ax.set(title=plain(f"{m}: {col}"), xlabel="epoch")
         row[2].set_yscale("log")
         row[0].legend(fontsize=7)
     fig.tight_layout()
@@ -186,7 +202,12 @@ def plot_summary(summary, chance=0.0):
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for name, g in groups:
             ax.errorbar(
-                g["L"], 100 * g["test acc"], yerr=_ci_bars(g), marker="o", capsize=3, label=name
+                g["L"],
+                100 * g["test acc"],
+                yerr=_ci_bars(g),
+                marker="o",
+                capsize=3,
+                label=plain(name),
             )
             for L, acc in zip(g["L"], g["test acc"]):
                 ax.annotate(
@@ -209,7 +230,7 @@ def plot_summary(summary, chance=0.0):
     if len(summary) < 2:
         return None, None
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(summary) + 1.2))
-    labels = [f"{r}, L = {L}" for r, L in zip(summary["run"], summary["L"])]
+    labels = [plain(f"{r}, L = {L}") for r, L in zip(summary["run"], summary["L"])]
     ax.barh(labels, 100 * summary["test acc"], xerr=_ci_bars(summary), capsize=3)
     for y, acc in enumerate(summary["test acc"]):
         ax.text(100 * acc, y, f" {acc:.1%}", va="center", fontsize=7)
@@ -240,7 +261,7 @@ def plot_ladder(steps):
             fontsize=7,
         )
     ax.axvline(100 * steps[0][1].mean, ls=":", lw=0.9, color="grey")
-    ax.set_yticks(range(len(steps)), [label for label, _, _ in steps], fontsize=8)
+    ax.set_yticks(range(len(steps)), [plain(label) for label, _, _ in steps], fontsize=8)
     ax.set_ylim(len(steps) - 0.5, -0.7)  # the first step on top
     ax.set(xlabel="test accuracy % (dots: seeds; diamonds: mean with its 95% interval)")
     ax.grid(axis="x", lw=0.3)
@@ -287,8 +308,10 @@ def dataset_overview(data: ImageData, per_class=8, max_classes=20):
                     vmax=255,
                     interpolation="nearest",
                 )
-        row[0].set_ylabel(data.classes[label], rotation=0, ha="right", va="center", fontsize=8)
+        name = plain(data.classes[label])
+        row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     note = f" ({len(shown)} of {k} classes shown)" if len(shown) < k else ""
-    fig.suptitle(f"{data.name}: train images, {per_class} per class{note}", fontsize=10)
+    title = f"{data.name}: train images, {per_class} per class{note}"
+    fig.suptitle(plain(title), fontsize=10)
     fig.tight_layout()
     return counts, fig

@@ -26,6 +26,25 @@ def checkpoint_dir(run_id: str) -> Path:
     return outputs() / "checkpoints" / run_id
 
 
+def readable_checkpoint(path: Path, whose: str) -> bool:
+    """Whether a checkpoint loads (as tensors: weights_only); one that does not (truncated by a
+    kill, a full disk) is named, set aside as NAME.broken and its run starts afresh."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception as e:  # noqa: BLE001 (any unreadable file: the run starts afresh)
+        broken = path.with_name(path.name + ".broken")
+        os.replace(path, broken)
+        print(
+            f"note: the last checkpoint {path} of {whose} cannot be read ({type(e).__name__}: "
+            f"{str(e)[:200]}): set aside as {broken.name}; the run starts afresh",
+            flush=True,
+        )
+        return False
+
+
 def lock(name):
     """An inter-process lock under outputs/.locks (released by the OS if its holder dies)."""
     from filelock import FileLock
@@ -77,3 +96,23 @@ def without_password(url: str) -> str:
     """The URL with its password dropped (`user@host`): the driver then reads it from its own
     store (PostgreSQL: $PGPASSWORD or ~/.pgpass)."""
     return _PASSWORD.sub(lambda m: m["head"][:-1] + "@", url)
+
+
+SECRET = "SEQLSTM_SECRET_"  # + a parameter's name: its value as given, password and all
+
+
+def secrets_apart(params: dict) -> tuple[dict, dict]:
+    """(the parameters with every URL's password dropped, {environment variable: the value as
+    given}): papermill writes the first into the notebook's injected cell, so no executed notebook
+    or HTML holds a password; the kernel gets the second through its environment (with_secret)."""
+    shown, env = dict(params), {}
+    for name, value in params.items():
+        if isinstance(value, str) and masked(value) != value:
+            shown[name], env[SECRET + name.upper()] = without_password(value), value
+    return shown, env
+
+
+def with_secret(name: str, value: str) -> str:
+    """`value` of parameter `name` with the password secrets_apart took out, if it took one."""
+    given = os.environ.get(SECRET + name.upper(), "")
+    return given if given and without_password(given) == value else value

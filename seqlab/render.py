@@ -92,8 +92,10 @@ def render_report(params_file=None, overrides=(), out_dir=None, name=None):
     out_dir = Path(out_dir or files.outputs())
     out_dir.mkdir(parents=True, exist_ok=True)
     running = out_dir / f".{name}.{os.getpid()}.running.ipynb"
+    shown, secrets = files.secrets_apart(params)
+    os.environ.update(secrets)  # the kernel's environment: its passwords, kept out of the notebook
     try:
-        _execute(running, params)
+        _execute(running, shown)
     except BaseException:
         if running.exists():
             failed = out_dir / f"{name}.failed.ipynb"

@@ -5,9 +5,18 @@ report's last word on failed runs."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
-from seqlab import cores, files, plan, stats, studies, tracking
+from seqlab import cores, files, fits, plan, stats, studies, tracking
+
+MARKDOWN = re.compile(r"([\\`*_\[\]<>#|$~&])")
+
+
+def md(text) -> str:
+    """`text` (a dataset, class or variant name, a path) as literal Markdown: its `*`, `_`, `<`,
+    `$` ... are shown, not read as emphasis, HTML or mathematics."""
+    return MARKDOWN.sub(r"\\\1", str(text))
 
 
 class RunsFailed(RuntimeError):
@@ -26,8 +35,12 @@ def prepare_report(params: dict, types: dict = None):
     files.check_outputs()
     tracking.check_tracking()
     studies.check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
+    fits.check_before_loading(runs)
     loaded = plan.load_report_data(runs)
     plan.check_run_inputs(runs, loaded)
+    fits.check_runs(runs, loaded)
+    for experiment in dict.fromkeys(r.experiment for r in runs):  # all checked: MLflow opens
+        tracking.Tracker(experiment).end_dead_runs()
     return runs, loaded
 
 
@@ -45,7 +58,7 @@ def teacher_title(t: dict) -> str:
         f" ({tta} test-time views; one view {t['test_acc_one_view']:.2%})" if tta != "none" else ""
     )
     return (
-        f"### Teacher `{t['name']}` on {t['dataset']}: test accuracy "
+        f"### Teacher `{t['name']}` on {md(t['dataset'])}: test accuracy "
         f"**{t['test_acc']:.2%}**{views}, {t['epochs']} epochs, "
         f"{t['train_seconds'] / 60:.1f} min of training ({t['train_images_per_s']:,} images/s); "
         f"MLflow run `{t['mlflow_run_id']}`, key `{t['key']}`"
@@ -255,7 +268,7 @@ def conditions(results) -> str:
     done = [r for r in results if r.status != "failed"]
 
     def values(key):
-        return ", ".join(sorted({str(r.params.get(key, "?")) for r in done}, key=_natural))
+        return md(", ".join(sorted({str(r.params.get(key, "?")) for r in done}, key=_natural)))
 
     seeds = {r.params.get("seed") for r in done}
     repeats = (
@@ -283,7 +296,7 @@ def _group_line(name, g):
     of = (
         f" (mean of {int(g['seeds'].min())} seeds)" if "seeds" in g and g["seeds"].min() > 1 else ""
     )
-    line = f"- **{name}**: best test accuracy{of} {best['test acc']:.2%} at L = {best['L']}"
+    line = f"- **{md(name)}**: best test accuracy{of} {best['test acc']:.2%} at L = {best['L']}"
     if len(g) > 1:
         line += (
             f", worst {worst['test acc']:.2%} at L = {worst['L']} (a spread of {spread:.1f} "
@@ -310,8 +323,8 @@ def reading(summary, what="runs") -> list:
         ranked = summary.sort_values("test acc", ascending=False)
         top, low = ranked.iloc[0], ranked.iloc[-1]
         lines.append(
-            f"- Across {what}, **{top['run']}** (L = {top['L']}) reached the best test "
-            f"accuracy, {top['test acc']:.2%}, and **{low['run']}** the lowest, "
+            f"- Across {what}, **{md(top['run'])}** (L = {top['L']}) reached the best test "
+            f"accuracy, {top['test acc']:.2%}, and **{md(low['run'])}** the lowest, "
             f"{low['test acc']:.2%}"
             + (
                 f", at the same epochs ({top['epochs']})."
@@ -335,7 +348,7 @@ def result_line(r) -> str:
         f"{int(m['n_params']):,} parameters, {m['epochs']} epochs, "
         f"{float(m['train_seconds']):.0f} s of training ({int(float(m['train_images_per_s'])):,} "
         f"training images/s on {p.get('device')}, {p.get('threads')} threads); data: "
-        f"{p.get('data_source')}; MLflow run `{m['mlflow_run_id']}`{reused}"
+        f"{md(p.get('data_source'))}; MLflow run `{m['mlflow_run_id']}`{reused}"
     )
 
 

@@ -55,6 +55,15 @@ def example_sequence(run: plan.Run, data: ImageData):
     return to_seq, to_seq(normalize(data.test_x[:1], data.mean, data.std))[0]
 
 
+def sequence_figure(example, run: plan.Run, data: ImageData):
+    """One test image's sequence as the model reads it, or None (a warning) if it cannot be
+    drawn: a figure never costs a run."""
+    shape, mean, std = data.image_shape, data.mean, data.std
+    return figures.drawn(
+        "the sequence figure", figures.plot_sequence, example, shape, mean, std, run.transform
+    )
+
+
 def build_run(run: plan.Run, data: ImageData, teacher=None):
     """(one test image's sequence, Lightning module), distilling from `teacher` if given."""
     to_seq, example = example_sequence(run, data)
@@ -142,13 +151,14 @@ def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, c
         tracker.log_params(run_id, facts)
     eval_batch = run.train.eval_batch_size or eval_batch_size(example.shape[0])
     steps = -(-len(data.train_y) // run.compute.world_size // run.train.batch_size)
-    marks = tracker.epoch_marks(run_id) if tracker else []  # a printed epoch is a recorded one
+    resumed = resume_from is not None
+    marks = tracker.epoch_marks(run_id, resumed) if tracker else []  # printed is recorded
     trainer, timer = lightning.make_trainer(
         run.train,
         run.compute,
         checkpoints=files.checkpoint_dir(run_id or "rank0"),
         steps_per_epoch=steps,
-        logger=tracker.lightning_logger(run_id) if tracker else False,
+        logger=tracker.lightning_logger(run_id, with_metrics=False) if tracker else False,
         callbacks=[*marks, *callbacks],
     )
     rank, world = trainer.global_rank, trainer.world_size  # each rank reads its share (Batches)
@@ -191,7 +201,7 @@ def train_run(
             / max(timer.seconds, 1e-9)
         ),
     )
-    fig = figures.plot_sequence(fit.example, data.image_shape, data.mean, data.std, run.transform)
+    fig = sequence_figure(fit.example, run, data)
     result = RunResult(
         row=row,
         history=fit.module.history,
@@ -220,7 +230,9 @@ def track_run(tracker, run_id, run: plan.Run, result: RunResult, metrics: dict):
         },
     )
     title = f"{run.dataset}-{run.model}-{run.transform}-T{m['seq_len']}"
-    confusion = figures.plot_confusion(result.confusion, result.classes, title)
+    confusion = figures.drawn(
+        "the confusion matrix", figures.plot_confusion, result.confusion, result.classes, title
+    )
     saved = {
         "row": m,
         "history": result.history,
@@ -253,7 +265,7 @@ def reuse_run(tracker, run_id, run: plan.Run, data: ImageData) -> RunResult:
     row = {**saved["row"], "status": "reused", "report": run.experiment, "variant": run.variant}
     tracking.append_summary(row)
     _, example = example_sequence(run, data)
-    fig = figures.plot_sequence(example, data.image_shape, data.mean, data.std, run.transform)
+    fig = sequence_figure(example, run, data)
     figures.close(fig)  # as a fresh run's: shown once, where the report displays it
     return RunResult(
         row=row,
@@ -277,7 +289,7 @@ def fail_run(tracker, run_id, run: plan.Run, error: BaseException) -> RunResult:
     if run_id:
         tracker.fail(run_id, message, "".join(traceback.format_exception(error)))
     row = summary_row(run, "failed", run_id, error=message[:500])
-    tracking.append_summary(row)
+    tracking.attempt("summary.csv's row", tracking.append_summary, row)
     return RunResult(
         row=row,
         history=[],
@@ -314,7 +326,14 @@ def run_experiment(run: plan.Run, data: ImageData = None, *, callbacks=(), tags=
     with files.lock(f"run-{key}"):  # the same run started twice at once: the second waits, reuses
         found = tracker.finished(tracking.KEY, key) if run.resume else None
         if found is not None:
-            return reuse_run(tracker, found, run, data)
+            try:
+                return reuse_run(tracker, found, run, data)
+            except Exception as e:  # noqa: BLE001 (one unreadable run costs that run alone)
+                print(
+                    f"note: the finished MLflow run {found} cannot be read back "
+                    f"({type(e).__name__}: {str(e)[:200]}): training it again",
+                    flush=True,
+                )
         resume = run.resume and run.compute.world_size == 1  # a DDP run starts afresh
         run_id, resume_from = tracker.open(key, run.title(), resume, tags)
         try:

@@ -31,7 +31,10 @@ def show(markdown: str = None, *, html_text: str = None, text: str = ""):
 
 
 def image(fig, alt: str) -> str:
-    """A matplotlib figure as an <img> with alt text; the figure is closed."""
+    """A matplotlib figure as an <img> with alt text; the figure is closed. None (a figure that
+    could not be drawn) is said in its place."""
+    if fig is None:
+        return f"<p><em>(not drawn: {html.escape(alt)})</em></p>"
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
     figures.close(fig)
@@ -46,7 +49,7 @@ def figure(fig, alt: str):
 def table_html(frame, formats=None, index=False) -> str:
     """A DataFrame as a compact HTML table (numbers formatted, no index unless asked)."""
     formats = {k: v for k, v in (formats or NUMBERS).items() if k in frame.columns}
-    styler = frame.style.format(formats, na_rep="")
+    styler = frame.style.format(formats, na_rep="", escape="html")  # a class name is text
     return (styler if index else styler.hide(axis="index")).to_html()
 
 
@@ -158,7 +161,7 @@ def show_findings(runs, results, baseline, with_model):
 
 
 def _run_section(r, name):
-    show(f"### {name}")
+    show(f"### {report.md(name)}")
     if r.status == "failed":  # contained: shown here, listed at the end; the other runs went on
         return show(
             f"**This run failed** and was recorded as FAILED (MLflow run "

@@ -15,7 +15,7 @@ def storage_url(storage="", workers=1):
     """The study's storage: given, else an SQLite file under outputs/ for one worker and a journal
     file for several on this machine."""
     if storage:
-        return storage
+        return files.with_secret("tune_storage", storage)  # the password kept out of the notebook
     if workers > 1:
         return str(files.outputs() / "optuna.journal")
     return f"sqlite:///{(files.outputs() / 'optuna.db').resolve()}"
