@@ -26,6 +26,14 @@ def checkpoint_dir(run_id: str) -> Path:
     return outputs() / "checkpoints" / run_id
 
 
+def set_aside(path: Path, said: str, then: str):
+    """Rename a broken file to NAME.broken (kept for a look, out of the way) and say so: `said`
+    names it and what is wrong, `then` what happens instead."""
+    broken = path.with_name(path.name + ".broken")
+    os.replace(path, broken)
+    print(f"note: {said}: set aside as {broken.name}; {then}", flush=True)
+
+
 def readable_checkpoint(path: Path, whose: str) -> bool:
     """Whether a checkpoint loads (as tensors: weights_only); one that does not (truncated by a
     kill, a full disk) is named, set aside as NAME.broken and its run starts afresh."""
@@ -35,13 +43,8 @@ def readable_checkpoint(path: Path, whose: str) -> bool:
         torch.load(path, map_location="cpu", weights_only=True)
         return True
     except Exception as e:  # noqa: BLE001 (any unreadable file: the run starts afresh)
-        broken = path.with_name(path.name + ".broken")
-        os.replace(path, broken)
-        print(
-            f"note: the last checkpoint {path} of {whose} cannot be read ({type(e).__name__}: "
-            f"{str(e)[:200]}): set aside as {broken.name}; the run starts afresh",
-            flush=True,
-        )
+        why = f"cannot be read ({type(e).__name__}: {str(e)[:200]})"
+        set_aside(path, f"the last checkpoint {path} of {whose} {why}", "the run starts afresh")
         return False
 
 

@@ -71,13 +71,7 @@ def _save_teacher(saved: dict, path: Path):
 
 
 def _set_aside(path: Path, why: str):
-    broken = path.with_name(path.name + ".broken")
-    os.replace(path, broken)
-    print(
-        f"note: the cached teacher {path} {why}: set aside as {broken.name}; fetching or "
-        f"training it again",
-        flush=True,
-    )
+    files.set_aside(path, f"the cached teacher {path} {why}", "fetching or training it again")
 
 
 def _read_teacher(path: Path, data: ImageData):

@@ -87,7 +87,7 @@ def test_the_html_reads_like_a_paper(smoke):
     results, runs = html.index(">Results<"), html.index(">Runs<")
     assert html.index("Training log") < results < runs < html.index("Appendix: parameters")
     assert html.count("<img") == html.count('<img alt="') > 0  # every figure carries alt text
-    assert "<details><summary>All 45 parameters</summary>" in html
+    assert f"<details><summary>All {len(schema.PARAMS)} parameters</summary>" in html
     assert ">Distillation<" not in html and ">Tuning<" not in html  # nothing to show: left out
     assert "epoch   1/3" not in html.split("Training log")[0] and "epoch   1/3" in html  # folded
 
