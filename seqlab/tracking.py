@@ -466,6 +466,17 @@ class Tracker:
                 if with_metrics:
                     super().log_metrics(metrics, step)
 
+            @property
+            def experiment(self):  # mlflow.set_tracking_uri there sets $MLFLOW_TRACKING_URI:
+                before = os.environ.get("MLFLOW_TRACKING_URI")  # keep it out of later processes
+                try:
+                    return super().experiment
+                finally:
+                    if before is None:
+                        os.environ.pop("MLFLOW_TRACKING_URI", None)
+                    else:
+                        os.environ["MLFLOW_TRACKING_URI"] = before
+
         return RunLogger(
             experiment_name=self.experiment, run_id=run_id, tracking_uri=tracking_uri()
         )

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from seqlab import files, plan, render, schema, teacher, tracking, tune
+from seqlab import files, plan, render, runner, schema, teacher, tracking, tune
 
 
 class Payload:
@@ -551,3 +551,12 @@ def test_a_tracking_uri_mlflow_cannot_use_is_refused_up_front(tmp_path, uri, sai
     assert line.startswith("error: MLFLOW_TRACKING_URI ") and said in line
     assert "s3cret" not in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert not list((tmp_path / "out").glob("*.ipynb"))  # no kernel started
+
+
+def test_training_leaves_no_tracking_uri_in_the_environment(outputs, quick_report):
+    """Lightning's MLflow logger calls mlflow.set_tracking_uri, which sets $MLFLOW_TRACKING_URI:
+    a later report, test or child process of the same process would track to this one's store."""
+    runs, loaded = quick_report()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert runner.run_experiment(runs[0], loaded[runs[0].data.key]).status == "ok"
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -290,3 +290,28 @@ def test_two_tune_processes_share_one_study_in_postgresql(tmp_path, postgres):
     check_shared_study(
         [tune_process(tmp_path, postgres), tune_process(tmp_path, postgres)], postgres
     )
+
+
+@pytest.mark.slow
+def test_no_output_of_a_tune_and_its_report_holds_the_storage_password(tmp_path, postgres):
+    """A study on a PostgreSQL server (trust authentication: any password is accepted, as with a
+    password the server checks), then the report that shows it: the password is nowhere in what
+    they print or write (notebook, HTML, MLflow store and artifacts, best-parameters file)."""
+    storage = postgres.replace("postgresql://postgres@", "postgresql://postgres:SECRET@")
+    worker = tune_process(tmp_path, storage)
+    out, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-3000:]
+    best = (tmp_path / "best.yaml").read_text()
+    assert "tune_storage" in best and "SECRET" not in best
+    env = {**os.environ, "SEQLSTM_OUTPUTS": str(tmp_path / "outputs")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    shown = subprocess.run(
+        [sys.executable, "seqlstm.py", "report", "params/smoke.yaml", "-p", "seq_len", "2", "-p",
+         "tune_study", "shared", "-p", "tune_storage", storage],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert ">Tuning<" in (tmp_path / "outputs" / "smoke.html").read_text()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 10 and [str(p) for p in written if b"SECRET" in p.read_bytes()] == []
+    assert "SECRET" not in out + err + shown.stdout + shown.stderr
