@@ -8,9 +8,10 @@ runs and reports. It imports seqlstm; seqlstm never imports it. One module per c
   lightning the LightningModule, its optimizers, schedules and callbacks; the Trainer
   tracking  every call to MLflow (Tracker), a run's identity, summary.csv
   figures   plots and tables of runs
-  cores     CPU threads, and a note when other processes share the cores
+  cores     CPU threads and the allocator, and a note when other processes share the cores
   teacher   a distilled run's teacher: trained once, cached, shared through MLflow
   runner    one run: reuse | resume | new -> fit -> evaluate -> track, failures contained
+  stats     repeated runs: mean, sd and interval over seeds; comparisons paired by seed
   report    what a report shows: checks before the first run, the tables, the last word
   sections  the report's sections as the notebook draws them (results first, figures with alt text)
   render    report.ipynb executed by papermill into outputs/NAME.ipynb and NAME.html
