@@ -170,6 +170,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEQLSTM_CACHE", Path.home() / ".cache" / "seqlstm"))
 
 
+def _read_decoded(cache: Path):
+    """A decoded folder's cached (train_x, train_y, test_x, test_y, classes), or None: a truncated
+    or foreign file is named, set aside as NAME.broken and decoded again."""
+    try:
+        splits = torch.load(cache, weights_only=True)  # tensors and names: nothing runs
+        if len(splits) == 5 and all(torch.is_tensor(t) for t in splits[:4]):
+            return splits
+        raise ValueError("not the 4 tensors and class names of a decoded folder")
+    except Exception as e:  # noqa: BLE001 (any unreadable file: decoded again)
+        broken = cache.with_name(cache.name + ".broken")
+        os.replace(cache, broken)
+        print(f"note: the decoded-image cache {cache} cannot be read ({type(e).__name__}: "
+              f"{str(e)[:200]}): set aside as {broken.name}; decoding the images again", flush=True)
+        return None
+
+
 def _cached_decode(root: Path, train_files, test_files, classes, image_size=None):
     """Decode (path, label) lists into (train_x, train_y, test_x, test_y, classes), once.
 
@@ -192,18 +208,9 @@ def _cached_decode(root: Path, train_files, test_files, classes, image_size=None
         return cache_dir() / f"{root.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
     for cache in [entry(None)] + [entry(image_size)] * (image_size is not None):
-        if cache.exists():
-            try:
-                splits = torch.load(cache, weights_only=True)  # tensors and names: nothing runs
-                if len(splits) == 5 and all(torch.is_tensor(t) for t in splits[:4]):
-                    return splits
-                raise ValueError("not the 4 tensors and class names of a decoded folder")
-            except Exception as e:  # a truncated or foreign file: set aside, decoded again
-                broken = cache.with_name(cache.name + ".broken")
-                os.replace(cache, broken)
-                print(f"note: the decoded-image cache {cache} cannot be read ({type(e).__name__}: "
-                      f"{str(e)[:200]}): set aside as {broken.name}; decoding the images again",
-                      flush=True)
+        splits = _read_decoded(cache) if cache.exists() else None
+        if splits is not None:
+            return splits
     size = None
     try:
         splits = (*_decode_folder(train_files), *_decode_folder(test_files), list(classes))

@@ -18,5 +18,7 @@ runs and reports. It imports seqlstm; seqlstm never imports it. One module per c
   studies   where Optuna studies live and how workers share one
   tune      the Optuna search
   bench     speed as ratios measured in one run
+  levers    the speed levers (allocator, torch.compile), each against its absence
+  timing    medians of timed calls, rates, one training step as a function
   cli       the command line (python seqlstm.py CMD, python -m seqlab CMD)
 """
