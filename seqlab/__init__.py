@@ -6,7 +6,8 @@ runs and reports. It imports seqlstm; seqlstm never imports it. One module per c
   plan      a report's runs as typed objects (Run: DataSpec, SequenceSpec, ModelSpec, ...)
   fits      whether a run fits in memory, checked before it loads or trains
   lightning the LightningModule, its optimizers, schedules and callbacks; the Trainer
-  tracking  every call to MLflow (Tracker), a run's identity, summary.csv
+  tracking  every call to MLflow (Tracker), a run's identity
+  summary   summary.csv, a row per run, only ever appended to
   figures   plots and tables of runs
   cores     CPU threads and the allocator, and a note when other processes share the cores
   teacher   a distilled run's teacher: trained once, cached, shared through MLflow

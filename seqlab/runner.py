@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from seqlstm import Batches, ImageData, count_params, normalize
-from seqlab import cores, figures, files, lightning, plan, teacher, tracking
+from seqlab import cores, figures, files, lightning, plan, summary, teacher, tracking
 
 
 @dataclass
@@ -250,7 +250,7 @@ def track_run(tracker, run_id, run: plan.Run, result: RunResult, metrics: dict):
         {"confusion_matrix.png": confusion, "sequence.png": result.sequence_fig},
     )
     figures.close(confusion, result.sequence_fig)
-    tracking.append_summary(m)
+    summary.append_summary(m)
 
 
 def reuse_run(tracker, run_id, run: plan.Run, data: ImageData) -> RunResult:
@@ -263,7 +263,7 @@ def reuse_run(tracker, run_id, run: plan.Run, data: ImageData) -> RunResult:
         flush=True,
     )
     row = {**saved["row"], "status": "reused", "report": run.experiment, "variant": run.variant}
-    tracking.append_summary(row)
+    summary.append_summary(row)
     _, example = example_sequence(run, data)
     fig = sequence_figure(example, run, data)
     figures.close(fig)  # as a fresh run's: shown once, where the report displays it
@@ -289,7 +289,7 @@ def fail_run(tracker, run_id, run: plan.Run, error: BaseException) -> RunResult:
     if run_id:
         tracker.fail(run_id, message, "".join(traceback.format_exception(error)))
     row = summary_row(run, "failed", run_id, error=message[:500])
-    tracking.attempt("summary.csv's row", tracking.append_summary, row)
+    tracking.attempt("summary.csv's row", summary.append_summary, row)
     return RunResult(
         row=row,
         history=[],

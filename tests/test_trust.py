@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from seqlab import files, plan, render, runner, schema, teacher, tracking, tune
+from seqlab import files, plan, render, runner, schema, summary, teacher, tracking, tune
 
 
 class Payload:
@@ -218,11 +218,11 @@ def test_a_run_that_fails_on_a_full_disk_is_still_marked_failed(outputs, quick_r
 
     tracker.client.log_text = full
     tracker.client.set_tag = full
-    real_summary, tracking.append_summary = tracking.append_summary, full
+    real_summary, summary.append_summary = summary.append_summary, full
     try:
         result = runner.fail_run(tracker, run_id, runs[0], OSError(28, "No space left on device"))
     finally:
-        tracking.append_summary = real_summary
+        summary.append_summary = real_summary
     assert result.status == "failed"
     client, _ = tracker.mlflow()
     assert client.get_run(run_id).info.status == "FAILED"
@@ -252,24 +252,24 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed_at_the_next_start
 
 
 def _row(**values):
-    return {**dict.fromkeys(tracking.SUMMARY_FIELDS, ""), "report": "r", "status": "ok", **values}
+    return {**dict.fromkeys(summary.SUMMARY_FIELDS, ""), "report": "r", "status": "ok", **values}
 
 
 def test_summary_csv_is_appended_to_never_rewritten(tmp_path):
     import csv
 
     path = tmp_path / "summary.csv"
-    tracking.append_summary(_row(model="a"), path)
+    summary.append_summary(_row(model="a"), path)
     before = path.read_bytes()
     path.write_bytes(before + b"r,ok,digits")  # a row cut short by a kill
-    tracking.append_summary(_row(model="b"), path)
+    summary.append_summary(_row(model="b"), path)
     after = path.read_bytes()
     assert after.startswith(before + b"r,ok,digits")  # what was there is left byte for byte
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
     assert [r["model"] for r in rows if r["status"] == "ok" and r["model"]] == ["a", "b"]
     bom = tmp_path / "bom.csv"  # today's columns after a BOM (a spreadsheet saved it)
     bom.write_bytes(b"\xef\xbb\xbf" + before)
-    tracking.append_summary(_row(model="c"), bom)
+    summary.append_summary(_row(model="c"), bom)
     assert bom.read_bytes() == b"\xef\xbb\xbf" + before + before.split(b"\n", 1)[1].replace(
         b",a,", b",c,"
     )
@@ -281,14 +281,14 @@ def test_a_summary_csv_with_other_columns_is_left_alone(tmp_path, capsys):
     path = tmp_path / "summary.csv"
     old = b"report,status,test_acc\r\nold,ok,0.5\r\n"  # an older version's columns
     path.write_bytes(old)
-    tracking.append_summary(_row(model="new"), path)
+    summary.append_summary(_row(model="new"), path)
     assert path.read_bytes() == old
     moved = tmp_path / "summary-2.csv"
     assert [r["model"] for r in csv.DictReader(io.StringIO(moved.read_text()))] == ["new"]
     assert "has other columns than today's: left as it is; this row goes to summary-2.csv" in (
         capsys.readouterr().out
     )
-    tracking.append_summary(_row(model="next"), path)
+    summary.append_summary(_row(model="next"), path)
     assert len(list(csv.DictReader(io.StringIO(moved.read_text())))) == 2
     assert path.read_bytes() == old
 
