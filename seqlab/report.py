@@ -373,6 +373,11 @@ def _label(run, with_model=True) -> str:
     return plan.Run({**run.params, "seq_len": None}).title(with_model)
 
 
+def config_title(run, with_model=True) -> str:
+    """A configuration as the findings name it (and `baseline` may): its title, L last."""
+    return _label(run, with_model) + (f", L = {run.seq_len}" if run.seq_len else "")
+
+
 def seeds_frame(runs, results, with_model=True):
     """One row per configuration: its seeds, test accuracy as mean, sd and 95% interval (ci_low,
     ci_high; nan for one seed), mean macro-F1, epochs and mean training time."""
@@ -435,11 +440,7 @@ def _is_baseline(base, run, baseline) -> bool:
         return False
     if base.variant == baseline:
         return run.variant != baseline and _same_input(base, run)
-    return _label(base) + _at(base) == baseline
-
-
-def _at(run) -> str:
-    return f", L = {run.seq_len}" if run.seq_len else ""
+    return config_title(base) == baseline
 
 
 def findings_frame(runs, results, baseline="", with_model=True):
@@ -452,8 +453,8 @@ def findings_frame(runs, results, baseline="", with_model=True):
         d = stats.paired(accuracies(by_seed), accuracies(base_seeds))
         rows.append(
             {
-                "comparison": _label(run, with_model) + _at(run),
-                "against": _label(base, with_model) + _at(base),
+                "comparison": config_title(run, with_model),
+                "against": config_title(base, with_model),
                 "seeds": d.n,
                 "difference (points)": 100 * d.diff,
                 "95% CI (points)": f"{100 * d.low:+.1f} to {100 * d.high:+.1f}" if d.n > 1 else "",
@@ -483,7 +484,7 @@ def check_baseline(runs, baseline):
     if not baseline:
         return
     names = list(dict.fromkeys([r.variant for r in runs if r.variant]))
-    titles = list(dict.fromkeys(_label(r) + _at(r) for r in runs))
+    titles = list(dict.fromkeys(config_title(r) for r in runs))
     if baseline not in names + titles:
         raise plan.schema.ParamError(
             f"parameter baseline = {baseline!r}: not a variant or run of this report; valid "

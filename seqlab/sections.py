@@ -148,7 +148,7 @@ def show_findings(runs, results, baseline, with_model):
             steps.setdefault(
                 r.config,
                 (
-                    report._label(r, with_model) + report._at(r),
+                    report.config_title(r, with_model),
                     stats.spread(acc.values()),
                     list(acc.values()),
                 ),
