@@ -48,11 +48,13 @@ def readable_checkpoint(path: Path, whose: str) -> bool:
         return False
 
 
-def lock(name):
-    """An inter-process lock under outputs/.locks (released by the OS if its holder dies)."""
+def lock(name, folder=None):
+    """An inter-process lock under `folder`, else outputs/.locks (released by the OS if its holder
+    dies). A lock guarding a shared cache lives beside it, so every outputs/ that shares the cache
+    shares the lock."""
     from filelock import FileLock
 
-    folder = outputs() / ".locks"
+    folder = Path(folder) if folder else outputs() / ".locks"
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(str(folder / f"{name}.lock"))
 

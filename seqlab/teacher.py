@@ -226,7 +226,7 @@ def teacher_for(run: plan.Run, data: ImageData) -> Teacher:
     It keeps its logits table only for augment none or flip (crops: the teacher runs live)."""
     key, d = teacher_key(run, data), run.distill
     path = cache_dir() / "teachers" / f"{d.teacher}-{key}.pt"
-    with files.lock(f"teacher-{key}"):
+    with files.lock(f"teacher-{key}", cache_dir() / ".locks"):  # shared by every outputs/
         saved = (
             _read_teacher(path, data)
             or _download_teacher(key, path, data)

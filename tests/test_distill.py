@@ -327,3 +327,29 @@ def test_distillation_report_end_to_end(tmp_path):
     )  # its per-class report
     assert '<img alt=\\"teacher fast_cnn: confusion matrix' in shown  # and its confusion matrix
     assert "gain (points)" in shown and "agreement" in shown and "classes up" in shown
+
+
+def test_two_outputs_sharing_one_teacher_cache_train_the_teacher_once(
+    outputs, monkeypatch, planned, tmp_path
+):
+    """The teacher's lock lives beside the cache: while another report (its own outputs/) holds
+    it, this one waits rather than training the same teacher at the same time."""
+    import threading
+
+    from filelock import FileLock
+
+    runs, loaded = planned()
+    data = loaded[runs[1].data.key]
+    key = teacher.teacher_key(runs[1], data)
+    held = FileLock(str(tmp_path / "cache" / ".locks" / f"teacher-{key}.lock"))
+    looked = []  # the first step under the lock: reading the cache folder
+    read = teacher._read_teacher
+    monkeypatch.setattr(teacher, "_read_teacher", lambda *a: looked.append(1) or read(*a))
+    with held:
+        monkeypatch.setenv("SEQLSTM_OUTPUTS", str(tmp_path / "other_outputs"))
+        worker = threading.Thread(target=teacher.teacher_for, args=(runs[1], data))
+        worker.start()
+        worker.join(timeout=3)
+        assert worker.is_alive() and looked == []  # waiting on the other report's lock
+    worker.join(timeout=120)
+    assert not worker.is_alive() and looked == [1]
