@@ -220,26 +220,50 @@ def train_teacher(run: plan.Run, data: ImageData, key: str, path: Path) -> dict:
     return saved
 
 
+_WHOLE_SPLITS = {}  # DataSpec.key -> the data without limit_train, loaded once per process
+
+
+def teacher_data(run: plan.Run, data: ImageData) -> ImageData:
+    """What the teacher learns from: the whole training split, whatever the student's
+    limit_train. A student's N images are that split's first N (load_dataset), so one teacher
+    and its logits table serve every limit; checked, since the table is indexed by position."""
+    if not run.data.limit_train:
+        return data
+    spec = dataclasses.replace(run.data, limit_train=0)
+    whole = _WHOLE_SPLITS.get(spec.key) or _WHOLE_SPLITS.setdefault(spec.key, spec.load())
+    n = len(data.train_y)
+    first_n = whole.train_x[:n], whole.train_y[:n]
+    if not (torch.equal(first_n[0], data.train_x) and torch.equal(first_n[1], data.train_y)):
+        raise RuntimeError(
+            f"limit_train = {n}: the student's training images are not the first {n} of the "
+            f"whole training split, so the teacher's logits table cannot be indexed by position"
+        )
+    return whole
+
+
 def teacher_for(run: plan.Run, data: ImageData) -> Teacher:
     """The run's trained teacher, from the cache folder, else from its tracked run (trained on
-    another machine), else trained now; under the key's lock, so concurrent reports train it once.
-    It keeps its logits table only for augment none or flip (crops: the teacher runs live)."""
-    key, d = teacher_key(run, data), run.distill
+    another machine), else trained now on the whole training split (teacher_data); under the
+    key's lock, so concurrent reports train it once. It keeps its logits table, cut to the
+    student's images, only for augment none or flip (crops: the teacher runs live)."""
+    whole, d = teacher_data(run, data), run.distill
+    key = teacher_key(run, whole)
     path = cache_dir() / "teachers" / f"{d.teacher}-{key}.pt"
     with files.lock(f"teacher-{key}", cache_dir() / ".locks"):  # shared by every outputs/
         saved = (
-            _read_teacher(path, data)
-            or _download_teacher(key, path, data)
-            or train_teacher(run, data, key, path)
+            _read_teacher(path, whole)
+            or _download_teacher(key, path, whole)
+            or train_teacher(run, whole, key, path)
         )
     model, to_input = build_teacher(d.teacher, d.teacher_args, data.image_shape, len(data.classes))
     model.load_state_dict(saved["state_dict"])
-    table = saved["table"] if run.train.augment in ("none", "flip") else None
+    keep = run.train.augment in ("none", "flip")
+    table = saved["table"][: len(data.train_y)] if keep else None
     return Teacher(
         model,
         to_input,
-        data.mean,
-        data.std,
+        whole.mean,  # the teacher's own normalisation: that of the split it learnt from
+        whole.std,
         table=table,
         info={**saved["info"], "key": key},
         tta=saved["info"]["recipe"].get("tta", "none"),

@@ -353,3 +353,29 @@ def test_two_outputs_sharing_one_teacher_cache_train_the_teacher_once(
         assert worker.is_alive() and looked == []  # waiting on the other report's lock
     worker.join(timeout=120)
     assert not worker.is_alive() and looked == [1]
+
+
+def test_students_with_different_limit_train_share_one_teacher_of_the_whole_split(
+    outputs, monkeypatch, planned
+):
+    """limit_train cuts the student's training images, not the teacher's: two reports with
+    different limits train one teacher, on every training image, and each student's table holds
+    the logits of its own images (the whole split's first N)."""
+    fitted = []
+    fit = teacher._fit_teacher
+    monkeypatch.setattr(
+        teacher, "_fit_teacher", lambda run, data, *a: fitted.append(data) or fit(run, data, *a)
+    )
+    runs, loaded = planned()
+    whole = loaded[runs[1].data.key]
+    taught = []
+    for limit in (300, 500):
+        runs, loaded = planned(limit_train=limit)
+        data = loaded[runs[1].data.key]
+        taught.append(teacher.teacher_for(runs[1], data))
+        assert len(taught[-1].table) == limit == len(data.train_y)
+    assert len(fitted) == 1 and len(fitted[0].train_y) > 500  # the whole training split
+    assert taught[0].info["key"] == taught[1].info["key"]
+    assert torch.equal(taught[1].table[:300], taught[0].table)
+    live = taught[0].live(whole.train_x[:300])  # the table's rows are the first 300 images'
+    assert torch.allclose(taught[0].table[:, 0].float(), live, atol=0.02, rtol=0.01)
