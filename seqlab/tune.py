@@ -17,7 +17,7 @@ import yaml
 from seqlstm import _check_choice, model_options
 from seqlab import files, plan, report, runner, schema, studies, tracking
 
-TUNE_KEYS = ("search", "pruner")  # a tune file's keys besides report parameters
+TUNE_KEYS = ("search", "pruner", "prune_after")  # a tune file's keys besides report parameters
 
 
 NOT_SEARCHED = (
@@ -44,22 +44,26 @@ NOT_SEARCHED = (
 )
 
 
-PRUNERS = {
-    "median": lambda: __import__("optuna").pruners.MedianPruner(n_startup_trials=2),
-    "hyperband": lambda: __import__("optuna").pruners.HyperbandPruner(min_resource=1),
+PRUNERS = {  # each given prune_after: the epochs every trial runs before it may be stopped
+    "median": lambda after: __import__("optuna").pruners.MedianPruner(
+        n_startup_trials=2, n_warmup_steps=after  # steps are epochs, 1 first: none before `after`
+    ),
+    "hyperband": lambda after: __import__("optuna").pruners.HyperbandPruner(min_resource=after),
 }
 
 
 @dataclass
 class TuneSpec:
     """A checked tune file: the report parameters (defaults included), the search space
-    (name -> Optuna distribution), which names are model_args keys, and the pruner."""
+    (name -> Optuna distribution), which names are model_args keys, the pruner and the epochs
+    every trial runs before it may be pruned."""
 
     params: dict
     given: dict  # the fixed parameters as the file gives them (for the best-parameters file)
     space: dict
     model_keys: set
     pruner: str
+    prune_after: int = 1
 
 
 def _distribution(name, spec):
@@ -116,11 +120,22 @@ def _search_names(search, p, types):
     return {k for k in search if k not in types}
 
 
+def _check_prune_after(value, epochs, path):
+    """prune_after: the epochs every trial runs before the pruner may stop it, from 1 (after
+    its first epoch) to the trials' epochs."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= epochs:
+        raise schema.ParamError(
+            f"{path}: prune_after = {value!r}: expected a whole number of epochs from 1 (a trial "
+            f"may be pruned after its first epoch) to epochs = {epochs}"
+        )
+
+
 def read_tune_file(path) -> TuneSpec:
     """A tune file checked as far as it can be without data: fixed parameters as a report's, one
     run, a well-formed search space whose every bound and choice passes plan_report."""
     given = schema.read_params_file(path)
     search, pruner = given.pop("search", None), given.pop("pruner", "median")
+    prune_after = given.pop("prune_after", 1)
     types = schema.types()
     schema.check_params(given, types, where=f"{path}: ")
     if not isinstance(search, dict) or not search:
@@ -130,6 +145,7 @@ def read_tune_file(path) -> TuneSpec:
         )
     _check_choice("pruner", pruner, list(PRUNERS))
     p = {**schema.defaults(), **given}
+    _check_prune_after(prune_after, p["epochs"], path)
     runs = plan.plan_report(p, types)
     if len(runs) != 1:
         raise schema.ParamError(
@@ -145,6 +161,7 @@ def read_tune_file(path) -> TuneSpec:
         {k: _distribution(k, v) for k, v in search.items()},
         _search_names(search, fixed, types),
         pruner,
+        prune_after,
     )
     for name, dist in spec.space.items():  # every bound and choice is a valid value
         for value in getattr(dist, "choices", None) or (dist.low, dist.high):
@@ -401,7 +418,7 @@ def tune(path, n_trials=20, workers=1, storage="", study_name=None, best=None):
         study_name=name,
         storage=studies.open_storage(storage),
         direction="maximize",
-        pruner=PRUNERS[spec.pruner](),
+        pruner=PRUNERS[spec.pruner](spec.prune_after),
         load_if_exists=True,
     )
     print(

@@ -75,6 +75,7 @@ BAD = [  # (tune file overrides, tune() arguments, what the message must say)
     ),
     ({"seq_len": [4, 8]}, {}, r"a study tunes one run, this file plans 2"),
     ({"pruner": "asha"}, {}, r"unknown pruner 'asha': valid values are \['median', 'hyperband'\]"),
+    ({"prune_after": 0}, {}, r"prune_after = 0: expected a whole number of epochs from 1 .*epochs"),
     ({}, {"n_trials": 0}, r"--trials and --workers must be >= 1, got --trials 0"),
     (
         {},
@@ -179,6 +180,24 @@ def test_a_bad_trial_is_pruned_and_tagged_pruned_not_failed(tmp_path, outputs):
     assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
     assert run.data.tags["seqlstm.status"] == "pruned"
     assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1
+
+
+def test_prune_after_lets_every_trial_run_that_many_epochs_first(tmp_path, outputs):
+    """A warm-up schedule or heavy augmentation starts slow: with prune_after 2 the trial that
+    cannot learn is stopped after its second epoch, not its first."""
+    import optuna
+
+    search = {"lr": {"low": 1.0e-7, "high": 0.1, "log": True}}
+    path = tune_file(tmp_path, epochs=3, search=search, prune_after=2)
+    study = optuna.create_study(
+        study_name="tiny", storage=studies.open_storage(studies.storage_url()), direction="maximize"
+    )
+    for lr in (0.05, 0.03, 1e-7):
+        study.enqueue_trial({"lr": lr})
+    tune.tune(path, n_trials=3, best=tmp_path / "best.yaml")
+    trials = load("tiny", studies.storage_url()).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert list(trials[2].intermediate_values) == [1, 2]  # stopped after epoch 2
 
 
 def tune_process(tmp_path, storage, *extra):
