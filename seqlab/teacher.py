@@ -230,7 +230,9 @@ def teacher_data(run: plan.Run, data: ImageData) -> ImageData:
     if not run.data.limit_train:
         return data
     spec = dataclasses.replace(run.data, limit_train=0)
-    whole = _WHOLE_SPLITS.get(spec.key) or _WHOLE_SPLITS.setdefault(spec.key, spec.load())
+    if spec.key not in _WHOLE_SPLITS:
+        _WHOLE_SPLITS[spec.key] = spec.load()
+    whole = _WHOLE_SPLITS[spec.key]
     n = len(data.train_y)
     first_n = whole.train_x[:n], whole.train_y[:n]
     if not (torch.equal(first_n[0], data.train_x) and torch.equal(first_n[1], data.train_y)):
