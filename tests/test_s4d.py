@@ -247,3 +247,39 @@ def test_layer_outputs_and_gradients_equal_the_reference(bidirectional):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("L, taps", [(5, 5), (6, 12), (1, 2)])
+def test_fft_convolution_backward_is_the_gradient(L, taps):
+    """FFTConv's hand-written backward against finite differences (float64), for a causal kernel
+    (taps = L) and for a bidirectional one (taps = n = 2L, its second half wrapping round)."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 3, L, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, taps, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, k: seqlstm.FFTConv.apply(u, k, 2 * L), (u, k))
+
+
+def test_fft_convolution_is_the_direct_sum():
+    """y[b, h, t] = sum_s k[h, (t - s) mod n] u[b, h, s], t < L: the forward pass, wrap included."""
+    torch.manual_seed(0)
+    B, H, L, n = 2, 3, 4, 8
+    u, k = torch.randn(B, H, L, dtype=torch.float64), torch.randn(H, n, dtype=torch.float64)
+    expected = torch.zeros(B, H, L, dtype=torch.float64)
+    for t in range(L):
+        for s in range(L):
+            expected[:, :, t] += k[:, (t - s) % n] * u[:, :, s]
+    torch.testing.assert_close(seqlstm.FFTConv.apply(u, k, n), expected)
+
+
+def test_swap_hands_on_contiguous_memory_both_ways():
+    """SwapLH is a transpose whose forward output and backward gradient are both contiguous (a
+    plain transpose().contiguous() hands back a strided gradient), values unchanged."""
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    seen = []
+    t = x * 1
+    t.register_hook(lambda g: seen.append(g.is_contiguous()))
+    y = seqlstm.SwapLH.apply(t)
+    assert y.is_contiguous() and torch.equal(y, x.detach().transpose(1, 2))
+    g = torch.randn(2, 3, 5)
+    y.backward(g)
+    assert seen == [True] and torch.equal(x.grad, g.transpose(1, 2))
