@@ -134,8 +134,9 @@ def read_tune_file(path) -> TuneSpec:
     """A tune file checked as far as it can be without data: fixed parameters as a report's, one
     run, a well-formed search space whose every bound and choice passes plan_report."""
     given = schema.read_params_file(path)
-    search, pruner = given.pop("search", None), given.pop("pruner", "median")
-    prune_after = given.pop("prune_after", 1)
+    tune = {key: given.pop(key) for key in TUNE_KEYS if key in given}  # the rest: a report's
+    search, pruner = tune.get("search"), tune.get("pruner", "median")
+    prune_after = tune.get("prune_after", 1)
     types = schema.types()
     schema.check_params(given, types, where=f"{path}: ")
     if not isinstance(search, dict) or not search:
