@@ -446,6 +446,41 @@ def test_trellisnet_shares_one_convolution_across_depth():
     assert model.levels == 11
 
 
+def trellisnet_reference_features(model, x):
+    """TrellisNet's levels as written in its paper: the input injection W_x * x and the shared
+    W_h * h as two convolutions, added (the model folds them into one convolution of [h; x])."""
+    x = x.transpose(1, 2)
+    h = x.new_zeros(x.shape[0], model.hidden, x.shape[2])
+    c = torch.zeros_like(h)
+    for level in range(model.levels):
+        d = model.dilations[level % len(model.dilations)]
+        z = F.conv1d(F.pad(x, (d, 0)), model.inject.weight, dilation=d) + F.conv1d(
+            F.pad(h, (d, 0)), model.conv.weight, model.conv.bias, dilation=d
+        )
+        i, o, g, f = z.chunk(4, 1)
+        c = torch.sigmoid(f) * F.pad(c, (d, 0))[:, :, : x.shape[2]] + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    return h.transpose(1, 2)
+
+
+@pytest.mark.parametrize("in_features", [1, 3])
+def test_trellisnet_folded_injection_equals_two_convolutions(in_features):
+    """Outputs and every gradient (input, W_x, W_h, b) within 1e-5 of the two-convolution form."""
+    torch.manual_seed(0)
+    model = seqlstm.create_model("trellisnet", in_features=in_features, num_classes=2, layers=7)
+    x = torch.randn(3, 80, in_features, requires_grad=True)
+    results = []
+    for features in (model.features, lambda x: trellisnet_reference_features(model, x)):
+        out = features(x)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, *model.parameters()],
+                                                 allow_unused=True)))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
 def test_lipschitz_rnn_is_initialised_as_the_authors_code():
     """erichson/LipschitzRNN since November 2020: M ~ N(0, (0.1 / hidden)^2), and the input and
     readout layers at PyTorch's defaults: U(1 -> 128) std 1/sqrt(3) = 0.58 with uniform biases
