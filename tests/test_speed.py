@@ -153,3 +153,21 @@ def test_compiled_trellisnet_equals_eager_on_one_batch():
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_speed_goal_script_times_two_checkouts_in_fresh_processes(capsys):
+    """scripts/speed_goal.py against this checkout itself: a before and a now figure per round in
+    their own processes, and the median ratio; a bad checkout is refused before anything runs."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("speed_goal", root / "scripts" / "speed_goal.py")
+    goal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(goal)
+    goal.main([str(root), "rnn", "--rounds", "1", "--batch", "2", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "round 0: rnn before" in out and "round 0: rnn now" in out
+    assert out.strip().splitlines()[-1].startswith("rnn: ") and "x (rounds " in out
+    with pytest.raises(SystemExit):
+        goal.main(["/nonexistent", "rnn"])
+    assert "before = '/nonexistent'" in capsys.readouterr().err
