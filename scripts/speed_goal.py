@@ -10,7 +10,8 @@ then the median of 5 timed steps. "now" is this checkout with the allocator sett
 apply (`cores.keep_freed_memory`); "before" is the other checkout as it ran, with glibc's default.
 Each round times before, now (and now compiled, for the models named by --compile) in turn; the
 speed-up printed at the end is the median over rounds of now ÷ before. Read it only from a quiet
-machine."""
+machine. Both sides run the same step below (not `bench`'s helpers, which an older checkout may
+lack): it needs only `seqlstm.model_input` and `create_model` there."""
 import argparse
 import statistics
 import subprocess
@@ -33,8 +34,8 @@ def one(repo, name, which, compiled, batch, steps):
 
         cores.keep_freed_memory()
     torch.manual_seed(0)
-    x, n_feat, _ = seqlstm.model_input(name, batch)
-    model = seqlstm.create_model(name, in_features=n_feat, num_classes=10)
+    x, n_feat, model_args = seqlstm.model_input(name, batch)
+    model = seqlstm.create_model(name, in_features=n_feat, num_classes=10, **model_args)
     if compiled:
         model.compile()
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
