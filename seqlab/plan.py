@@ -381,6 +381,22 @@ def load_report_data(runs) -> dict:
     return loaded
 
 
+def fit_channels(runs, loaded):
+    """An image model reads as many channels as its images have (MNIST: 1) unless its model_args
+    name them; the argument is added only where it differs from the model's default (3), so a
+    run on colour images keeps its identity."""
+    import inspect
+
+    for run in runs:
+        default = inspect.signature(MODELS[run.model].factory).parameters.get("channels")
+        channels = loaded[run.data.key].image_shape[0]
+        args = run.params["model_args"]
+        if default is None or "channels" in args or channels == default.default:
+            continue
+        run.params["model_args"] = {**args, "channels": channels}
+        run.__dict__.pop("network", None)  # the cached ModelSpec, read again from the params
+
+
 def _check_model(spec: ModelSpec, T, n_feat, n_classes):
     """The run's model built with its model_args and initialised with its init."""
     try:

@@ -37,6 +37,7 @@ def prepare_report(params: dict, types: dict = None):
     studies.check_study(runs[0].params["tune_study"], runs[0].params["tune_storage"])
     fits.check_before_loading(runs)
     loaded = plan.load_report_data(runs)
+    plan.fit_channels(runs, loaded)
     plan.check_run_inputs(runs, loaded)
     fits.check_runs(runs, loaded)
     for experiment in dict.fromkeys(r.experiment for r in runs):  # all checked: MLflow opens

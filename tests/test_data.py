@@ -987,7 +987,7 @@ def test_the_datasets_params_run_on_cifar100_and_svhn_files(
     tmp_path, outputs, no_cifar_checksums, no_svhn_checksums
 ):
     """params/datasets.yaml for the two datasets of the task with no offline copy here: every
-    configuration (baseline, improved and distilled student, rows LSTM, vanilla Sequencer) trains
+    configuration (baseline, improved and distilled student, rows GRU, vanilla Sequencer) trains
     three epochs on small files written in torchvision's layouts."""
     from pathlib import Path
 

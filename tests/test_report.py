@@ -273,3 +273,20 @@ def test_per_model_overrides_are_checked():
         plan.plan_report({**params, "per_model": {"gruu": {"epochs": 1}}}, types)
     with pytest.raises(ValueError, match=r"per_model\['gru'\]: unknown parameter\(s\) \['epoch'\]"):
         plan.plan_report({**params, "per_model": {"gru": {"epoch": 1}}}, types)
+
+
+def test_an_image_model_reads_the_channels_of_its_images(quick_report):
+    """digits is grayscale: the image models get channels 1 (without it the rows of 8 values do
+    not fold into 3-channel images: 8 is not a multiple of 3), a model_args value is kept, and a
+    model without the argument is left alone."""
+    runs, _ = quick_report(
+        model=["vanilla_sequencer", "vit_small_seq", "lstm"],
+        transform="rows",
+        per_model={"vit_small_seq": {"model_args": {"channels": 1, "patch_size": 2}}},
+    )
+    by_model = {r.model: r.network.model_args for r in runs}
+    assert by_model == {
+        "vanilla_sequencer": {"channels": 1},
+        "vit_small_seq": {"channels": 1, "patch_size": 2},
+        "lstm": {},
+    }
