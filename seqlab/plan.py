@@ -10,11 +10,13 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 
 from seqlstm import (
+    DATASETS,
     INITS,
     MODELS,
     SEQUENCES,
     build_teacher,
     create_model,
+    list_datasets,
     list_models,
     load_dataset,
     make_sequence,
@@ -225,6 +227,7 @@ PLANNED = (
     "dataset",
     "model",
     "per_model",
+    "per_dataset",
     "variants",
     "extra_runs",
     "experiment",
@@ -240,6 +243,7 @@ NOT_IN_KEY = (
     "resume",
     "overview_per_class",
     "per_model",
+    "per_dataset",
     "variants",
     "variant",
     "experiment",
@@ -304,9 +308,23 @@ def _check_compile(p):
         )
 
 
+def _check_per_dataset(p, types):
+    """per_dataset's names are datasets, and its overrides are checked for every one of them
+    (kept for reports that run one dataset: -p dataset imagenette)."""
+    unknown = sorted(set(p["per_dataset"]) - set(DATASETS))
+    if unknown:
+        raise schema.ParamError(
+            f"per_dataset names {unknown}, which are not datasets: valid names are "
+            f"{list_datasets()}"
+        )
+    for ds, over in p["per_dataset"].items():
+        _override({**p, "dataset": ds}, over, f"per_dataset[{ds!r}]", PLANNED, types)
+
+
 def _plan_grid(p: dict, types: dict) -> list:
     """The runs of one grid: dataset x model x variant x transform x seq_len x distillation
-    settings, with `per_model` overrides and then each `variants` entry's applied and checked."""
+    settings, with `per_model` and `per_dataset` overrides and then each `variants` entry's
+    applied and checked."""
     unknown = sorted(set(p["per_model"]) - set(MODELS))
     if unknown:
         raise schema.ParamError(
@@ -314,18 +332,22 @@ def _plan_grid(p: dict, types: dict) -> list:
         )
     for m in set(p["per_model"]) - set(schema.as_list(p["model"])):  # kept for other reports:
         _override({**p, "model": m}, p["per_model"][m], f"per_model[{m!r}]", PLANNED, types)
-    planned = {}  # (model, variant) -> parameters
-    for m in schema.as_list(p["model"]):
-        base = _override(
-            {**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types
-        )
-        for v, over in (p["variants"] or {"": {}}).items():
-            planned[m, v] = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
-            _check_compile(planned[m, v])
+    _check_per_dataset(p, types)
+    planned = {}  # (dataset, model, variant) -> parameters
+    for ds in schema.as_list(p["dataset"]):
+        for m in schema.as_list(p["model"]):
+            base = _override(
+                {**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types
+            )
+            over = p["per_dataset"].get(ds)
+            base = _override(base, over, f"per_dataset[{ds!r}]", PLANNED, types)
+            for v, over in (p["variants"] or {"": {}}).items():
+                q = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
+                planned[ds, m, v] = q
+                _check_compile(q)
     return [
         Run(q)
-        for ds in schema.as_list(p["dataset"])
-        for (m, v), base in planned.items()
+        for (ds, m, v), base in planned.items()
         for _, _, tr, L in plan_runs(
             [ds], schema.as_list(base["transform"]), schema.as_list(base["seq_len"])
         )

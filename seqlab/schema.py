@@ -144,6 +144,8 @@ PARAMS = (  # in the order of the notebook's parameters cell: name, type, defaul
           "torch.compile the model: trellisnet or bilstm_fc only (docs/speed.md)"),
     Param("per_model", "dict", {}, "report",
           'per-model overrides of any parameter, e.g. {"pit": {"epochs": 1}}'),
+    Param("per_dataset", "dict", {}, "report",
+          'per-dataset overrides, applied after per_model, e.g. {"mnist": {"augment": "none"}}'),
     Param("variants", "dict", {}, "report",
           'named variants, each run for every model, e.g. '
           '{"sgd": {"optimizer": "sgd", "lr": 0.05}}'),

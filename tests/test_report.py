@@ -290,3 +290,14 @@ def test_an_image_model_reads_the_channels_of_its_images(quick_report):
         "vit_small_seq": {"channels": 1, "patch_size": 2},
         "lstm": {},
     }
+
+
+def test_per_dataset_overrides_apply_to_their_dataset_only(quick_report):
+    """per_dataset sets a parameter for one dataset's runs (MNIST without flips); a name that is no
+    dataset fails, naming the valid ones."""
+    runs, _ = quick_report(per_dataset={"digits": {"augment": "none"}, "mnist": {"epochs": 2}})
+    assert [(r.dataset, r.train.augment, r.train.epochs) for r in runs] == [("digits", "none", 1)]
+    with pytest.raises(schema.ParamError, match=r"per_dataset names \['mnsit'\].*'mnist'"):
+        quick_report(per_dataset={"mnsit": {"augment": "none"}})
+    with pytest.raises(schema.ParamError, match=r"per_dataset\['mnist'\].*augment"):
+        quick_report(per_dataset={"mnist": {"augment": "sideways"}})
