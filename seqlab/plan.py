@@ -309,15 +309,16 @@ def _check_compile(p):
 
 
 def _check_per_dataset(p, types):
-    """per_dataset's names are datasets, and its overrides are checked for every one of them
-    (kept for reports that run one dataset: -p dataset imagenette)."""
+    """per_dataset's names are datasets; the overrides of those this report does not run are
+    checked too (kept for other reports: -p dataset imagenette)."""
     unknown = sorted(set(p["per_dataset"]) - set(DATASETS))
     if unknown:
         raise schema.ParamError(
             f"per_dataset names {unknown}, which are not datasets: valid names are "
             f"{list_datasets()}"
         )
-    for ds, over in p["per_dataset"].items():
+    for ds in set(p["per_dataset"]) - set(schema.as_list(p["dataset"])):
+        over = p["per_dataset"][ds]
         _override({**p, "dataset": ds}, over, f"per_dataset[{ds!r}]", PLANNED, types)
 
 
@@ -333,14 +334,15 @@ def _plan_grid(p: dict, types: dict) -> list:
     for m in set(p["per_model"]) - set(schema.as_list(p["model"])):  # kept for other reports:
         _override({**p, "model": m}, p["per_model"][m], f"per_model[{m!r}]", PLANNED, types)
     _check_per_dataset(p, types)
+    per_model = {
+        m: _override({**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types)
+        for m in schema.as_list(p["model"])
+    }
     planned = {}  # (dataset, model, variant) -> parameters
     for ds in schema.as_list(p["dataset"]):
-        for m in schema.as_list(p["model"]):
-            base = _override(
-                {**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types
-            )
+        for m, model_params in per_model.items():
             over = p["per_dataset"].get(ds)
-            base = _override(base, over, f"per_dataset[{ds!r}]", PLANNED, types)
+            base = _override(model_params, over, f"per_dataset[{ds!r}]", PLANNED, types)
             for v, over in (p["variants"] or {"": {}}).items():
                 q = _override(base, over, f"variants[{v!r}]", PLANNED + PER_RUN, types)
                 planned[ds, m, v] = q
