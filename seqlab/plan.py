@@ -308,32 +308,24 @@ def _check_compile(p):
         )
 
 
-def _check_per_dataset(p, types):
-    """per_dataset's names are datasets; the overrides of those this report does not run are
-    checked too (kept for other reports: -p dataset imagenette)."""
-    unknown = sorted(set(p["per_dataset"]) - set(DATASETS))
+def _check_overrides(p, types, name, field, registry, valid, kind):
+    """`name` (per_model, per_dataset) names entries of `registry`; the overrides of those this
+    report does not run are checked too (kept for other reports: -p dataset imagenette)."""
+    unknown = sorted(set(p[name]) - set(registry))
     if unknown:
         raise schema.ParamError(
-            f"per_dataset names {unknown}, which are not datasets: valid names are "
-            f"{list_datasets()}"
+            f"{name} names {unknown}, which are not {kind}: valid names are {valid()}"
         )
-    for ds in set(p["per_dataset"]) - set(schema.as_list(p["dataset"])):
-        over = p["per_dataset"][ds]
-        _override({**p, "dataset": ds}, over, f"per_dataset[{ds!r}]", PLANNED, types)
+    for key in set(p[name]) - set(schema.as_list(p[field])):
+        _override({**p, field: key}, p[name][key], f"{name}[{key!r}]", PLANNED, types)
 
 
 def _plan_grid(p: dict, types: dict) -> list:
     """The runs of one grid: dataset x model x variant x transform x seq_len x distillation
     settings, with `per_model` and `per_dataset` overrides and then each `variants` entry's
     applied and checked."""
-    unknown = sorted(set(p["per_model"]) - set(MODELS))
-    if unknown:
-        raise schema.ParamError(
-            f"per_model names {unknown}, which are not models: valid names are {list_models()}"
-        )
-    for m in set(p["per_model"]) - set(schema.as_list(p["model"])):  # kept for other reports:
-        _override({**p, "model": m}, p["per_model"][m], f"per_model[{m!r}]", PLANNED, types)
-    _check_per_dataset(p, types)
+    _check_overrides(p, types, "per_model", "model", MODELS, list_models, "models")
+    _check_overrides(p, types, "per_dataset", "dataset", DATASETS, list_datasets, "datasets")
     per_model = {
         m: _override({**p, "model": m}, p["per_model"].get(m), f"per_model[{m!r}]", PLANNED, types)
         for m in schema.as_list(p["model"])
