@@ -344,7 +344,7 @@ def bench(quick=False, json_path=None, device=None, threads=0, tiny=False):
     `tiny`: SIZES["tiny"], the models' test inputs and 0.01 s per figure, a dry run of every figure
     (the numbers mean nothing)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cores.keep_freed_memory()  # as every training process runs (levers: the bench without it)
+    cores.training_process()  # as every training process runs (levers: the bench without each)
     threads = cores.set_threads(threads)
     torch.manual_seed(0)
     size = SIZES["tiny" if tiny else "full"]

@@ -1,6 +1,7 @@
 """The speed levers of `bench` (docs/speed.md), each against its absence: glibc's allocator
-setting (process-wide, so measured in fresh processes taking turns) and torch.compile (per model,
-in one process, eager and compiled copies timed in turns)."""
+setting (process-wide, so measured in fresh processes taking turns), denormals flushed to zero
+(a saturated BiLSTM's step, the CPU's flags toggled in turns) and torch.compile (per model, in one
+process, eager and compiled copies timed in turns)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,39 @@ def bench_allocator(device, min_run_time, B, tiny, threads, rounds):
     }
 
 
+def bench_denormals(device, min_run_time, B, tiny, rounds, scale=100.0):
+    """The test-task BiLSTM's training step with gates saturated as a trained model's are (its
+    input projection `scale` times its initial size), with denormal floats computed and flushed
+    to zero (cores.flush_denormals), in turns: the seconds of each and the speed-up (median of
+    the rounds' ratios). CPU only ({} on a GPU, whose kernels do not take the CPU's flags)."""
+    if device != "cpu":
+        return {}
+    model, batch = _model_step("bilstm_fc", device, B, tiny)
+    with torch.no_grad():
+        model.in_proj.weight.mul_(scale)
+    step = _train_step(model, lambda: batch, device)
+
+    def flagged(on):
+        def run():
+            torch.set_flush_denormal(on)
+            step()
+        return run
+
+    try:
+        times = _alternate({"off": flagged(False), "on": flagged(True)}, rounds, min_run_time)
+    finally:
+        cores.flush_denormals()  # back to every training process's setting
+    off, on = times["off"], times["on"]
+    return {
+        "bilstm_fc": {
+            "off_s": statistics.median(off),
+            "on_s": statistics.median(on),
+            "speedup": _speedup(off, on),
+            "rounds_s": [off, on],
+        }
+    }
+
+
 def bench_compile(device, min_run_time, B, tiny, rounds):
     """Per model of lightning.COMPILED and LEVER_MODELS (tiny: TINY_LEVER_MODELS, compiled by
     torch.compile's "eager" backend: a dry run without code generation): a training step eager
@@ -136,6 +170,9 @@ def format_levers(levers, batch):
     ]
     for name, v in levers["allocator"].items():
         lines.append(f"{name:<18} {v['off_s']:>14.4f} {v['on_s']:>10.4f} {v['speedup']:>7.2f}x")
+    for name, v in levers.get("denormals", {}).items():
+        lines.append(f"{name + ', saturated':<18} {v['off_s']:>14.4f} {v['on_s']:>10.4f} "
+                     f"{v['speedup']:>7.2f}x   (denormals computed / flushed to zero)")
     lines.append(f"{'model':<18} {'eager':>14} {'compiled':>10} {'speed-up':>8} {'1st step':>9}")
     for name, v in levers["compile"].items():
         if "error" in v:
@@ -149,11 +186,13 @@ def format_levers(levers, batch):
 
 
 def bench_levers(device, min_run_time, B, tiny, threads, rounds=None):
-    """The allocator setting and torch.compile against their absence (rounds: 1 tiny, else 3)."""
+    """The allocator setting, flushed denormals and torch.compile against their absence
+    (rounds: 1 tiny, else 3)."""
     rounds = rounds or (1 if tiny else 3)
     return {
         "rounds": rounds,
         "allocator": bench_allocator(device, min_run_time, B, tiny, threads, rounds),
+        "denormals": bench_denormals(device, min_run_time, B, tiny, rounds),
         "compile": bench_compile(device, min_run_time, B, tiny, rounds),
     }
 

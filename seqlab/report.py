@@ -28,8 +28,9 @@ def prepare_report(params: dict, types: dict = None):
     alike: parameters of every planned run, the outputs folder, the tracking store, then each
     dataset loaded once and the transform and model arguments tried on its images.
     Returns (runs, loaded data by data_key). It is where every process of a report starts (the
-    notebook's kernel, `train` and its DDP ranks, `tune` workers), so it sets the allocator."""
-    cores.keep_freed_memory()
+    notebook's kernel, `train` and its DDP ranks, `tune` workers), so it makes the process a
+    training one (cores.training_process: the allocator setting, denormals flushed)."""
+    cores.training_process()
     runs = plan.plan_report(params, types)
     check_baseline(runs, runs[0].params["baseline"])
     files.check_outputs()

@@ -95,6 +95,7 @@ def run_facts(data, module, example, threads):
     """What a run's parameters do not say: sizes, data source, versions, device."""
     return {
         "threads": threads,
+        "flush_denormal": cores.DENORMALS.get("flush", False),  # cores.training_process
         "n_params": count_params(module.model),
         "seq_steps": example.shape[0],
         "seq_features": example.shape[1],
@@ -137,7 +138,7 @@ def summary_row(run: plan.Run, status, run_id="", **values):
 def fit_run(run: plan.Run, data: ImageData, tracker, run_id, resume_from=None, callbacks=()):
     """Build (with the run's teacher, trained first if need be) and fit one run (from
     `resume_from` if given): a Fitted. Every DDP rank runs this; rank 0 alone has a tracker."""
-    cores.keep_freed_memory()  # a caller that skipped prepare_report trains with it all the same
+    cores.training_process()  # a caller that skipped prepare_report trains with it all the same
     threads = cores.set_threads(run.compute.threads)
     if tracker:
         cores.note_shared_cores(threads)

@@ -89,6 +89,8 @@ def test_the_tiny_bench_runs_every_figure_and_saves_what_it_prints(tmp_path, cap
     assert (saved["epoch"]["train_images"], saved["epoch"]["val_images"]) == (256, 64)
     levers = saved["levers"]  # each lever against its absence, for the tiny bench's one model
     assert set(levers["allocator"]) == set(levers["compile"]) == set(bench.TINY_LEVER_MODELS)
-    ratios = [v["speedup"] for kind in ("allocator", "compile") for v in levers[kind].values()]
+    assert set(levers["denormals"]) == {"bilstm_fc"}  # the saturated test-task step (CPU)
+    kinds = ("allocator", "denormals", "compile")
+    ratios = [v["speedup"] for kind in kinds for v in levers[kind].values()]
     assert all(math.isfinite(r) and r > 0 for r in ratios)
     assert capsys.readouterr().out.strip() == bench.format_bench(saved)

@@ -1,8 +1,10 @@
-"""The speed levers: the allocator setting in every training process, and torch.compile where it
+"""The speed levers: the allocator setting and denormals flushed to zero in every training process,
+and torch.compile where it
 helps (refused, before training, where it does not). Their gains are measured by `bench`
 (docs/speed.md), not asserted here."""
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +89,38 @@ def test_every_training_process_sets_the_allocator(monkeypatch, quick_report, ou
     with pytest.raises(_Stop):
         bench.bench(tiny=True, threads=1)
     assert calls == [1, 1, 1]
+
+
+# Denormal inputs multiplied on 2 threads, the pool started before the flags are set: how many
+# products stay non-zero (none once denormals are flushed), and what cores recorded.
+DENORMAL = """
+import torch
+torch.set_num_threads(2)
+(torch.ones(1 << 22) * 2).sum()
+{setup}
+y = torch.full((1 << 22,), 1e-39) * 1.5
+print(json.dumps({{"nonzero": int((y != 0).sum()), "set": cores.DENORMALS}}))
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
+                    reason="torch.set_flush_denormal has flags on x86 and ARM only")
+def test_a_training_process_flushes_denormals_on_every_thread(outputs):
+    """prepare_report (the notebook's setup cell, `train`, tune workers) leaves the process
+    treating denormal floats as zero on all its threads; a plain process computes them."""
+    from conftest import QUICK
+
+    def run(setup):
+        out = subprocess.run([sys.executable, "-c", "import json\nfrom seqlab import cores\n"
+                              + DENORMAL.format(setup=setup)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run("") == {"nonzero": 1 << 22, "set": {}}
+    setup = ("from seqlab import report, schema\n"
+             f"report.prepare_report({{**schema.defaults(), **{QUICK!r}}})")
+    assert run(setup) == {"nonzero": 0, "set": {"flush": True}}
 
 
 class _Stop(Exception):
