@@ -66,8 +66,8 @@ DENORMALS = {}  # what flush_denormals set in this process: {} until it is calle
 def flush_denormals():
     """Treat denormal floats (below 1.2e-38) as zero on the CPU: x86's FTZ and DAZ flags, through
     torch.set_flush_denormal. A trained LSTM's saturated gates send its backward pass through
-    denormal products, which x86 cores compute dozens of times slower than normal ones: the
-    test-task BiLSTM's epochs grew from 6 to 16-20 s as it trained on the Intel Xeon VM, and a
+    denormal products, which x86 cores compute many times slower than normal ones: the
+    test-task BiLSTM's epochs grew from 6 to about 16 s as it trained on the Intel Xeon VM, and a
     trained checkpoint's training step ran about 2x faster with the flags (docs/speed.md). A
     result changes only where a value would have been denormal. Returns (and records in
     DENORMALS) whether the CPU has the flags (False: a no-op)."""
