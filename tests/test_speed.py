@@ -1,7 +1,6 @@
 """The speed levers: the allocator setting and denormals flushed to zero in every training process,
-and torch.compile where it
-helps (refused, before training, where it does not). Their gains are measured by `bench`
-(docs/speed.md), not asserted here."""
+and torch.compile where it helps (refused, before training, where it does not). Their gains are
+measured by `bench` (docs/speed.md), not asserted here."""
 
 import json
 import platform
@@ -33,8 +32,9 @@ print(json.dumps({"mmapped": libc.mallinfo2().hblkhd - before, "set": cores.ALLO
 glibc_only = pytest.mark.skipif(cores._glibc() is None, reason="mallopt is glibc's")
 
 
-def _in_subprocess(setup):
-    code = f"import json\nfrom seqlab import cores\n{setup}\n{MMAPPED}"
+def _in_subprocess(setup, probe=MMAPPED):
+    """The JSON that `probe` prints in a fresh process after `setup`."""
+    code = f"import json\nfrom seqlab import cores\n{setup}\n{probe}"
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -91,15 +91,13 @@ def test_every_training_process_sets_the_allocator(monkeypatch, quick_report, ou
     assert calls == [1, 1, 1]
 
 
-# Denormal inputs multiplied on 2 threads, the pool started before the flags are set: how many
-# products stay non-zero (none once denormals are flushed), and what cores recorded.
+# Denormal inputs multiplied on 2 threads, the pool started before the flags are set (POOL, then
+# the setup): how many products stay non-zero (none once denormals are flushed), and what cores
+# recorded.
+POOL = "import torch\ntorch.set_num_threads(2)\n(torch.ones(1 << 22) * 2).sum()\n"
 DENORMAL = """
-import torch
-torch.set_num_threads(2)
-(torch.ones(1 << 22) * 2).sum()
-{setup}
 y = torch.full((1 << 22,), 1e-39) * 1.5
-print(json.dumps({{"nonzero": int((y != 0).sum()), "set": cores.DENORMALS}}))
+print(json.dumps({"nonzero": int((y != 0).sum()), "set": cores.DENORMALS}))
 """
 
 
@@ -110,17 +108,10 @@ def test_a_training_process_flushes_denormals_on_every_thread(outputs):
     treating denormal floats as zero on all its threads; a plain process computes them."""
     from conftest import QUICK
 
-    def run(setup):
-        out = subprocess.run([sys.executable, "-c", "import json\nfrom seqlab import cores\n"
-                              + DENORMAL.format(setup=setup)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300, check=False)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    assert run("") == {"nonzero": 1 << 22, "set": {}}
+    assert _in_subprocess(POOL, DENORMAL) == {"nonzero": 1 << 22, "set": {}}
     setup = ("from seqlab import report, schema\n"
              f"report.prepare_report({{**schema.defaults(), **{QUICK!r}}})")
-    assert run(setup) == {"nonzero": 0, "set": {"flush": True}}
+    assert _in_subprocess(POOL + setup, DENORMAL) == {"nonzero": 0, "set": {"flush": True}}
 
 
 class _Stop(Exception):
